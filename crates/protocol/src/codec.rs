@@ -44,7 +44,7 @@ pub fn peek_msgid(frame: &[u8]) -> Option<u32> {
         return None;
     }
     let head_len = frame[1] as usize;
-    if head_len < 2 || head_len > 0x7f || frame.len() < 2 + head_len {
+    if !(2..=0x7f).contains(&head_len) || frame.len() < 2 + head_len {
         return None;
     }
     let b0 = frame[3] as u32;
@@ -274,10 +274,7 @@ mod tests {
             cooldown_ms: 1500,
             msg_id: 0,
         };
-        assert_eq!(
-            decode_server(&encode(&rep)),
-            Ok(ServerMsg::ChatRep(rep.clone()))
-        );
+        assert_eq!(decode_server(&encode(&rep)), Ok(ServerMsg::ChatRep(rep)));
     }
 
     #[test]

@@ -1,0 +1,357 @@
+//! Server configuration: a TOML file whose unknown keys are rejected, with
+//! defaults for everything, validated once at start-up with messages that
+//! name the offending key.
+//!
+//! This module only describes and checks settings; it never opens sockets or
+//! files other than the config file it is asked to read.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use guildchat_protocol::limits::{MAX_NAME_CHARS, MAX_TEXT_CHARS};
+use guildchat_protocol::ChatType;
+use serde::Deserialize;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid setting `{key}`: {why}")]
+    Invalid { key: &'static str, why: String },
+}
+
+fn invalid(key: &'static str, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        why: why.into(),
+    }
+}
+
+/// Everything `guildchat serve` can be told.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Websocket listen address.
+    pub listen: SocketAddr,
+    /// Where keys (and later history) live.
+    pub data_dir: PathBuf,
+    /// Listen backlog handed to `listen(2)`; raise it (and
+    /// `net.core.somaxconn`) for login storms.
+    pub backlog: u32,
+    /// Most players logged in at once; further new logins get SERVER_FULL.
+    pub max_online: u32,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    pub chat: ChatConfig,
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            data_dir: PathBuf::from("./data"),
+            backlog: 1024,
+            max_online: 20_000,
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            chat: ChatConfig::default(),
+            tls: None,
+        }
+    }
+}
+
+/// Login token settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The `aud` tokens must carry.
+    pub audience: String,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+    /// Key ring (TOML `[[keys]]`); defaults to `<data_dir>/keys.toml`, which
+    /// is generated with development keys on first start.
+    pub keys_file: Option<PathBuf>,
+    /// Accept any token and trust the login request's fields. Only for
+    /// trying the protocol; never in production.
+    pub insecure_dev_auth: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            audience: "guildchat".into(),
+            leeway_secs: 30,
+            keys_file: None,
+            insecure_dev_auth: false,
+        }
+    }
+}
+
+/// Timers and queue sizes of one connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// A connection that has not logged in by then is closed.
+    pub login_timeout_ms: u64,
+    /// The server pings every this often.
+    pub ping_interval_ms: u64,
+    /// A connection silent (no frame, no pong) for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Frames that may wait for one client's socket before it counts as a
+    /// slow consumer.
+    pub outbound_queue: usize,
+    /// Undecodable or unexpected frames tolerated per connection before it
+    /// is closed with PROTOCOL_ERROR.
+    pub bad_frame_limit: u32,
+    /// How long shutdown waits for connections to flush and close.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            login_timeout_ms: 5_000,
+            ping_interval_ms: 15_000,
+            idle_timeout_ms: 45_000,
+            outbound_queue: 512,
+            bad_frame_limit: 8,
+            shutdown_grace_ms: 5_000,
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn login_timeout(&self) -> Duration {
+        Duration::from_millis(self.login_timeout_ms)
+    }
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.ping_interval_ms)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+/// Rules of one chat channel.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelRule {
+    /// Minimum time between two messages of one player on this channel.
+    pub cooldown_ms: u64,
+    /// Longest text, in characters.
+    pub max_chars: usize,
+}
+
+impl ChannelRule {
+    const fn new(cooldown_ms: u64) -> Self {
+        ChannelRule {
+            cooldown_ms,
+            max_chars: 200,
+        }
+    }
+
+    pub fn cooldown(&self) -> Duration {
+        Duration::from_millis(self.cooldown_ms)
+    }
+}
+
+/// Per-channel rules. The system channel has none: clients cannot send on it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// CHAT_NORMAL, the scene channel.
+    pub scene: ChannelRule,
+    pub guild: ChannelRule,
+    pub world: ChannelRule,
+    pub private: ChannelRule,
+    pub team: ChannelRule,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        ChatConfig {
+            scene: ChannelRule::new(1_000),
+            guild: ChannelRule::new(1_000),
+            world: ChannelRule::new(10_000),
+            private: ChannelRule::new(1_000),
+            team: ChannelRule::new(1_000),
+        }
+    }
+}
+
+impl ChatConfig {
+    /// The rule of a channel a client may send on; `None` for the system
+    /// channel and NONE.
+    pub fn rule(&self, channel: ChatType) -> Option<&ChannelRule> {
+        match channel {
+            ChatType::ChatNormal => Some(&self.scene),
+            ChatType::ChatGuild => Some(&self.guild),
+            ChatType::ChatWorld => Some(&self.world),
+            ChatType::ChatPrivate => Some(&self.private),
+            ChatType::ChatTeam => Some(&self.team),
+            ChatType::ChatNone | ChatType::ChatAll => None,
+        }
+    }
+}
+
+/// Certificate and key for `wss://`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks cross-field rules that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.login_timeout_ms == 0 {
+            return Err(invalid("limits.login_timeout_ms", "must be > 0"));
+        }
+        if l.ping_interval_ms == 0 {
+            return Err(invalid("limits.ping_interval_ms", "must be > 0"));
+        }
+        if l.idle_timeout_ms < 30_000 {
+            return Err(invalid(
+                "limits.idle_timeout_ms",
+                "must be at least 30000: clients may stay quiet for 10 s or more",
+            ));
+        }
+        if l.idle_timeout_ms <= l.ping_interval_ms {
+            return Err(invalid(
+                "limits.idle_timeout_ms",
+                "must be longer than limits.ping_interval_ms, or pongs cannot arrive in time",
+            ));
+        }
+        if !(8..=65_536).contains(&l.outbound_queue) {
+            return Err(invalid("limits.outbound_queue", "must be in 8..=65536"));
+        }
+        if l.bad_frame_limit == 0 {
+            return Err(invalid("limits.bad_frame_limit", "must be > 0"));
+        }
+        if self.max_online == 0 {
+            return Err(invalid("max_online", "must be > 0"));
+        }
+        if self.backlog == 0 {
+            return Err(invalid("backlog", "must be > 0"));
+        }
+        if self.auth.audience.is_empty() {
+            return Err(invalid("auth.audience", "must not be empty"));
+        }
+        let rules: [(&'static str, &ChannelRule); 5] = [
+            ("chat.scene.max_chars", &self.chat.scene),
+            ("chat.guild.max_chars", &self.chat.guild),
+            ("chat.world.max_chars", &self.chat.world),
+            ("chat.private.max_chars", &self.chat.private),
+            ("chat.team.max_chars", &self.chat.team),
+        ];
+        for (key, rule) in rules {
+            if rule.max_chars == 0 || rule.max_chars > MAX_TEXT_CHARS {
+                return Err(invalid(
+                    key,
+                    format!("must be in 1..={MAX_TEXT_CHARS} characters"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The key ring file in force.
+    pub fn keys_file(&self) -> PathBuf {
+        self.auth
+            .keys_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys.toml"))
+    }
+}
+
+/// Longest username accepted, re-exported for the login path.
+pub const MAX_NAME: usize = MAX_NAME_CHARS;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, String> {
+        let c: Config = toml::from_str(s).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.chat.world.cooldown_ms, 10_000);
+        assert_eq!(c.chat.guild.cooldown_ms, 1_000);
+        assert_eq!(c.chat.world.max_chars, 200);
+        assert_eq!(c.auth.leeway_secs, 30);
+        assert_eq!(c.auth.audience, "guildchat");
+        assert!(c.limits.idle_timeout_ms >= 30_000);
+        assert!(!c.auth.insecure_dev_auth);
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        let cases = [
+            ("nonsense = 1", "nonsense"),
+            ("[limits]\nidle_timeout_ms = 1000", "limits.idle_timeout_ms"),
+            (
+                "[chat.world]\ncooldown_ms = 1\nmax_chars = 0",
+                "chat.world.max_chars",
+            ),
+            ("[chat.world]\ncooldown_ms = 1", "max_chars"),
+            ("max_online = 0", "max_online"),
+            ("[auth]\naudience = \"\"", "auth.audience"),
+            ("listen = \"not an address\"", "listen"),
+        ];
+        for (text, key) in cases {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn overrides_apply() {
+        let c = parse(
+            "max_online = 5\n[chat.world]\ncooldown_ms = 3000\nmax_chars = 50\n[limits]\noutbound_queue = 64",
+        )
+        .unwrap();
+        assert_eq!(c.max_online, 5);
+        assert_eq!(c.chat.world.cooldown(), Duration::from_secs(3));
+        assert_eq!(c.chat.rule(ChatType::ChatWorld).unwrap().max_chars, 50);
+        assert!(c.chat.rule(ChatType::ChatAll).is_none());
+        assert_eq!(c.limits.outbound_queue, 64);
+    }
+}

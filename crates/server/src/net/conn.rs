@@ -1,0 +1,332 @@
+//! One connection, from websocket upgrade to close.
+//!
+//! The task that runs [`serve`] is the connection's reader. It spawns the
+//! writer, does the login handshake (verify the token, ask the world to
+//! register the player or take over its session), then only reads frames,
+//! decodes them and forwards requests to the user actor, waiting when the
+//! actor is busy so that a flooding client is slowed at its own socket.
+//!
+//! It never holds chat state. Frames it cannot decode get an error notice;
+//! too many of them close the connection with PROTOCOL_ERROR.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::SplitStream;
+use futures_util::StreamExt;
+use guildchat_protocol::{
+    close_code, codec, pb, ClientMsg, DecodeError, KickReason, MsgId as WireMsg, ResCode,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::outbound::{ConnTx, KillSwitch};
+use super::writer;
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::ids::ConnId;
+use crate::stats::Stats;
+use crate::user::INBOUND_QUEUE;
+use crate::world::{LoginArgs, WorldHandle};
+
+/// After the server sent its close frame, how long the reader waits for the
+/// client's close reply before dropping the socket.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// What every connection shares.
+pub(crate) struct ConnCtx {
+    pub world: WorldHandle,
+    pub auth: Authenticator,
+    pub config: Arc<Config>,
+    pub stats: Arc<Stats>,
+    pub shutdown: CancellationToken,
+}
+
+/// What the reader saw.
+enum Event {
+    Frame(Bytes),
+    Text,
+    /// The peer closed, or the socket failed.
+    Closed,
+    /// Nothing (not even a pong) within the idle limit.
+    Idle,
+    /// A message over the size limit.
+    TooBig,
+    /// Our side is closing (kill switch or writer gone).
+    Closing,
+}
+
+struct Reader<S> {
+    stream: SplitStream<WebSocketStream<S>>,
+    conn: ConnTx,
+    kill: Arc<KillSwitch>,
+    done: CancellationToken,
+    ctx: Arc<ConnCtx>,
+    bad_frames: u32,
+}
+
+/// Serves one upgraded websocket until it closes.
+pub(crate) async fn serve<S>(ws: WebSocketStream<S>, id: ConnId, ctx: Arc<ConnCtx>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sink, stream) = ws.split();
+    let (tx, rx) = mpsc::channel(ctx.config.limits.outbound_queue);
+    let kill = KillSwitch::new();
+    let done = CancellationToken::new();
+    let conn = ConnTx::new(id, tx, kill.clone());
+    let writer = tokio::spawn(writer::run(
+        sink,
+        rx,
+        kill.clone(),
+        done.clone(),
+        ctx.config.limits.ping_interval(),
+    ));
+    let mut reader = Reader {
+        stream,
+        conn,
+        kill,
+        done,
+        ctx,
+        bad_frames: 0,
+    };
+    let peer_closed = match reader.login().await {
+        Some(inbound) => reader.forward(inbound).await,
+        None => false,
+    };
+    if !peer_closed {
+        reader.drain().await;
+    }
+    reader.done.cancel();
+    let _ = writer.await;
+}
+
+impl<S> Reader<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    async fn next(&mut self) -> Event {
+        let idle = self.ctx.config.limits.idle_timeout();
+        loop {
+            let read = tokio::select! {
+                biased;
+                _ = self.kill.token.cancelled() => return Event::Closing,
+                _ = self.done.cancelled() => return Event::Closing,
+                r = tokio::time::timeout(idle, self.stream.next()) => r,
+            };
+            return match read {
+                Err(_) => Event::Idle,
+                Ok(None) => Event::Closed,
+                Ok(Some(Ok(Message::Binary(b)))) => Event::Frame(b),
+                Ok(Some(Ok(Message::Text(_)))) => Event::Text,
+                // Pings are answered by tungstenite; pongs and pings are
+                // life, nothing more.
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => continue,
+                Ok(Some(Ok(Message::Close(_)))) => Event::Closed,
+                Ok(Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. })))) => {
+                    Event::TooBig
+                }
+                Ok(Some(Err(e))) => {
+                    debug!(conn = %self.conn.id(), error = %e, "read failed");
+                    Event::Closed
+                }
+            };
+        }
+    }
+
+    /// Handles events every phase treats alike. Returns Some(peer_closed)
+    /// when the connection is over.
+    fn terminal(&mut self, event: &Event) -> Option<bool> {
+        match event {
+            Event::Closed => Some(true),
+            Event::Closing => Some(false),
+            Event::Idle => {
+                self.conn.kick(KickReason::KickIdle);
+                Some(false)
+            }
+            Event::TooBig => {
+                Stats::bump(&self.ctx.stats.bad_frames);
+                self.conn.kill(None, close_code::TOO_BIG);
+                Some(false)
+            }
+            Event::Frame(_) | Event::Text => None,
+        }
+    }
+
+    /// Answers an unusable frame with an error notice. Returns false once the
+    /// connection has sent too many and is being closed.
+    fn bad_frame(&mut self, res: ResCode, msgid: u32, seq: u32, detail: String) -> bool {
+        Stats::bump(&self.ctx.stats.bad_frames);
+        self.bad_frames += 1;
+        let _ = self
+            .conn
+            .try_frame(codec::encode(&pb::ChatMessageNotifyError {
+                msghead: codec::head(WireMsg::ChcNotifyError, seq),
+                res: res as i32,
+                badmsgid: msgid,
+                detail,
+            }));
+        if self.bad_frames >= self.ctx.config.limits.bad_frame_limit {
+            self.conn.kick(KickReason::KickProtocolError);
+            return false;
+        }
+        true
+    }
+
+    fn decode_failed(&mut self, frame: &[u8], e: DecodeError) -> bool {
+        let res = match &e {
+            DecodeError::UnknownMsg(_) => ResCode::ResUnknownMsg,
+            DecodeError::Malformed { reason, .. } if reason.contains("UTF-8") => {
+                ResCode::ResBadUtf8
+            }
+            _ => ResCode::ResBadRequest,
+        };
+        self.bad_frame(res, e.msgid(), codec::peek_seq(frame), e.to_string())
+    }
+
+    /// The login handshake. Returns the request queue of the user actor
+    /// this connection now feeds, or None if the connection is closing.
+    async fn login(&mut self) -> Option<mpsc::Sender<ClientMsg>> {
+        let deadline = tokio::time::Instant::now() + self.ctx.config.limits.login_timeout();
+        let shutdown = self.ctx.shutdown.clone();
+        loop {
+            let event = tokio::select! {
+                e = self.next() => e,
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.conn.kick(KickReason::KickLoginTimeout);
+                    return None;
+                }
+                _ = shutdown.cancelled() => {
+                    self.conn.kick(KickReason::KickShutdown);
+                    return None;
+                }
+            };
+            if self.terminal(&event).is_some() {
+                return None;
+            }
+            let Event::Frame(frame) = event else {
+                if !self.bad_frame(ResCode::ResBadRequest, 0, 0, "text frame".into()) {
+                    return None;
+                }
+                continue;
+            };
+            let msg = match codec::decode_client(&frame) {
+                Ok(msg) => msg,
+                Err(e) => {
+                    if !self.decode_failed(&frame, e) {
+                        return None;
+                    }
+                    continue;
+                }
+            };
+            let seq = msg.seq();
+            let refusal = match msg {
+                ClientMsg::Login(req) => return self.try_login(req, seq).await,
+                ClientMsg::Heartbeat(m) => codec::encode(&pb::ChatMessageHeartbeatRep {
+                    msghead: codec::head(WireMsg::ChcHeartbeatRep, seq),
+                    client_time_ms: m.client_time_ms,
+                    server_time_ms: crate::world::now_ms(),
+                }),
+                ClientMsg::Chat(_) => codec::encode(&pb::ChatMessageChatRep {
+                    msghead: codec::head(WireMsg::CchChatRep, seq),
+                    res: ResCode::ResNotLoggedIn as i32,
+                    ..Default::default()
+                }),
+                ClientMsg::SetMask(_) => codec::encode(&pb::ChatMessageSetMaskRep {
+                    msghead: codec::head(WireMsg::ChcSetMaskRep, seq),
+                    res: ResCode::ResNotLoggedIn as i32,
+                    ..Default::default()
+                }),
+                ClientMsg::Online(_) => codec::encode(&pb::ChatMessageOnlineRep {
+                    msghead: codec::head(WireMsg::ChcOnlineRep, seq),
+                    res: ResCode::ResNotLoggedIn as i32,
+                    ..Default::default()
+                }),
+            };
+            let _ = self.conn.try_frame(refusal);
+        }
+    }
+
+    async fn try_login(
+        &mut self,
+        req: pb::ChatMessageLoginReq,
+        seq: u32,
+    ) -> Option<mpsc::Sender<ClientMsg>> {
+        let checked = self.ctx.auth.check(&req);
+        let result = match checked {
+            Ok(identity) => {
+                let (tx, inbound) = mpsc::channel(INBOUND_QUEUE);
+                let args = LoginArgs {
+                    identity,
+                    conn: self.conn.clone(),
+                    inbound,
+                    seq,
+                };
+                self.ctx.world.login(args).await.map(|()| tx)
+            }
+            Err(code) => Err(code),
+        };
+        match result {
+            Ok(tx) => Some(tx),
+            Err(code) => {
+                Stats::bump(&self.ctx.stats.login_failures);
+                debug!(conn = %self.conn.id(), ?code, "login refused");
+                let _ = self.conn.try_frame(codec::encode(&pb::ChatMessageLoginRep {
+                    msghead: codec::head(WireMsg::ChcLoginRep, seq),
+                    res: code as i32,
+                    ..Default::default()
+                }));
+                self.conn.kick(KickReason::KickLoginFailed);
+                None
+            }
+        }
+    }
+
+    /// After login: decode and forward until the connection ends. Returns
+    /// whether the peer closed.
+    async fn forward(&mut self, inbound: mpsc::Sender<ClientMsg>) -> bool {
+        loop {
+            let event = self.next().await;
+            if let Some(peer_closed) = self.terminal(&event) {
+                return peer_closed;
+            }
+            let Event::Frame(frame) = event else {
+                if !self.bad_frame(ResCode::ResBadRequest, 0, 0, "text frame".into()) {
+                    return false;
+                }
+                continue;
+            };
+            match codec::decode_client(&frame) {
+                Ok(msg) => {
+                    // Waits while the user actor is busy: backpressure.
+                    // Fails once the actor has moved to another connection.
+                    if inbound.send(msg).await.is_err() {
+                        return false;
+                    }
+                }
+                Err(e) => {
+                    if !self.decode_failed(&frame, e) {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Our side is closing: give the client a moment to answer the close
+    /// frame, so it reads everything we sent before the socket goes.
+    async fn drain(&mut self) {
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            // Wait for the writer to send its close frame first.
+            self.done.cancelled().await;
+            while let Some(Ok(_)) = self.stream.next().await {}
+        })
+        .await;
+    }
+}

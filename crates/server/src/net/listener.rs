@@ -1,0 +1,109 @@
+//! The accept loop: TCP (optionally TLS), then the websocket upgrade with
+//! buffers and limits sized to the protocol, then [`super::conn::serve`].
+//!
+//! It owns nothing but the listening socket; every connection is a task
+//! tracked by the server's `TaskTracker` so shutdown can wait for it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use guildchat_protocol::limits::MAX_FRAME_BYTES;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info_span, warn, Instrument};
+
+use super::conn::{self, ConnCtx};
+use crate::ids::ConnId;
+use crate::stats::Stats;
+
+/// tungstenite's read buffer per connection. Its default (128 KiB) would be
+/// most of an idle connection's memory; the largest legal message is
+/// `MAX_FRAME_BYTES`, and the buffer grows on demand for it.
+const READ_BUFFER: usize = 2 * 1024;
+/// Frames are collected up to this size before a write syscall (the writer
+/// task flushes after each batch anyway).
+const WRITE_BUFFER: usize = 16 * 1024;
+/// A connection whose unsent bytes exceed this is broken; the outbound queue
+/// bounds what can pile up long before.
+const MAX_WRITE_BUFFER: usize = 1024 * 1024;
+
+pub(crate) fn websocket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
+        .max_message_size(Some(MAX_FRAME_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES))
+}
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// Accepts until `ctx.shutdown` is cancelled.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    ctx: Arc<ConnCtx>,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (tcp, addr) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Typically EMFILE: out of file descriptors. Back off
+                // instead of spinning; connections will close and free some.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let id = ConnId(NEXT_CONN.fetch_add(1, Ordering::Relaxed));
+        let ctx = ctx.clone();
+        let tls = tls.clone();
+        tracker
+            .spawn(handle(tcp, addr, id, tls, ctx).instrument(info_span!("conn", id = %id, %addr)));
+    }
+}
+
+async fn handle(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    id: ConnId,
+    tls: Option<TlsAcceptor>,
+    ctx: Arc<ConnCtx>,
+) {
+    let deadline = ctx.config.limits.login_timeout();
+    match tls {
+        None => upgrade(tcp, id, ctx).await,
+        Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+            Ok(Ok(stream)) => upgrade(stream, id, ctx).await,
+            Ok(Err(e)) => debug!(%addr, error = %e, "TLS handshake failed"),
+            Err(_) => debug!(%addr, "TLS handshake timed out"),
+        },
+    }
+}
+
+async fn upgrade<S>(stream: S, id: ConnId, ctx: Arc<ConnCtx>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let deadline = ctx.config.limits.login_timeout();
+    let ws = tokio_tungstenite::accept_async_with_config(stream, Some(websocket_config()));
+    match tokio::time::timeout(deadline, ws).await {
+        Ok(Ok(ws)) => {
+            Stats::bump(&ctx.stats.connections);
+            conn::serve(ws, id, ctx).await;
+        }
+        Ok(Err(e)) => debug!(error = %e, "websocket upgrade failed"),
+        Err(_) => debug!("websocket upgrade timed out"),
+    }
+}

@@ -1,0 +1,21 @@
+//! The network side: everything that touches a socket.
+//!
+//! - [`listener`]: the accept loop (plain TCP or TLS) and the websocket
+//!   upgrade.
+//! - [`conn`]: one connection's reader: the login handshake, then decoding
+//!   frames and forwarding requests to the user actor.
+//! - [`writer`]: one connection's writer: drains its queue, writes a batch,
+//!   flushes once.
+//! - [`outbound`]: [`ConnTx`], the handle through which logic code queues
+//!   frames for a connection or closes it.
+//!
+//! Nothing here owns chat state: the network tasks only move frames, so a
+//! connection can be swapped under a user actor (takeover) without the
+//! logic noticing.
+
+pub mod conn;
+pub mod listener;
+pub mod outbound;
+pub mod writer;
+
+pub use outbound::{ConnTx, Outbound, SendError};

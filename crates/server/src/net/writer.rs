@@ -1,0 +1,151 @@
+//! A connection's writer task: the only code that writes to its socket.
+//!
+//! It waits for the first queued frame, then takes whatever else is already
+//! queued (up to [`MAX_BATCH`]), writes them all and flushes once: under load
+//! many frames share one syscall. It also sends the periodic ping, and obeys
+//! the kill switch even while a write is stuck on a client that stopped
+//! reading.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::SplitSink;
+use futures_util::SinkExt;
+use guildchat_protocol::KickReason;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+use super::outbound::{kick_notice, KillSwitch, Outbound};
+
+/// Most frames written between two flushes.
+const MAX_BATCH: usize = 64;
+
+/// How long a close (notice + close frame) may take to write before the
+/// writer gives up on the client.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
+
+pub(crate) fn close_message(code: u16) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: "".into(),
+    }))
+}
+
+/// Runs until the connection is closed. `done` is cancelled on exit, and
+/// ends the writer when the reader cancels it first.
+pub(crate) async fn run<S>(
+    mut sink: Sink<S>,
+    mut rx: mpsc::Receiver<Outbound>,
+    kill: Arc<KillSwitch>,
+    done: CancellationToken,
+    ping_every: Duration,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(8);
+    loop {
+        let close = tokio::select! {
+            biased;
+            _ = kill.token.cancelled() => {
+                let (reason, code) = kill.verdict();
+                killed(&mut sink, reason, code).await;
+                break;
+            }
+            _ = done.cancelled() => break,
+            first = rx.recv() => {
+                let Some(first) = first else {
+                    // Every handle dropped: the session ended without a
+                    // reason to give.
+                    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(close_message(1000))).await;
+                    break;
+                };
+                batch.clear();
+                batch.push(first);
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let written = tokio::select! {
+                    biased;
+                    _ = kill.token.cancelled() => None,
+                    r = write_batch(&mut sink, &mut batch) => Some(r),
+                };
+                match written {
+                    Some(Ok(close)) => close,
+                    // The socket failed: nothing more can be written.
+                    Some(Err(())) => break,
+                    None => {
+                        let (reason, code) = kill.verdict();
+                        killed(&mut sink, reason, code).await;
+                        break;
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                let ping = tokio::select! {
+                    _ = kill.token.cancelled() => continue,
+                    r = sink.send(Message::Ping(Bytes::new())) => r,
+                };
+                if ping.is_err() {
+                    break;
+                }
+                false
+            }
+        };
+        if close {
+            break;
+        }
+    }
+    done.cancel();
+}
+
+/// Writes a batch and flushes once. Ok(true) when the batch ended with a
+/// close frame.
+async fn write_batch<S>(sink: &mut Sink<S>, batch: &mut Vec<Outbound>) -> Result<bool, ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut closing = false;
+    for item in batch.drain(..) {
+        let msg = match item {
+            Outbound::Frame(frame) => Message::Binary(frame),
+            Outbound::Close(code) => {
+                closing = true;
+                close_message(code)
+            }
+        };
+        sink.feed(msg).await.map_err(|_| ())?;
+        if closing {
+            break;
+        }
+    }
+    sink.flush().await.map_err(|_| ())?;
+    Ok(closing)
+}
+
+/// Best effort: the notice and the close frame, within a deadline, skipping
+/// whatever was queued.
+async fn killed<S>(sink: &mut Sink<S>, reason: Option<KickReason>, code: u16)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+        if let Some(reason) = reason {
+            sink.feed(Message::Binary(kick_notice(reason, ""))).await?;
+        }
+        sink.send(close_message(code)).await
+    })
+    .await;
+}

@@ -1,0 +1,43 @@
+//! Process-wide counters and gauges. Plain atomics: every task may bump them
+//! without a lock or a message, and the operations layer reads them.
+//!
+//! This module only counts; it never decides anything.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters shared by every task of one server.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections accepted (websocket upgrade done).
+    pub connections: AtomicU64,
+    /// Successful logins (new sessions and takeovers).
+    pub logins: AtomicU64,
+    /// Logins refused (bad token, mismatch, server full...).
+    pub login_failures: AtomicU64,
+    /// Logins that took over an existing session.
+    pub takeovers: AtomicU64,
+    /// Players currently registered with the world actor.
+    pub online: AtomicU64,
+    /// Chat messages accepted and fanned out.
+    pub chats: AtomicU64,
+    /// Frames queued towards clients.
+    pub deliveries: AtomicU64,
+    /// Connections closed because their outbound queue was full.
+    pub slow_consumers: AtomicU64,
+    /// Frames from clients that could not be handled.
+    pub bad_frames: AtomicU64,
+}
+
+impl Stats {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,355 @@
+//! The world actor's loop and its handlers. Private: everything outside
+//! talks to it through [`super::WorldHandle`].
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use guildchat_protocol::{codec, pb, ChatType, KickReason, MsgId as WireMsg, ResCode};
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+
+use super::fanout::{Audience, Fanout};
+use super::registry::{Entry, Registry};
+use super::{ChatLine, LoginArgs, Target, WeakWorld, WorldMsg};
+use crate::config::Config;
+use crate::ids::{MsgId, UserId};
+use crate::stats::Stats;
+use crate::user::{UserHandle, UserMsg};
+
+/// How often the world does its housekeeping (gauges, stale entries).
+const TICK: Duration = Duration::from_secs(5);
+
+pub(super) struct World {
+    config: Arc<Config>,
+    stats: Arc<Stats>,
+    fanout: Box<dyn Fanout>,
+    inbox: mpsc::Receiver<WorldMsg>,
+    me: WeakWorld,
+    registry: Registry,
+    /// The last msg_id handed out. Seeded from the wall clock so ids keep
+    /// increasing across restarts.
+    last_msg_id: u64,
+    shutting_down: bool,
+}
+
+/// Wall-clock Unix milliseconds (message timestamps).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl World {
+    pub(super) fn new(
+        config: Arc<Config>,
+        stats: Arc<Stats>,
+        fanout: Box<dyn Fanout>,
+        inbox: mpsc::Receiver<WorldMsg>,
+        me: WeakWorld,
+    ) -> Self {
+        World {
+            config,
+            stats,
+            fanout,
+            inbox,
+            me,
+            registry: Registry::default(),
+            // 1024 ids per millisecond of headroom before a restart could
+            // hand out an id already used.
+            last_msg_id: now_ms() << 10,
+            shutting_down: false,
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = self.inbox.recv() => match msg {
+                    Some(msg) => self.handle(msg),
+                    None => break,
+                },
+                _ = tick.tick() => self.housekeeping(),
+            }
+        }
+        debug!("world actor stopped");
+    }
+
+    fn handle(&mut self, msg: WorldMsg) {
+        match msg {
+            WorldMsg::Login { args, respond_to } => {
+                let _ = respond_to.send(self.login(args));
+            }
+            WorldMsg::Detached { user, conn } => self.detached(user, conn),
+            WorldMsg::Chat { line, respond_to } => {
+                let _ = respond_to.send(self.chat(line));
+            }
+            WorldMsg::SetMask {
+                user,
+                mask,
+                respond_to,
+            } => {
+                if let Some(entry) = self.registry.get_mut(user) {
+                    entry.mask = mask;
+                }
+                let _ = respond_to.send(());
+            }
+            WorldMsg::Online { respond_to } => {
+                let _ = respond_to.send((self.registry.len() as u32, self.config.max_online));
+            }
+            WorldMsg::Regroup {
+                user,
+                guild,
+                team,
+                scene,
+                respond_to,
+            } => {
+                let _ = respond_to.send(self.registry.regroup(user, guild, team, scene));
+            }
+            WorldMsg::Mute {
+                user,
+                duration,
+                respond_to,
+            } => {
+                let found = self
+                    .registry
+                    .get(user)
+                    .is_some_and(|e| e.user.try_send(UserMsg::Mute { duration }));
+                let _ = respond_to.send(found);
+            }
+            WorldMsg::Kick {
+                user,
+                reason,
+                respond_to,
+            } => {
+                let found = match self.registry.get(user) {
+                    Some(entry) => {
+                        if let Some(conn) = &entry.conn {
+                            conn.kick(reason);
+                        }
+                        true
+                    }
+                    None => false,
+                };
+                let _ = respond_to.send(found);
+            }
+            WorldMsg::Announce { text, respond_to } => {
+                let id = self.next_msg_id();
+                let frame = codec::encode(&pb::ChatMessageNotifyChat {
+                    msghead: codec::head(WireMsg::ChcNotifyChat, 0),
+                    chattype: ChatType::ChatAll as i32,
+                    strcontext: text,
+                    msg_id: id.0,
+                    time_ms: now_ms(),
+                    ..Default::default()
+                });
+                self.fanout.deliver(
+                    &self.registry,
+                    &Audience::Everyone,
+                    ChatType::ChatAll,
+                    &frame,
+                    &self.stats,
+                );
+                let _ = respond_to.send(id);
+            }
+            WorldMsg::Shutdown { respond_to } => {
+                self.shutting_down = true;
+                let entries = self.registry.drain();
+                info!(players = entries.len(), "kicking every player for shutdown");
+                for (_, entry) in entries {
+                    if let Some(conn) = &entry.conn {
+                        conn.kick(KickReason::KickShutdown);
+                    }
+                }
+                self.publish_gauges();
+                let _ = respond_to.send(());
+            }
+        }
+    }
+
+    fn login(&mut self, args: LoginArgs) -> Result<(), ResCode> {
+        let LoginArgs {
+            identity,
+            conn,
+            inbound,
+            seq,
+        } = args;
+        if self.shutting_down {
+            return Err(ResCode::ResInternal);
+        }
+        let user = identity.user;
+        if let Some(entry) = self.registry.get_mut(user) {
+            // Takeover: the running user actor keeps its state and gets the
+            // new connection's ends. The reply goes first so it precedes any
+            // notification on the new connection.
+            let reply = login_reply(seq, user, entry, true);
+            if !entry.user.try_send(UserMsg::Attach {
+                conn: conn.clone(),
+                inbound,
+            }) {
+                return Err(ResCode::ResInternal);
+            }
+            let _ = conn.try_frame(reply);
+            entry.conn = Some(conn);
+            Stats::bump(&self.stats.takeovers);
+            Stats::bump(&self.stats.logins);
+            info!(%user, "takeover");
+            return Ok(());
+        }
+        if self.registry.len() >= self.config.max_online as usize {
+            return Err(ResCode::ResServerFull);
+        }
+        let Some(world) = self.me.upgrade() else {
+            return Err(ResCode::ResInternal);
+        };
+        let handle = UserHandle::spawn(
+            identity.clone(),
+            conn.clone(),
+            inbound,
+            world,
+            self.config.clone(),
+            self.stats.clone(),
+        );
+        let entry = Entry {
+            name: identity.name,
+            guild: identity.guild,
+            team: identity.team,
+            scene: identity.scene,
+            mask: 0,
+            conn: Some(conn.clone()),
+            user: handle,
+        };
+        let _ = conn.try_frame(login_reply(seq, user, &entry, false));
+        self.registry.insert(user, entry);
+        Stats::bump(&self.stats.logins);
+        self.publish_gauges();
+        debug!(%user, "login");
+        Ok(())
+    }
+
+    fn detached(&mut self, user: UserId, conn: crate::ids::ConnId) {
+        let current = self
+            .registry
+            .get(user)
+            .and_then(|e| e.conn.as_ref())
+            .map(|c| c.id());
+        // A detach from a connection that was already replaced (takeover)
+        // changes nothing.
+        if current == Some(conn) {
+            self.registry.remove(user);
+            self.publish_gauges();
+            debug!(%user, "logout");
+        }
+    }
+
+    fn next_msg_id(&mut self) -> MsgId {
+        self.last_msg_id = self.last_msg_id.max(now_ms() << 10) + 1;
+        MsgId(self.last_msg_id)
+    }
+
+    fn chat(&mut self, line: ChatLine) -> Result<MsgId, ResCode> {
+        let Some(sender) = self.registry.get(line.from) else {
+            return Err(ResCode::ResNotLoggedIn);
+        };
+        let (audience, guild, team, scene) = match line.channel {
+            ChatType::ChatNormal => (Audience::Scene(sender.scene), 0, 0, sender.scene.0),
+            ChatType::ChatGuild if sender.guild.is_none() => return Err(ResCode::ResNotInGuild),
+            ChatType::ChatGuild => (Audience::Guild(sender.guild), sender.guild.0, 0, 0),
+            ChatType::ChatTeam if sender.team.is_none() => return Err(ResCode::ResNotInTeam),
+            ChatType::ChatTeam => (Audience::Team(sender.team), 0, sender.team.0, 0),
+            ChatType::ChatWorld => (Audience::Everyone, 0, 0, 0),
+            ChatType::ChatPrivate => {
+                let to = match &line.target {
+                    Target::Id(id) => *id,
+                    Target::Name(name) => self
+                        .registry
+                        .by_name(name)
+                        .ok_or(ResCode::ResNoSuchTarget)?,
+                    Target::None => return Err(ResCode::ResNoSuchTarget),
+                };
+                if self.registry.get(to).is_none() {
+                    return Err(ResCode::ResTargetOffline);
+                }
+                (
+                    Audience::Whisper {
+                        from: line.from,
+                        to,
+                    },
+                    0,
+                    0,
+                    0,
+                )
+            }
+            ChatType::ChatAll => return Err(ResCode::ResNoPermission),
+            ChatType::ChatNone => return Err(ResCode::ResBadRequest),
+        };
+        let target = match audience {
+            Audience::Whisper { to, .. } => self.registry.get(to).map(|e| (to, e.name.as_str())),
+            _ => None,
+        };
+        let sender_name = sender.name.clone();
+        let (target_id, target_name) =
+            target.map_or((0, String::new()), |(id, n)| (id.0, n.to_owned()));
+        let id = self.next_msg_id();
+        let frame = codec::encode(&pb::ChatMessageNotifyChat {
+            msghead: codec::head(WireMsg::ChcNotifyChat, 0),
+            chattype: line.channel as i32,
+            senderid: line.from.0,
+            strcontext: line.text,
+            sendername: sender_name,
+            msg_id: id.0,
+            time_ms: now_ms(),
+            guildid: guild,
+            teamid: team,
+            sceneid: scene,
+            targetid: target_id,
+            targetname: target_name,
+        });
+        self.fanout
+            .deliver(&self.registry, &audience, line.channel, &frame, &self.stats);
+        Stats::bump(&self.stats.chats);
+        Ok(id)
+    }
+
+    fn housekeeping(&mut self) {
+        // A connection whose writer died without its reader noticing yet
+        // is detached here at the latest.
+        let stale: Vec<(UserId, crate::ids::ConnId)> = self
+            .registry
+            .entries()
+            .filter_map(|(u, e)| {
+                e.conn
+                    .as_ref()
+                    .filter(|c| c.is_gone())
+                    .map(|c| (*u, c.id()))
+            })
+            .collect();
+        for (user, conn) in stale {
+            self.detached(user, conn);
+        }
+        self.publish_gauges();
+    }
+
+    fn publish_gauges(&self) {
+        self.stats.online.store(
+            self.registry.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+fn login_reply(seq: u32, user: UserId, entry: &Entry, resumed: bool) -> Bytes {
+    codec::encode(&pb::ChatMessageLoginRep {
+        msghead: codec::head(WireMsg::ChcLoginRep, seq),
+        res: ResCode::ResOk as i32,
+        userid: user.0,
+        username: entry.name.clone(),
+        guildid: entry.guild.0,
+        teamid: entry.team.0,
+        sceneid: entry.scene.0,
+        mask: entry.mask,
+        resumed,
+    })
+}

@@ -1,0 +1,167 @@
+//! The world actor's registry: who is logged in, by id and by name, and who
+//! belongs to which guild, team and scene.
+//!
+//! Plain data owned by the world actor; it has no lock because only that
+//! actor ever touches it. It never sends anything itself.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::ids::{GuildId, SceneId, TeamId, UserId};
+use crate::net::ConnTx;
+use crate::user::UserHandle;
+
+/// One registered player.
+#[derive(Debug)]
+pub struct Entry {
+    pub name: String,
+    pub guild: GuildId,
+    pub team: TeamId,
+    pub scene: SceneId,
+    /// Channels this player does not want (a mirror of the user actor's
+    /// mask, so fan-out can skip them without a hop through the actor).
+    pub mask: u32,
+    /// The connection notifications go to; `None` while detached.
+    pub conn: Option<ConnTx>,
+    /// The user actor's mailbox. The registry holds the only sender, so
+    /// removing the entry ends the actor.
+    pub user: UserHandle,
+}
+
+/// Membership index of one kind of group.
+#[derive(Debug, Default)]
+struct Groups<K: std::hash::Hash + Eq>(HashMap<K, HashSet<UserId>>);
+
+impl<K: std::hash::Hash + Eq + Copy> Groups<K> {
+    fn join(&mut self, key: K, user: UserId) {
+        self.0.entry(key).or_default().insert(user);
+    }
+
+    fn leave(&mut self, key: K, user: UserId) {
+        if let Some(set) = self.0.get_mut(&key) {
+            set.remove(&user);
+            if set.is_empty() {
+                self.0.remove(&key);
+            }
+        }
+    }
+
+    fn members(&self, key: K) -> impl Iterator<Item = &UserId> {
+        self.0.get(&key).into_iter().flatten()
+    }
+}
+
+/// Every logged-in player and the indexes over them.
+#[derive(Debug, Default)]
+pub struct Registry {
+    users: HashMap<UserId, Entry>,
+    names: HashMap<String, UserId>,
+    guilds: Groups<GuildId>,
+    teams: Groups<TeamId>,
+    scenes: Groups<SceneId>,
+}
+
+impl Registry {
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    pub fn get(&self, user: UserId) -> Option<&Entry> {
+        self.users.get(&user)
+    }
+
+    pub fn get_mut(&mut self, user: UserId) -> Option<&mut Entry> {
+        self.users.get_mut(&user)
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<UserId> {
+        self.names.get(name).copied()
+    }
+
+    pub fn insert(&mut self, user: UserId, entry: Entry) {
+        // Names are unique per game; should two players claim one, the
+        // newest login owns it until it leaves.
+        self.names.insert(entry.name.clone(), user);
+        if !entry.guild.is_none() {
+            self.guilds.join(entry.guild, user);
+        }
+        if !entry.team.is_none() {
+            self.teams.join(entry.team, user);
+        }
+        self.scenes.join(entry.scene, user);
+        self.users.insert(user, entry);
+    }
+
+    pub fn remove(&mut self, user: UserId) -> Option<Entry> {
+        let entry = self.users.remove(&user)?;
+        if self.names.get(&entry.name) == Some(&user) {
+            self.names.remove(&entry.name);
+        }
+        self.guilds.leave(entry.guild, user);
+        self.teams.leave(entry.team, user);
+        self.scenes.leave(entry.scene, user);
+        Some(entry)
+    }
+
+    /// Moves a player between groups (the logic server's join/leave/map
+    /// change); `None` keeps the current value.
+    pub fn regroup(
+        &mut self,
+        user: UserId,
+        guild: Option<GuildId>,
+        team: Option<TeamId>,
+        scene: Option<SceneId>,
+    ) -> bool {
+        let Some(entry) = self.users.get_mut(&user) else {
+            return false;
+        };
+        if let Some(g) = guild.filter(|g| *g != entry.guild) {
+            self.guilds.leave(entry.guild, user);
+            if !g.is_none() {
+                self.guilds.join(g, user);
+            }
+            entry.guild = g;
+        }
+        if let Some(t) = team.filter(|t| *t != entry.team) {
+            self.teams.leave(entry.team, user);
+            if !t.is_none() {
+                self.teams.join(t, user);
+            }
+            entry.team = t;
+        }
+        if let Some(s) = scene.filter(|s| *s != entry.scene) {
+            self.scenes.leave(entry.scene, user);
+            self.scenes.join(s, user);
+            entry.scene = s;
+        }
+        true
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = (&UserId, &Entry)> {
+        self.users.iter()
+    }
+
+    pub fn guild_members(&self, g: GuildId) -> impl Iterator<Item = &UserId> {
+        self.guilds.members(g)
+    }
+
+    pub fn team_members(&self, t: TeamId) -> impl Iterator<Item = &UserId> {
+        self.teams.members(t)
+    }
+
+    pub fn scene_members(&self, s: SceneId) -> impl Iterator<Item = &UserId> {
+        self.scenes.members(s)
+    }
+
+    /// Drops every entry (shutdown), returning them.
+    pub fn drain(&mut self) -> Vec<(UserId, Entry)> {
+        self.names.clear();
+        self.guilds.0.clear();
+        self.teams.0.clear();
+        self.scenes.0.clear();
+        self.users.drain().collect()
+    }
+}
