@@ -1156,36 +1156,3 @@ fn verifier_and_signer_are_shareable() {
     shareable::<Signer>();
     shareable::<KeyRing>();
 }
-
-/// Rough per-token cost; run with
-/// `cargo test -p guildchat-auth --release -- --ignored --nocapture timing`.
-#[test]
-#[ignore]
-fn timing() {
-    let ring = fixed_ring();
-    let v = verifier(&ring);
-    for (kid, _) in KIDS {
-        let signer = Signer::new(
-            &ring,
-            KIDS.iter().find(|k| k.0 == kid).unwrap().1,
-            Some(kid),
-        )
-        .unwrap();
-        let token = signer.mint(&claims());
-        let n = 2000;
-        let start = std::time::Instant::now();
-        for _ in 0..n {
-            std::hint::black_box(signer.mint(std::hint::black_box(&claims())));
-        }
-        let mint_us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
-        let start = std::time::Instant::now();
-        for _ in 0..n {
-            std::hint::black_box(v.verify(std::hint::black_box(&token), NOW).unwrap());
-        }
-        let verify_us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
-        println!(
-            "{kid}: token {} bytes, mint {mint_us:.1} µs, verify {verify_us:.1} µs",
-            token.len()
-        );
-    }
-}

@@ -1,0 +1,182 @@
+//! Test harness: starts the real server on 127.0.0.1:0 with a fresh data
+//! dir, mints tokens with the keys it generated, and gives tests protocol
+//! clients that talk to it over real websockets.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use guildchat_auth::{Claims, KeyRing, Signer, TokenFormat};
+use guildchat_client::{Client, Event};
+use guildchat_protocol::{pb, ChatType, ResCode, ServerMsg};
+use guildchat_server::stats::Stats;
+use guildchat_server::world::WorldHandle;
+use guildchat_server::{Config, Server};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long a test waits for something that should arrive.
+pub const WAIT: Duration = Duration::from_secs(5);
+/// How long a test waits to be sure something does not arrive.
+pub const QUIET: Duration = Duration::from_millis(300);
+
+pub struct TestServer {
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    pub world: WorldHandle,
+    pub stats: Arc<Stats>,
+    pub ring: KeyRing,
+    shutdown: CancellationToken,
+    join: JoinHandle<()>,
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A player's token claims, valid for an hour.
+pub fn claims(user: u64, name: &str, guild: u64, team: u64, scene: u64) -> Claims {
+    Claims {
+        user_id: user,
+        name: name.into(),
+        exp: unix_now() + 3600,
+        guild,
+        team,
+        scene,
+        iat: Some(unix_now()),
+        nbf: None,
+        aud: vec!["guildchat".into()],
+    }
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a server after letting the test adjust its config.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
+        adjust(&mut config);
+        let listener = guildchat_server::bind("127.0.0.1:0".parse().unwrap(), 128).unwrap();
+        let url = format!("ws://{}", listener.local_addr().unwrap());
+        let server = Server::new(config.clone()).unwrap();
+        let ring = if config.auth.insecure_dev_auth {
+            KeyRing::default()
+        } else {
+            let text = std::fs::read_to_string(config.keys_file()).unwrap();
+            KeyRing::from_toml_str(&text).unwrap()
+        };
+        let world = server.world();
+        let stats = server.stats();
+        let shutdown = CancellationToken::new();
+        let join = tokio::spawn(server.run(listener, shutdown.clone()));
+        TestServer {
+            url,
+            dir,
+            world,
+            stats,
+            ring,
+            shutdown,
+            join,
+        }
+    }
+
+    pub fn mint(&self, claims: &Claims, format: TokenFormat) -> String {
+        Signer::new(&self.ring, format, None).unwrap().mint(claims)
+    }
+
+    pub fn token(&self, user: u64, name: &str, guild: u64, team: u64, scene: u64) -> String {
+        self.mint(&claims(user, name, guild, team, scene), TokenFormat::Jws)
+    }
+
+    pub async fn connect(&self) -> Client {
+        Client::connect(&self.url).await.unwrap()
+    }
+
+    /// Connects and logs in; panics unless the login succeeds.
+    pub async fn login(&self, user: u64, name: &str, guild: u64, team: u64, scene: u64) -> Client {
+        let mut c = self.connect().await;
+        let rep = c
+            .login(&self.token(user, name, guild, team, scene))
+            .await
+            .unwrap();
+        assert_eq!(rep.res, ResCode::ResOk as i32, "login of {user}");
+        c
+    }
+
+    /// Cancels the shutdown token and waits for `run` to return.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.join)
+            .await
+            .expect("server did not stop")
+            .unwrap();
+    }
+}
+
+/// The next server message, skipping nothing.
+pub async fn next(c: &mut Client) -> ServerMsg {
+    match c.recv_timeout(WAIT).await.unwrap() {
+        Event::Msg(m) => m,
+        Event::Closed(code) => panic!("closed ({code:?}) while waiting for a message"),
+    }
+}
+
+/// The next chat notification, skipping replies and heartbeats.
+pub async fn next_chat(c: &mut Client) -> pb::ChatMessageNotifyChat {
+    loop {
+        match next(c).await {
+            ServerMsg::Chat(n) => return n,
+            ServerMsg::ChatRep(_) | ServerMsg::HeartbeatRep(_) | ServerMsg::SetMaskRep(_) => {}
+            other => panic!("expected a chat notification, got {other:?}"),
+        }
+    }
+}
+
+/// The next chat reply, skipping notifications.
+pub async fn next_chat_rep(c: &mut Client) -> pb::ChatMessageChatRep {
+    loop {
+        match next(c).await {
+            ServerMsg::ChatRep(r) => return r,
+            ServerMsg::Chat(_) => {}
+            other => panic!("expected a chat reply, got {other:?}"),
+        }
+    }
+}
+
+/// Sends a chat line and returns the reply.
+pub async fn say(c: &mut Client, channel: ChatType, text: &str) -> pb::ChatMessageChatRep {
+    c.send_chat(channel, text, 0, "").await.unwrap();
+    next_chat_rep(c).await
+}
+
+/// Asserts nothing but pings arrives for a short while.
+pub async fn assert_silent(c: &mut Client) {
+    match c.recv_timeout(QUIET).await {
+        Err(guildchat_client::ClientError::Timeout) => {}
+        other => panic!("expected silence, got {other:?}"),
+    }
+}
+
+/// Reads until the server closes; returns the close code and any kick
+/// reason seen before it.
+pub async fn expect_close(c: &mut Client) -> (Option<u16>, Option<i32>) {
+    let mut kick = None;
+    loop {
+        // Longer than any server timer, so that with a paused clock the
+        // server's deadline fires first.
+        match c.recv_timeout(Duration::from_secs(60)).await {
+            Ok(Event::Closed(code)) => return (code, kick),
+            Ok(Event::Msg(ServerMsg::Kick(k))) => kick = Some(k.reason),
+            Ok(Event::Msg(_)) => {}
+            Err(e) => panic!("expected a close, got {e}"),
+        }
+    }
+}
