@@ -140,6 +140,10 @@ pub fn render(msg: &ServerMsg) -> String {
         ServerMsg::HeartbeatRep(_) => String::new(),
         ServerMsg::SetMaskRep(r) => format!("mask: {} ({})", r.mask, res_name(r.res)),
         ServerMsg::OnlineRep(r) => format!("online: {} of {}", r.online, r.max_online),
+        ServerMsg::Shed(s) => format!(
+            "({} world/scene messages skipped: connection too slow)",
+            s.count
+        ),
     }
 }
 

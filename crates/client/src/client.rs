@@ -118,12 +118,25 @@ impl Client {
         userid: u64,
         username: &str,
     ) -> Result<u32, ClientError> {
+        self.send_login_from(token, userid, username, 0).await
+    }
+
+    /// Sends a login request that resumes after `last_msg_id` (0: no
+    /// resume); returns its seq.
+    pub async fn send_login_from(
+        &mut self,
+        token: &str,
+        userid: u64,
+        username: &str,
+        last_msg_id: u64,
+    ) -> Result<u32, ClientError> {
         let seq = self.next_seq();
         self.send(&ClientMsg::Login(pb::ChatMessageLoginReq {
             msghead: codec::head(MsgId::CchLoginReq, seq),
             userid,
             username: username.into(),
             tokenstr: token.into(),
+            last_msg_id,
             ..Default::default()
         }))
         .await?;
@@ -132,7 +145,17 @@ impl Client {
 
     /// Logs in and waits for the reply.
     pub async fn login(&mut self, token: &str) -> Result<pb::ChatMessageLoginRep, ClientError> {
-        self.send_login(token, 0, "").await?;
+        self.login_from(token, 0).await
+    }
+
+    /// Logs in resuming after `last_msg_id` and waits for the reply; the
+    /// replayed notifications follow it.
+    pub async fn login_from(
+        &mut self,
+        token: &str,
+        last_msg_id: u64,
+    ) -> Result<pb::ChatMessageLoginRep, ClientError> {
+        self.send_login_from(token, 0, "", last_msg_id).await?;
         loop {
             match self.recv().await? {
                 Event::Msg(ServerMsg::LoginRep(rep)) => return Ok(rep),

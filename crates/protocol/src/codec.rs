@@ -150,6 +150,7 @@ pub enum ServerMsg {
     HeartbeatRep(pb::ChatMessageHeartbeatRep),
     SetMaskRep(pb::ChatMessageSetMaskRep),
     OnlineRep(pb::ChatMessageOnlineRep),
+    Shed(pb::ChatMessageNotifyShed),
 }
 
 /// Decodes a frame sent by the server.
@@ -164,6 +165,7 @@ pub fn decode_server(frame: &[u8]) -> Result<ServerMsg, DecodeError> {
         Ok(MsgId::ChcHeartbeatRep) => body(msgid, frame).map(ServerMsg::HeartbeatRep),
         Ok(MsgId::ChcSetMaskRep) => body(msgid, frame).map(ServerMsg::SetMaskRep),
         Ok(MsgId::ChcOnlineRep) => body(msgid, frame).map(ServerMsg::OnlineRep),
+        Ok(MsgId::ChcNotifyShed) => body(msgid, frame).map(ServerMsg::Shed),
         _ => Err(DecodeError::UnknownMsg(msgid)),
     }
 }
@@ -235,6 +237,7 @@ mod tests {
                 guildid: u64::from(u32::MAX) + 5,
                 tokenmd5: "x".into(),
                 tokenstr: "a.b.c".into(),
+                last_msg_id: 1 << 40,
             }),
             ClientMsg::Chat(chat_req(2, "hello")),
             ClientMsg::Heartbeat(pb::ChatMessageHeartbeatReq {

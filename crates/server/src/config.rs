@@ -53,6 +53,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
     pub chat: ChatConfig,
+    pub session: SessionConfig,
     pub tls: Option<TlsConfig>,
 }
 
@@ -66,6 +67,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
             chat: ChatConfig::default(),
+            session: SessionConfig::default(),
             tls: None,
         }
     }
@@ -108,9 +110,16 @@ pub struct LimitsConfig {
     pub ping_interval_ms: u64,
     /// A connection silent (no frame, no pong) for this long is closed.
     pub idle_timeout_ms: u64,
-    /// Frames that may wait for one client's socket before it counts as a
-    /// slow consumer.
+    /// Frames that may wait for one client's socket. Past half of it (or of
+    /// `outbound_bytes`), world and scene notifications are shed; when it is
+    /// full, the client is a slow consumer and is disconnected.
     pub outbound_queue: usize,
+    /// Bytes that may wait for one client's socket; same policy as
+    /// `outbound_queue`.
+    pub outbound_bytes: usize,
+    /// A client whose queue has not drained at all for this long is a slow
+    /// consumer, even if the queue is not full.
+    pub stall_timeout_ms: u64,
     /// Undecodable or unexpected frames tolerated per connection before it
     /// is closed with PROTOCOL_ERROR.
     pub bad_frame_limit: u32,
@@ -125,6 +134,8 @@ impl Default for LimitsConfig {
             ping_interval_ms: 15_000,
             idle_timeout_ms: 45_000,
             outbound_queue: 512,
+            outbound_bytes: 256 * 1024,
+            stall_timeout_ms: 10_000,
             bad_frame_limit: 8,
             shutdown_grace_ms: 5_000,
         }
@@ -143,6 +154,43 @@ impl LimitsConfig {
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.stall_timeout_ms)
+    }
+}
+
+/// What happens to a session when its connection goes away.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// How long a player whose connection dropped stays registered (in
+    /// guild, team and scene, receiving into its replay buffer) waiting for
+    /// a resume. 0 ends the session with the connection.
+    pub linger_ms: u64,
+    /// Notifications kept per player for resume: private, guild, team and
+    /// system. World and scene keep a quarter of this (at least 16), so a
+    /// flood of world chat cannot push out a whisper.
+    pub replay_buffer: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            linger_ms: 60_000,
+            replay_buffer: 256,
+        }
+    }
+}
+
+impl SessionConfig {
+    pub fn linger(&self) -> Duration {
+        Duration::from_millis(self.linger_ms)
+    }
+
+    /// Capacity of the world/scene replay ring.
+    pub fn replay_buffer_shed(&self) -> usize {
+        (self.replay_buffer / 4).max(16)
     }
 }
 
@@ -257,6 +305,24 @@ impl Config {
         if !(8..=65_536).contains(&l.outbound_queue) {
             return Err(invalid("limits.outbound_queue", "must be in 8..=65536"));
         }
+        if !(4 * 1024..=64 * 1024 * 1024).contains(&l.outbound_bytes) {
+            return Err(invalid(
+                "limits.outbound_bytes",
+                "must be in 4096..=67108864",
+            ));
+        }
+        if l.stall_timeout_ms == 0 {
+            return Err(invalid("limits.stall_timeout_ms", "must be > 0"));
+        }
+        if !(1..=65_536).contains(&self.session.replay_buffer) {
+            return Err(invalid("session.replay_buffer", "must be in 1..=65536"));
+        }
+        if self.session.replay_buffer + self.session.replay_buffer_shed() + 8 > l.outbound_queue {
+            return Err(invalid(
+                "session.replay_buffer",
+                "a full replay (replay_buffer plus a quarter of it) must fit in limits.outbound_queue",
+            ));
+        }
         if l.bad_frame_limit == 0 {
             return Err(invalid("limits.bad_frame_limit", "must be > 0"));
         }
@@ -320,6 +386,8 @@ mod tests {
         assert_eq!(c.auth.audience, "guildchat");
         assert!(c.limits.idle_timeout_ms >= 30_000);
         assert!(!c.auth.insecure_dev_auth);
+        assert_eq!(c.session.linger_ms, 60_000);
+        assert_eq!(c.session.replay_buffer, 256);
     }
 
     #[test]
@@ -345,13 +413,13 @@ mod tests {
     #[test]
     fn overrides_apply() {
         let c = parse(
-            "max_online = 5\n[chat.world]\ncooldown_ms = 3000\nmax_chars = 50\n[limits]\noutbound_queue = 64",
+            "max_online = 5\n[chat.world]\ncooldown_ms = 3000\nmax_chars = 50\n[limits]\noutbound_queue = 400",
         )
         .unwrap();
         assert_eq!(c.max_online, 5);
         assert_eq!(c.chat.world.cooldown(), Duration::from_secs(3));
         assert_eq!(c.chat.rule(ChatType::ChatWorld).unwrap().max_chars, 50);
         assert!(c.chat.rule(ChatType::ChatAll).is_none());
-        assert_eq!(c.limits.outbound_queue, 64);
+        assert_eq!(c.limits.outbound_queue, 400);
     }
 }

@@ -24,6 +24,8 @@ pub struct Stats {
     pub deliveries: AtomicU64,
     /// Connections closed because their outbound queue was full.
     pub slow_consumers: AtomicU64,
+    /// World and scene notifications dropped for clients that fell behind.
+    pub shed: AtomicU64,
     /// Frames from clients that could not be handled.
     pub bad_frames: AtomicU64,
 }

@@ -163,7 +163,7 @@ impl UserActor {
 
     fn reply(&self, frame: Bytes) {
         if let Some(conn) = &self.conn {
-            conn.deliver(frame, &self.stats);
+            conn.deliver(frame, crate::net::Priority::Keep, &self.stats);
         }
     }
 

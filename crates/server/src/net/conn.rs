@@ -26,7 +26,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::outbound::{ConnTx, KillSwitch};
+use super::outbound::{ConnTx, Shared};
 use super::writer;
 use crate::auth::Authenticator;
 use crate::config::Config;
@@ -65,7 +65,7 @@ enum Event {
 struct Reader<S> {
     stream: SplitStream<WebSocketStream<S>>,
     conn: ConnTx,
-    kill: Arc<KillSwitch>,
+    shared: Arc<Shared>,
     done: CancellationToken,
     ctx: Arc<ConnCtx>,
     bad_frames: u32,
@@ -78,20 +78,20 @@ where
 {
     let (sink, stream) = ws.split();
     let (tx, rx) = mpsc::channel(ctx.config.limits.outbound_queue);
-    let kill = KillSwitch::new();
+    let shared = Shared::new();
     let done = CancellationToken::new();
-    let conn = ConnTx::new(id, tx, kill.clone());
+    let conn = ConnTx::new(id, tx, shared.clone(), ctx.config.limits.outbound_bytes);
     let writer = tokio::spawn(writer::run(
         sink,
         rx,
-        kill.clone(),
+        shared.clone(),
         done.clone(),
         ctx.config.limits.ping_interval(),
     ));
     let mut reader = Reader {
         stream,
         conn,
-        kill,
+        shared,
         done,
         ctx,
         bad_frames: 0,
@@ -116,7 +116,7 @@ where
         loop {
             let read = tokio::select! {
                 biased;
-                _ = self.kill.token.cancelled() => return Event::Closing,
+                _ = self.shared.kill.cancelled() => return Event::Closing,
                 _ = self.done.cancelled() => return Event::Closing,
                 r = tokio::time::timeout(idle, self.stream.next()) => r,
             };
@@ -267,6 +267,7 @@ where
                     conn: self.conn.clone(),
                     inbound,
                     seq,
+                    last_msg_id: req.last_msg_id,
                 };
                 self.ctx.world.login(args).await.map(|()| tx)
             }

@@ -1,16 +1,21 @@
-//! [`ConnTx`]: the only way logic code reaches a client.
+//! [`ConnTx`]: the only way logic code reaches a client, and the
+//! slow-consumer policy.
 //!
-//! It wraps the connection's bounded frame queue and a kill switch. Queuing
-//! never waits: a full queue is reported to the caller, whose slow-consumer
-//! policy decides what happens. The kill switch bypasses the queue, so a
-//! client that stopped reading can still be told to go away.
+//! It wraps the connection's bounded frame queue, a byte count of what is
+//! queued, and a kill switch. Queuing never waits. When a client falls
+//! behind, world and scene notifications are shed first (counted, and the
+//! client is told how many); anything else that cannot be queued, or a queue
+//! that has not drained for `stall_timeout`, makes it a slow consumer, which
+//! is disconnected through the kill switch, bypassing the full queue.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use guildchat_protocol::{close_code, codec, pb, KickReason, MsgId};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::ids::ConnId;
@@ -34,22 +39,65 @@ pub enum SendError {
     Closed,
 }
 
-/// A kill request: how the writer must close, bypassing the queue.
-#[derive(Debug)]
-pub(crate) struct KillSwitch {
-    /// `KickReason` as i32, or -1 for "close with `code` and no notice".
-    reason: AtomicI32,
-    code: std::sync::atomic::AtomicU16,
-    pub(crate) token: CancellationToken,
+/// How much a frame matters when the client falls behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// World and scene chat: high volume, low value; dropped first.
+    Sheddable,
+    /// Whispers, guild, team, system, replies, kicks: never dropped.
+    Keep,
 }
 
-impl KillSwitch {
+/// State shared by a connection's [`ConnTx`] handles and its writer.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// Bytes queued and not yet written.
+    pub(crate) queued_bytes: AtomicUsize,
+    /// Milliseconds since `epoch` when the queue last drained or last went
+    /// from empty to non-empty: the stall clock.
+    progress_ms: AtomicU64,
+    epoch: Instant,
+    /// Sheddable frames dropped since the last shed notice, and in total.
+    pub(crate) shed_pending: AtomicU32,
+    pub(crate) shed_total: AtomicU64,
+    /// `KickReason` as i32, or -1 for "close with `code` and no notice".
+    reason: AtomicI32,
+    code: AtomicU16,
+    pub(crate) kill: CancellationToken,
+}
+
+impl Shared {
     pub(crate) fn new() -> Arc<Self> {
-        Arc::new(KillSwitch {
+        Arc::new(Shared {
+            queued_bytes: AtomicUsize::new(0),
+            progress_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            shed_pending: AtomicU32::new(0),
+            shed_total: AtomicU64::new(0),
             reason: AtomicI32::new(-1),
-            code: std::sync::atomic::AtomicU16::new(1000),
-            token: CancellationToken::new(),
+            code: AtomicU16::new(1000),
+            kill: CancellationToken::new(),
         })
+    }
+
+    /// The writer reports progress: `n` bytes left the queue.
+    pub(crate) fn drained(&self, n: usize) {
+        self.queued_bytes.fetch_sub(n, Ordering::AcqRel);
+        self.touch();
+    }
+
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.progress_ms.store(ms, Ordering::Release);
+    }
+
+    /// How long the queue has been non-empty without draining.
+    fn stalled_for(&self) -> Duration {
+        if self.queued_bytes.load(Ordering::Acquire) == 0 {
+            return Duration::ZERO;
+        }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.progress_ms.load(Ordering::Acquire)))
     }
 
     /// The notice to write before the close frame, if any, and the code.
@@ -61,13 +109,13 @@ impl KillSwitch {
     fn fire(&self, reason: Option<KickReason>, code: u16) {
         // The first verdict wins: a later kill must not rewrite why a
         // connection is closing.
-        if self.token.is_cancelled() {
+        if self.kill.is_cancelled() {
             return;
         }
         self.code.store(code, Ordering::Release);
         self.reason
             .store(reason.map_or(-1, |r| r as i32), Ordering::Release);
-        self.token.cancel();
+        self.kill.cancel();
     }
 }
 
@@ -76,7 +124,9 @@ impl KillSwitch {
 pub struct ConnTx {
     id: ConnId,
     frames: mpsc::Sender<Outbound>,
-    kill: Arc<KillSwitch>,
+    shared: Arc<Shared>,
+    max_frames: usize,
+    max_bytes: usize,
 }
 
 /// Encodes a kick notice.
@@ -89,20 +139,74 @@ pub fn kick_notice(reason: KickReason, detail: &str) -> Bytes {
 }
 
 impl ConnTx {
-    pub(crate) fn new(id: ConnId, frames: mpsc::Sender<Outbound>, kill: Arc<KillSwitch>) -> Self {
-        ConnTx { id, frames, kill }
+    pub(crate) fn new(
+        id: ConnId,
+        frames: mpsc::Sender<Outbound>,
+        shared: Arc<Shared>,
+        max_bytes: usize,
+    ) -> Self {
+        let max_frames = frames.max_capacity();
+        ConnTx {
+            id,
+            frames,
+            shared,
+            max_frames,
+            max_bytes,
+        }
     }
 
     pub fn id(&self) -> ConnId {
         self.id
     }
 
-    /// Queues one frame without waiting.
+    /// Queues one frame without waiting, within the byte bound.
     pub fn try_frame(&self, frame: Bytes) -> Result<(), SendError> {
+        let len = frame.len();
+        let before = self.shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
+        if before + len > self.max_bytes && before > 0 {
+            self.shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            return Err(SendError::Full);
+        }
+        if before == 0 {
+            // The stall clock starts when the queue stops being empty.
+            self.shared.touch();
+        }
         match self.frames.try_send(Outbound::Frame(frame)) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(SendError::Full),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Closed),
+            Err(e) => {
+                self.shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                match e {
+                    mpsc::error::TrySendError::Full(_) => Err(SendError::Full),
+                    mpsc::error::TrySendError::Closed(_) => Err(SendError::Closed),
+                }
+            }
+        }
+    }
+
+    /// True when the queue is past half full, in frames or bytes: the point
+    /// from which sheddable traffic is dropped, keeping the rest of the room
+    /// for traffic that must not be lost.
+    fn congested(&self) -> bool {
+        self.frames.capacity() < self.max_frames / 2
+            || self.shared.queued_bytes.load(Ordering::Acquire) > self.max_bytes / 2
+    }
+
+    /// Queues a frame for a player under the slow-consumer policy. Returns
+    /// whether the frame was queued.
+    pub fn deliver(&self, frame: Bytes, priority: Priority, stats: &Stats) -> bool {
+        if priority == Priority::Sheddable && self.congested() {
+            self.shared.shed_pending.fetch_add(1, Ordering::AcqRel);
+            self.shared.shed_total.fetch_add(1, Ordering::AcqRel);
+            Stats::bump(&stats.shed);
+            return false;
+        }
+        match self.try_frame(frame) {
+            Ok(()) => true,
+            Err(SendError::Full) => {
+                slow_consumer(self, stats);
+                false
+            }
+            Err(SendError::Closed) => false,
         }
     }
 
@@ -116,40 +220,45 @@ impl ConnTx {
         let queued = self.frames.try_send(Outbound::Frame(notice)).is_ok()
             && self.frames.try_send(Outbound::Close(code)).is_ok();
         if !queued {
-            self.kill.fire(Some(reason), code);
+            self.shared.fire(Some(reason), code);
         }
     }
 
     /// Closes at once, skipping whatever is queued: for clients that are not
     /// reading (slow consumers) or sent something unacceptable.
     pub fn kill(&self, reason: Option<KickReason>, code: u16) {
-        self.kill.fire(reason, code);
-    }
-
-    /// Queues a frame for a player; a full queue goes through
-    /// [`slow_consumer`]. Returns whether the frame was queued.
-    pub fn deliver(&self, frame: Bytes, stats: &Stats) -> bool {
-        match self.try_frame(frame) {
-            Ok(()) => true,
-            Err(SendError::Full) => {
-                slow_consumer(self, stats);
-                false
-            }
-            Err(SendError::Closed) => false,
-        }
+        self.shared.fire(reason, code);
     }
 
     /// True once the connection's writer has gone.
     pub fn is_gone(&self) -> bool {
         self.frames.is_closed()
     }
+
+    /// (frames, bytes) waiting for the socket.
+    pub fn backlog(&self) -> (usize, usize) {
+        (
+            self.max_frames - self.frames.capacity(),
+            self.shared.queued_bytes.load(Ordering::Acquire),
+        )
+    }
+
+    /// Applies the stall rule: a queue that has not drained for `limit` is
+    /// a slow consumer. Returns whether it fired.
+    pub fn check_stall(&self, limit: Duration, stats: &Stats) -> bool {
+        if !self.shared.kill.is_cancelled() && self.shared.stalled_for() > limit {
+            slow_consumer(self, stats);
+            return true;
+        }
+        false
+    }
 }
 
-/// The slow-consumer policy, in one place: a client whose queue is full is
-/// disconnected with SLOW_CONSUMER (the notice and close frame bypass the
-/// full queue), and counted.
+/// The slow-consumer policy's last resort, in one place: the client is
+/// disconnected with SLOW_CONSUMER (notice and close frame bypass the full
+/// queue) and counted. Its session lingers, so it can resume.
 pub fn slow_consumer(conn: &ConnTx, stats: &Stats) {
-    if !conn.kill.token.is_cancelled() {
+    if !conn.shared.kill.is_cancelled() {
         Stats::bump(&stats.slow_consumers);
         tracing::info!(conn = %conn.id, "slow consumer disconnected");
     }

@@ -4,7 +4,8 @@
 //! queued (up to [`MAX_BATCH`]), writes them all and flushes once: under load
 //! many frames share one syscall. It also sends the periodic ping, and obeys
 //! the kill switch even while a write is stuck on a client that stopped
-//! reading.
+//! reading. When sheddable notifications were dropped for this client, it
+//! tells the client how many once its queue has drained.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::SplitSink;
 use futures_util::SinkExt;
-use guildchat_protocol::KickReason;
+use guildchat_protocol::{codec, pb, KickReason, MsgId};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -21,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
-use super::outbound::{kick_notice, KillSwitch, Outbound};
+use super::outbound::{kick_notice, Outbound, Shared};
 
 /// Most frames written between two flushes.
 const MAX_BATCH: usize = 64;
@@ -44,7 +45,7 @@ pub(crate) fn close_message(code: u16) -> Message {
 pub(crate) async fn run<S>(
     mut sink: Sink<S>,
     mut rx: mpsc::Receiver<Outbound>,
-    kill: Arc<KillSwitch>,
+    shared: Arc<Shared>,
     done: CancellationToken,
     ping_every: Duration,
 ) where
@@ -56,8 +57,8 @@ pub(crate) async fn run<S>(
     loop {
         let close = tokio::select! {
             biased;
-            _ = kill.token.cancelled() => {
-                let (reason, code) = kill.verdict();
+            _ = shared.kill.cancelled() => {
+                let (reason, code) = shared.verdict();
                 killed(&mut sink, reason, code).await;
                 break;
             }
@@ -79,15 +80,21 @@ pub(crate) async fn run<S>(
                 }
                 let written = tokio::select! {
                     biased;
-                    _ = kill.token.cancelled() => None,
-                    r = write_batch(&mut sink, &mut batch) => Some(r),
+                    _ = shared.kill.cancelled() => None,
+                    r = write_batch(&mut sink, &mut batch, &shared) => Some(r),
                 };
                 match written {
-                    Some(Ok(close)) => close,
+                    Some(Ok(true)) => true,
+                    Some(Ok(false)) => {
+                        if rx.is_empty() && shed_notice(&mut sink, &shared).await.is_err() {
+                            break;
+                        }
+                        false
+                    }
                     // The socket failed: nothing more can be written.
                     Some(Err(())) => break,
                     None => {
-                        let (reason, code) = kill.verdict();
+                        let (reason, code) = shared.verdict();
                         killed(&mut sink, reason, code).await;
                         break;
                     }
@@ -95,7 +102,7 @@ pub(crate) async fn run<S>(
             }
             _ = ping.tick() => {
                 let ping = tokio::select! {
-                    _ = kill.token.cancelled() => continue,
+                    _ = shared.kill.cancelled() => continue,
                     r = sink.send(Message::Ping(Bytes::new())) => r,
                 };
                 if ping.is_err() {
@@ -111,16 +118,24 @@ pub(crate) async fn run<S>(
     done.cancel();
 }
 
-/// Writes a batch and flushes once. Ok(true) when the batch ended with a
-/// close frame.
-async fn write_batch<S>(sink: &mut Sink<S>, batch: &mut Vec<Outbound>) -> Result<bool, ()>
+/// Writes a batch and flushes once, then reports the drained bytes.
+/// Ok(true) when the batch ended with a close frame.
+async fn write_batch<S>(
+    sink: &mut Sink<S>,
+    batch: &mut Vec<Outbound>,
+    shared: &Shared,
+) -> Result<bool, ()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut closing = false;
+    let mut bytes = 0;
     for item in batch.drain(..) {
         let msg = match item {
-            Outbound::Frame(frame) => Message::Binary(frame),
+            Outbound::Frame(frame) => {
+                bytes += frame.len();
+                Message::Binary(frame)
+            }
             Outbound::Close(code) => {
                 closing = true;
                 close_message(code)
@@ -132,7 +147,28 @@ where
         }
     }
     sink.flush().await.map_err(|_| ())?;
+    shared.drained(bytes);
     Ok(closing)
+}
+
+/// Tells the client how many sheddable notifications it missed, once its
+/// queue is empty again.
+async fn shed_notice<S>(sink: &mut Sink<S>, shared: &Shared) -> Result<(), ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let count = shared
+        .shed_pending
+        .swap(0, std::sync::atomic::Ordering::AcqRel);
+    if count == 0 {
+        return Ok(());
+    }
+    let notice = codec::encode(&pb::ChatMessageNotifyShed {
+        msghead: codec::head(MsgId::ChcNotifyShed, 0),
+        count,
+        total: shared.shed_total.load(std::sync::atomic::Ordering::Acquire),
+    });
+    sink.send(Message::Binary(notice)).await.map_err(|_| ())
 }
 
 /// Best effort: the notice and the close frame, within a deadline, skipping

@@ -11,14 +11,17 @@ use tracing::{debug, info};
 
 use super::fanout::{Audience, Fanout};
 use super::registry::{Entry, Registry};
+use super::replay::{Replay, Resume};
 use super::{ChatLine, LoginArgs, Target, WeakWorld, WorldMsg};
 use crate::config::Config;
 use crate::ids::{MsgId, UserId};
+use crate::net::Priority;
 use crate::stats::Stats;
 use crate::user::{UserHandle, UserMsg};
 
-/// How often the world does its housekeeping (gauges, stale entries).
-const TICK: Duration = Duration::from_secs(5);
+/// How often the world does its housekeeping: linger expiry, the stall rule
+/// for slow consumers, gauges. Both timers are therefore precise to a tick.
+const TICK: Duration = Duration::from_secs(1);
 
 pub(super) struct World {
     config: Arc<Config>,
@@ -99,6 +102,14 @@ impl World {
             WorldMsg::Online { respond_to } => {
                 let _ = respond_to.send((self.registry.len() as u32, self.config.max_online));
             }
+            WorldMsg::Backlog { user, respond_to } => {
+                let backlog = self
+                    .registry
+                    .get(user)
+                    .and_then(|e| e.conn.as_ref())
+                    .map(|c| c.backlog());
+                let _ = respond_to.send(backlog);
+            }
             WorldMsg::Regroup {
                 user,
                 guild,
@@ -124,10 +135,16 @@ impl World {
                 reason,
                 respond_to,
             } => {
-                let found = match self.registry.get(user) {
+                let found = match self.registry.get_mut(user) {
+                    // A kicked player does not linger: the session ends
+                    // when the connection does (or now, if it has none).
                     Some(entry) => {
-                        if let Some(conn) = &entry.conn {
-                            conn.kick(reason);
+                        entry.kicked = true;
+                        match &entry.conn {
+                            Some(conn) => conn.kick(reason),
+                            None => {
+                                self.registry.remove(user);
+                            }
                         }
                         true
                     }
@@ -146,9 +163,10 @@ impl World {
                     ..Default::default()
                 });
                 self.fanout.deliver(
-                    &self.registry,
+                    &mut self.registry,
                     &Audience::Everyone,
                     ChatType::ChatAll,
+                    id,
                     &frame,
                     &self.stats,
                 );
@@ -175,27 +193,42 @@ impl World {
             conn,
             inbound,
             seq,
+            last_msg_id,
         } = args;
         if self.shutting_down {
             return Err(ResCode::ResInternal);
         }
         let user = identity.user;
+        let cursor = self.last_msg_id;
         if let Some(entry) = self.registry.get_mut(user) {
-            // Takeover: the running user actor keeps its state and gets the
-            // new connection's ends. The reply goes first so it precedes any
-            // notification on the new connection.
-            let reply = login_reply(seq, user, entry, true);
+            // Takeover or resume: the running user actor keeps its state and
+            // gets the new connection's ends. The reply and the replay are
+            // queued here, before the connection is visible to fan-out, so
+            // they precede any live notification.
+            let resume = if last_msg_id > 0 {
+                entry.replay.since(last_msg_id)
+            } else {
+                Resume::default()
+            };
             if !entry.user.try_send(UserMsg::Attach {
                 conn: conn.clone(),
                 inbound,
             }) {
                 return Err(ResCode::ResInternal);
             }
+            let reply = login_reply(seq, user, entry, true, cursor, &resume);
             let _ = conn.try_frame(reply);
+            for frame in resume.frames {
+                if !conn.deliver(frame, Priority::Keep, &self.stats) {
+                    break;
+                }
+            }
             entry.conn = Some(conn);
+            entry.lingering = None;
+            entry.kicked = false;
             Stats::bump(&self.stats.takeovers);
             Stats::bump(&self.stats.logins);
-            info!(%user, "takeover");
+            info!(%user, "session resumed");
             return Ok(());
         }
         if self.registry.len() >= self.config.max_online as usize {
@@ -212,6 +245,7 @@ impl World {
             self.config.clone(),
             self.stats.clone(),
         );
+        let session = &self.config.session;
         let entry = Entry {
             name: identity.name,
             guild: identity.guild,
@@ -219,9 +253,18 @@ impl World {
             scene: identity.scene,
             mask: 0,
             conn: Some(conn.clone()),
+            lingering: None,
+            kicked: false,
+            replay: Replay::new(session.replay_buffer, session.replay_buffer_shed()),
             user: handle,
         };
-        let _ = conn.try_frame(login_reply(seq, user, &entry, false));
+        // A resume cursor with no session to resume (it expired, or the
+        // server restarted): whatever came after it cannot be replayed.
+        let resume = Resume {
+            gap: last_msg_id > 0 && last_msg_id < cursor,
+            ..Resume::default()
+        };
+        let _ = conn.try_frame(login_reply(seq, user, &entry, false, cursor, &resume));
         self.registry.insert(user, entry);
         Stats::bump(&self.stats.logins);
         self.publish_gauges();
@@ -229,18 +272,25 @@ impl World {
         Ok(())
     }
 
+    /// A user actor's connection went away. The session lingers for a
+    /// resume unless lingering is off or an operator kicked the player.
     fn detached(&mut self, user: UserId, conn: crate::ids::ConnId) {
-        let current = self
-            .registry
-            .get(user)
-            .and_then(|e| e.conn.as_ref())
-            .map(|c| c.id());
+        let Some(entry) = self.registry.get_mut(user) else {
+            return;
+        };
         // A detach from a connection that was already replaced (takeover)
         // changes nothing.
-        if current == Some(conn) {
+        if entry.conn.as_ref().map(|c| c.id()) != Some(conn) {
+            return;
+        }
+        if entry.kicked || self.config.session.linger_ms == 0 {
             self.registry.remove(user);
             self.publish_gauges();
-            debug!(%user, "logout");
+            debug!(%user, "session ended");
+        } else {
+            entry.conn = None;
+            entry.lingering = Some(tokio::time::Instant::now());
+            debug!(%user, "lingering");
         }
     }
 
@@ -307,25 +357,41 @@ impl World {
             targetid: target_id,
             targetname: target_name,
         });
-        self.fanout
-            .deliver(&self.registry, &audience, line.channel, &frame, &self.stats);
+        self.fanout.deliver(
+            &mut self.registry,
+            &audience,
+            line.channel,
+            id,
+            &frame,
+            &self.stats,
+        );
         Stats::bump(&self.stats.chats);
         Ok(id)
     }
 
     fn housekeeping(&mut self) {
-        // A connection whose writer died without its reader noticing yet
-        // is detached here at the latest.
-        let stale: Vec<(UserId, crate::ids::ConnId)> = self
-            .registry
-            .entries()
-            .filter_map(|(u, e)| {
-                e.conn
-                    .as_ref()
-                    .filter(|c| c.is_gone())
-                    .map(|c| (*u, c.id()))
-            })
-            .collect();
+        let linger = self.config.session.linger();
+        let stall = self.config.limits.stall_timeout();
+        let mut expired = Vec::new();
+        let mut stale = Vec::new();
+        for (user, entry) in self.registry.entries() {
+            match (&entry.conn, entry.lingering) {
+                (None, Some(since)) if since.elapsed() >= linger => expired.push(*user),
+                // A connection whose writer died without its reader
+                // noticing yet is detached here at the latest.
+                (Some(conn), _) if conn.is_gone() => stale.push((*user, conn.id())),
+                (Some(conn), _) => {
+                    conn.check_stall(stall, &self.stats);
+                }
+                _ => {}
+            }
+        }
+        for user in expired {
+            // Dropping the entry drops the actor's only mailbox sender: the
+            // user actor ends.
+            self.registry.remove(user);
+            debug!(%user, "linger expired");
+        }
         for (user, conn) in stale {
             self.detached(user, conn);
         }
@@ -340,7 +406,14 @@ impl World {
     }
 }
 
-fn login_reply(seq: u32, user: UserId, entry: &Entry, resumed: bool) -> Bytes {
+fn login_reply(
+    seq: u32,
+    user: UserId,
+    entry: &Entry,
+    resumed: bool,
+    cursor: u64,
+    resume: &Resume,
+) -> Bytes {
     codec::encode(&pb::ChatMessageLoginRep {
         msghead: codec::head(WireMsg::ChcLoginRep, seq),
         res: ResCode::ResOk as i32,
@@ -351,5 +424,9 @@ fn login_reply(seq: u32, user: UserId, entry: &Entry, resumed: bool) -> Bytes {
         sceneid: entry.scene.0,
         mask: entry.mask,
         resumed,
+        last_msg_id: cursor,
+        replayed: resume.frames.len() as u32,
+        replay_gap: resume.gap,
+        missed: resume.missed.min(u64::from(u32::MAX)) as u32,
     })
 }

@@ -11,8 +11,9 @@
 use bytes::Bytes;
 use guildchat_protocol::{mask_bit, ChatType};
 
-use super::registry::{Entry, Registry};
-use crate::ids::{GuildId, SceneId, TeamId, UserId};
+use super::registry::Registry;
+use crate::ids::{GuildId, MsgId, SceneId, TeamId, UserId};
+use crate::net::Priority;
 use crate::stats::Stats;
 
 /// Who a notification is for.
@@ -30,14 +31,23 @@ pub enum Audience {
     },
 }
 
+/// How a channel's traffic is treated when a client falls behind.
+pub fn priority(channel: ChatType) -> Priority {
+    match channel {
+        ChatType::ChatWorld | ChatType::ChatNormal => Priority::Sheddable,
+        _ => Priority::Keep,
+    }
+}
+
 /// Delivers one encoded notification to an audience.
 pub trait Fanout: Send + 'static {
     /// Returns how many connections the frame was queued for.
     fn deliver(
         &mut self,
-        registry: &Registry,
+        registry: &mut Registry,
         audience: &Audience,
         channel: ChatType,
+        msg_id: MsgId,
         frame: &Bytes,
         stats: &Stats,
     ) -> usize;
@@ -50,46 +60,29 @@ pub struct LocalFanout;
 impl Fanout for LocalFanout {
     fn deliver(
         &mut self,
-        registry: &Registry,
+        registry: &mut Registry,
         audience: &Audience,
         channel: ChatType,
+        msg_id: MsgId,
         frame: &Bytes,
         stats: &Stats,
     ) -> usize {
-        // The mask is checked here, before a frame is queued, so a masked
-        // channel costs a bit test and nothing else.
+        // The mask is checked here, before anything is queued or recorded,
+        // so a masked channel costs a bit test and nothing else.
         let bit = mask_bit(channel);
+        let priority = priority(channel);
         let mut queued = 0;
-        let mut send = |entry: &Entry| {
-            if entry.mask & bit == 0 {
-                if let Some(conn) = &entry.conn {
-                    queued += usize::from(conn.deliver(frame.clone(), stats));
-                }
+        registry.visit(audience, |entry| {
+            if entry.mask & bit != 0 {
+                return;
             }
-        };
-        let lookup = |user: &UserId| registry.get(*user);
-        match audience {
-            Audience::Everyone => registry.entries().for_each(|(_, e)| send(e)),
-            Audience::Guild(g) => registry
-                .guild_members(*g)
-                .filter_map(lookup)
-                .for_each(&mut send),
-            Audience::Team(t) => registry
-                .team_members(*t)
-                .filter_map(lookup)
-                .for_each(&mut send),
-            Audience::Scene(s) => registry
-                .scene_members(*s)
-                .filter_map(lookup)
-                .for_each(&mut send),
-            Audience::Whisper { from, to } => {
-                [to, from]
-                    .into_iter()
-                    .take(if from == to { 1 } else { 2 })
-                    .filter_map(lookup)
-                    .for_each(&mut send);
+            // Recorded even while the player lingers without a connection:
+            // that is what a resume replays.
+            entry.replay.record(msg_id.0, frame.clone(), priority);
+            if let Some(conn) = &entry.conn {
+                queued += usize::from(conn.deliver(frame.clone(), priority, stats));
             }
-        }
+        });
         Stats::add(&stats.deliveries, queued as u64);
         queued
     }

@@ -11,6 +11,7 @@
 mod actor;
 pub mod fanout;
 pub mod registry;
+pub mod replay;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +64,8 @@ pub(crate) struct LoginArgs {
     pub conn: ConnTx,
     pub inbound: mpsc::Receiver<ClientMsg>,
     pub seq: u32,
+    /// Resume cursor from the login request (0: none).
+    pub last_msg_id: u64,
 }
 
 enum WorldMsg {
@@ -85,6 +88,10 @@ enum WorldMsg {
     },
     Online {
         respond_to: oneshot::Sender<(u32, u32)>,
+    },
+    Backlog {
+        user: UserId,
+        respond_to: oneshot::Sender<Option<(usize, usize)>>,
     },
     Regroup {
         user: UserId,
@@ -177,6 +184,13 @@ impl WorldHandle {
     /// (players online, configured maximum)
     pub async fn online(&self) -> (u32, u32) {
         self.ask(|respond_to| WorldMsg::Online { respond_to }).await
+    }
+
+    /// (frames, bytes) queued for a player's connection; `None` if the
+    /// player has no connection.
+    pub async fn backlog(&self, user: UserId) -> Option<(usize, usize)> {
+        self.ask(|respond_to| WorldMsg::Backlog { user, respond_to })
+            .await
     }
 
     /// Moves a player to another guild, team or scene (`None` = unchanged).

@@ -6,6 +6,10 @@
 
 use std::collections::{HashMap, HashSet};
 
+use tokio::time::Instant;
+
+use super::fanout::Audience;
+use super::replay::Replay;
 use crate::ids::{GuildId, SceneId, TeamId, UserId};
 use crate::net::ConnTx;
 use crate::user::UserHandle;
@@ -20,8 +24,14 @@ pub struct Entry {
     /// Channels this player does not want (a mirror of the user actor's
     /// mask, so fan-out can skip them without a hop through the actor).
     pub mask: u32,
-    /// The connection notifications go to; `None` while detached.
+    /// The connection notifications go to; `None` while lingering.
     pub conn: Option<ConnTx>,
+    /// Since when the player has had no connection (lingering).
+    pub lingering: Option<Instant>,
+    /// An operator kicked this player: do not linger.
+    pub kicked: bool,
+    /// Recent notifications, for resume.
+    pub replay: Replay,
     /// The user actor's mailbox. The registry holds the only sender, so
     /// removing the entry ends the actor.
     pub user: UserHandle,
@@ -142,6 +152,39 @@ impl Registry {
 
     pub fn entries(&self) -> impl Iterator<Item = (&UserId, &Entry)> {
         self.users.iter()
+    }
+
+    /// Calls `f` on every member of an audience. Fan-out goes through here
+    /// so it can record into each recipient's replay buffer.
+    pub fn visit(&mut self, audience: &Audience, mut f: impl FnMut(&mut Entry)) {
+        let Registry {
+            users,
+            guilds,
+            teams,
+            scenes,
+            ..
+        } = self;
+        let mut one = |user: &UserId| {
+            if let Some(entry) = users.get_mut(user) {
+                f(entry);
+            }
+        };
+        match audience {
+            Audience::Everyone => {
+                for entry in users.values_mut() {
+                    f(entry);
+                }
+            }
+            Audience::Guild(g) => guilds.members(*g).for_each(&mut one),
+            Audience::Team(t) => teams.members(*t).for_each(&mut one),
+            Audience::Scene(s) => scenes.members(*s).for_each(&mut one),
+            Audience::Whisper { from, to } => {
+                one(to);
+                if from != to {
+                    one(from);
+                }
+            }
+        }
     }
 
     pub fn guild_members(&self, g: GuildId) -> impl Iterator<Item = &UserId> {

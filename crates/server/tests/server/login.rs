@@ -175,6 +175,7 @@ async fn request_fields_must_agree_with_the_token() {
                 guildid: guild,
                 tokenmd5: "ignored".into(),
                 tokenstr: token.clone(),
+                last_msg_id: 0,
             },
         ))
         .await

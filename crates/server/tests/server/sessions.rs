@@ -113,7 +113,11 @@ async fn shutdown_tells_every_client_why() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_disconnected_as_slow_consumer() {
-    let server = TestServer::start_with(|c| c.limits.outbound_queue = 64).await;
+    let server = TestServer::start_with(|c| {
+        c.limits.outbound_queue = 64;
+        c.session.replay_buffer = 32;
+    })
+    .await;
     let mut stalled = server.login(1, "stalled", 0, 0, 0).await;
     let mut healthy = server.login(2, "healthy", 0, 0, 0).await;
     let text = "x".repeat(900);
