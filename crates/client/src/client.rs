@@ -71,6 +71,17 @@ impl Client {
     /// Connects from a chosen local address (the load generator spreads
     /// clients over 127.0.0.x to get past the ephemeral port range).
     pub async fn connect_from(url: &str, local: Option<IpAddr>) -> Result<Client, ClientError> {
+        Self::connect_with(url, local, None).await
+    }
+
+    /// Connects with a chosen local address and SO_RCVBUF (a small receive
+    /// buffer makes a client that stops reading stall quickly, for tests
+    /// and the `slow` benchmark).
+    pub async fn connect_with(
+        url: &str,
+        local: Option<IpAddr>,
+        recv_buffer: Option<u32>,
+    ) -> Result<Client, ClientError> {
         let addr = parse_url(url)?;
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()?
@@ -79,6 +90,9 @@ impl Client {
         };
         if let Some(ip) = local {
             socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        if let Some(size) = recv_buffer {
+            socket.set_recv_buffer_size(size)?;
         }
         let tcp = socket.connect(addr).await?;
         tcp.set_nodelay(true)?;

@@ -120,6 +120,10 @@ pub struct LimitsConfig {
     /// A client whose queue has not drained at all for this long is a slow
     /// consumer, even if the queue is not full.
     pub stall_timeout_ms: u64,
+    /// SO_SNDBUF for client sockets, in bytes; 0 keeps the kernel's
+    /// auto-tuning. A small value bounds the kernel memory a stalled client
+    /// can pin, and makes it a slow consumer sooner.
+    pub socket_send_buffer: u32,
     /// Undecodable or unexpected frames tolerated per connection before it
     /// is closed with PROTOCOL_ERROR.
     pub bad_frame_limit: u32,
@@ -136,6 +140,7 @@ impl Default for LimitsConfig {
             outbound_queue: 512,
             outbound_bytes: 256 * 1024,
             stall_timeout_ms: 10_000,
+            socket_send_buffer: 0,
             bad_frame_limit: 8,
             shutdown_grace_ms: 5_000,
         }

@@ -66,6 +66,10 @@ pub(crate) async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
+        let sndbuf = ctx.config.limits.socket_send_buffer;
+        if sndbuf > 0 {
+            let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(sndbuf as usize);
+        }
         let id = ConnId(NEXT_CONN.fetch_add(1, Ordering::Relaxed));
         let ctx = ctx.clone();
         let tls = tls.clone();

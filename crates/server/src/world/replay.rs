@@ -22,6 +22,10 @@ struct Ring {
     /// Entries pushed out since the session began, and the newest of them.
     evicted: u64,
     last_evicted: u64,
+    /// The ids of the most recent evictions (at most `window`), to count
+    /// exactly what a resume cursor missed.
+    evicted_ids: VecDeque<u64>,
+    window: usize,
 }
 
 impl Ring {
@@ -32,6 +36,10 @@ impl Ring {
             entries: VecDeque::new(),
             evicted: 0,
             last_evicted: 0,
+            evicted_ids: VecDeque::new(),
+            // Twice the ring: a client that was caught up when it dropped
+            // gets an exact count until it has missed that many.
+            window: (cap * 2).max(64),
         }
     }
 
@@ -40,6 +48,10 @@ impl Ring {
             if let Some((id, _)) = self.entries.pop_front() {
                 self.evicted += 1;
                 self.last_evicted = id;
+                if self.evicted_ids.len() == self.window {
+                    self.evicted_ids.pop_front();
+                }
+                self.evicted_ids.push_back(id);
             }
         }
         self.entries.push_back((msg_id, frame));
@@ -53,6 +65,18 @@ impl Ring {
     /// Whether something newer than `after` was already pushed out.
     fn has_gap(&self, after: u64) -> bool {
         self.evicted > 0 && self.last_evicted > after
+    }
+
+    /// How many pushed-out entries are newer than `after`: exact while
+    /// `after` is within the remembered evictions, otherwise every eviction
+    /// since the session began (an upper bound).
+    fn missed_after(&self, after: u64) -> u64 {
+        let older = self.evicted_ids.partition_point(|id| *id <= after);
+        if older == 0 {
+            self.evicted
+        } else {
+            (self.evicted_ids.len() - older) as u64
+        }
     }
 }
 
@@ -115,7 +139,7 @@ impl Replay {
         for ring in [&self.keep, &self.shed] {
             if ring.has_gap(after) {
                 resume.gap = true;
-                resume.missed += ring.evicted;
+                resume.missed += ring.missed_after(after);
             }
         }
         resume
@@ -167,6 +191,11 @@ mod tests {
         assert_eq!(ids(&resume), vec![1, 98, 99]);
         assert!(resume.gap);
         assert_eq!(resume.missed, 96);
+        // A cursor inside the remembered evictions (the last 64) counts
+        // exactly; an older one gets every eviction, an upper bound.
+        assert_eq!(r.since(96).missed, 1);
+        assert_eq!(r.since(50).missed, 47);
+        assert_eq!(r.since(10).missed, 96);
     }
 
     #[test]
@@ -180,7 +209,8 @@ mod tests {
         assert!(!r.since(4).gap);
         let behind = r.since(1);
         assert!(behind.gap);
-        assert_eq!((ids(&behind), behind.missed), (vec![3, 4, 5], 2));
+        // Only 2 was evicted after the cursor.
+        assert_eq!((ids(&behind), behind.missed), (vec![3, 4, 5], 1));
     }
 
     #[test]

@@ -4,5 +4,6 @@
 mod channels;
 mod common;
 mod login;
+mod resume;
 mod robustness;
 mod sessions;
