@@ -7,3 +7,4 @@ mod login;
 mod resume;
 mod robustness;
 mod sessions;
+mod tls;
