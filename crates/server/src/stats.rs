@@ -14,8 +14,16 @@ pub struct Stats {
     pub logins: AtomicU64,
     /// Logins refused (bad token, mismatch, server full...).
     pub login_failures: AtomicU64,
-    /// Logins that took over an existing session.
+    /// Logins that took over an existing session (connected or lingering).
     pub takeovers: AtomicU64,
+    /// Notifications replayed to resuming clients.
+    pub replayed: AtomicU64,
+    /// Resumes that could not replay everything (gap reported).
+    pub replay_gaps: AtomicU64,
+    /// Sessions that lingered after a dropped connection, and those whose
+    /// linger ran out.
+    pub lingering: AtomicU64,
+    pub linger_expired: AtomicU64,
     /// Players currently registered with the world actor.
     pub online: AtomicU64,
     /// Chat messages accepted and fanned out.

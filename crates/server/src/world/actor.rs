@@ -217,6 +217,10 @@ impl World {
                 return Err(ResCode::ResInternal);
             }
             let reply = login_reply(seq, user, entry, true, cursor, &resume);
+            Stats::add(&self.stats.replayed, resume.frames.len() as u64);
+            if resume.gap {
+                Stats::bump(&self.stats.replay_gaps);
+            }
             let _ = conn.try_frame(reply);
             for frame in resume.frames {
                 if !conn.deliver(frame, Priority::Keep, &self.stats) {
@@ -290,6 +294,7 @@ impl World {
         } else {
             entry.conn = None;
             entry.lingering = Some(tokio::time::Instant::now());
+            Stats::bump(&self.stats.lingering);
             debug!(%user, "lingering");
         }
     }
@@ -390,6 +395,7 @@ impl World {
             // Dropping the entry drops the actor's only mailbox sender: the
             // user actor ends.
             self.registry.remove(user);
+            Stats::bump(&self.stats.linger_expired);
             debug!(%user, "linger expired");
         }
         for (user, conn) in stale {

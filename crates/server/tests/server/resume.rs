@@ -101,6 +101,7 @@ async fn linger_expires_and_the_player_is_gone() {
     assert_eq!(server.world.online().await.0, 2, "still lingering at 59 s");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(server.world.online().await.0, 1, "gone after 60 s");
+    assert_eq!(server.stats.linger_expired.load(Ordering::Relaxed), 1);
     b.send_chat(ChatType::ChatPrivate, "hello?", 1, "")
         .await
         .unwrap();
@@ -145,6 +146,7 @@ async fn a_gap_beyond_the_replay_buffer_is_reported() {
         .unwrap();
     assert!(rep.resumed);
     assert_eq!((rep.replay_gap, rep.missed, rep.replayed), (true, 6, 4));
+    assert_eq!(server.stats.replay_gaps.load(Ordering::Relaxed), 1);
     for want in &ids[6..] {
         assert_eq!(next_chat(&mut a).await.msg_id, *want);
     }
