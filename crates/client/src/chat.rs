@@ -140,6 +140,22 @@ pub fn render(msg: &ServerMsg) -> String {
         ServerMsg::HeartbeatRep(_) => String::new(),
         ServerMsg::SetMaskRep(r) => format!("mask: {} ({})", r.mask, res_name(r.res)),
         ServerMsg::OnlineRep(r) => format!("online: {} of {}", r.online, r.max_online),
+        ServerMsg::HistoryRep(h) => {
+            let mut lines = vec![format!(
+                "history: {} ({} messages{})",
+                res_name(h.res),
+                h.msgs.len(),
+                if h.has_more { ", more available" } else { "" }
+            )];
+            // Newest first on the wire; oldest first on screen.
+            lines.extend(
+                h.msgs
+                    .iter()
+                    .rev()
+                    .map(|n| render(&ServerMsg::Chat(n.clone()))),
+            );
+            lines.join("\n")
+        }
         ServerMsg::Shed(s) => format!(
             "({} world/scene messages skipped: connection too slow)",
             s.count

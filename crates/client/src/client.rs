@@ -210,6 +210,31 @@ impl Client {
         Ok(seq)
     }
 
+    /// Sends a heartbeat and waits for its reply, returning whatever else
+    /// arrived first. Because the server handles a connection's frames in
+    /// order, the reply also proves everything sent before it (pongs
+    /// included) was processed.
+    pub async fn heartbeat(&mut self) -> Result<Vec<ServerMsg>, ClientError> {
+        let seq = self.next_seq();
+        self.send(&ClientMsg::Heartbeat(pb::ChatMessageHeartbeatReq {
+            msghead: codec::head(MsgId::CchHeartbeatReq, seq),
+            client_time_ms: 0,
+        }))
+        .await?;
+        let mut before = Vec::new();
+        loop {
+            match self.recv().await? {
+                Event::Msg(ServerMsg::HeartbeatRep(r))
+                    if r.msghead.is_some_and(|h| h.seq == seq) =>
+                {
+                    return Ok(before)
+                }
+                Event::Msg(m) => before.push(m),
+                Event::Closed(code) => return Err(ClientError::Closed(code)),
+            }
+        }
+    }
+
     /// Waits for the next thing the server sends. Pings are answered and
     /// skipped.
     pub async fn recv(&mut self) -> Result<Event, ClientError> {

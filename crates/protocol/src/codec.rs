@@ -99,6 +99,7 @@ pub enum ClientMsg {
     Heartbeat(pb::ChatMessageHeartbeatReq),
     SetMask(pb::ChatMessageSetMaskReq),
     Online(pb::ChatMessageOnlineReq),
+    History(pb::ChatMessageHistoryReq),
 }
 
 impl ClientMsg {
@@ -110,6 +111,7 @@ impl ClientMsg {
             ClientMsg::Heartbeat(m) => &m.msghead,
             ClientMsg::SetMask(m) => &m.msghead,
             ClientMsg::Online(m) => &m.msghead,
+            ClientMsg::History(m) => &m.msghead,
         };
         head.as_ref().map_or(0, |h| h.seq)
     }
@@ -122,6 +124,7 @@ impl ClientMsg {
             ClientMsg::Heartbeat(m) => encode(m),
             ClientMsg::SetMask(m) => encode(m),
             ClientMsg::Online(m) => encode(m),
+            ClientMsg::History(m) => encode(m),
         }
     }
 }
@@ -135,6 +138,7 @@ pub fn decode_client(frame: &[u8]) -> Result<ClientMsg, DecodeError> {
         Ok(MsgId::CchHeartbeatReq) => body(msgid, frame).map(ClientMsg::Heartbeat),
         Ok(MsgId::CchSetMaskReq) => body(msgid, frame).map(ClientMsg::SetMask),
         Ok(MsgId::CchOnlineReq) => body(msgid, frame).map(ClientMsg::Online),
+        Ok(MsgId::CchHistoryReq) => body(msgid, frame).map(ClientMsg::History),
         _ => Err(DecodeError::UnknownMsg(msgid)),
     }
 }
@@ -151,6 +155,7 @@ pub enum ServerMsg {
     SetMaskRep(pb::ChatMessageSetMaskRep),
     OnlineRep(pb::ChatMessageOnlineRep),
     Shed(pb::ChatMessageNotifyShed),
+    HistoryRep(pb::ChatMessageHistoryRep),
 }
 
 /// Decodes a frame sent by the server.
@@ -166,6 +171,7 @@ pub fn decode_server(frame: &[u8]) -> Result<ServerMsg, DecodeError> {
         Ok(MsgId::ChcSetMaskRep) => body(msgid, frame).map(ServerMsg::SetMaskRep),
         Ok(MsgId::ChcOnlineRep) => body(msgid, frame).map(ServerMsg::OnlineRep),
         Ok(MsgId::ChcNotifyShed) => body(msgid, frame).map(ServerMsg::Shed),
+        Ok(MsgId::ChcHistoryRep) => body(msgid, frame).map(ServerMsg::HistoryRep),
         _ => Err(DecodeError::UnknownMsg(msgid)),
     }
 }
@@ -251,6 +257,13 @@ mod tests {
             ClientMsg::Online(pb::ChatMessageOnlineReq {
                 msghead: head(MsgId::CchOnlineReq, 5),
             }),
+            ClientMsg::History(pb::ChatMessageHistoryReq {
+                msghead: head(MsgId::CchHistoryReq, 6),
+                chattype: ChatType::ChatGuild as i32,
+                before_msg_id: 77,
+                limit: 20,
+                ..Default::default()
+            }),
         ];
         for msg in msgs {
             let frame = msg.encode();
@@ -276,6 +289,7 @@ mod tests {
             res: ResCode::ResOnCooldown as i32,
             cooldown_ms: 1500,
             msg_id: 0,
+            offline: false,
         };
         assert_eq!(decode_server(&encode(&rep)), Ok(ServerMsg::ChatRep(rep)));
     }

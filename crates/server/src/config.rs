@@ -54,6 +54,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub chat: ChatConfig,
     pub session: SessionConfig,
+    pub history: crate::history::HistoryConfig,
     pub tls: Option<TlsConfig>,
 }
 
@@ -68,6 +69,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             chat: ChatConfig::default(),
             session: SessionConfig::default(),
+            history: crate::history::HistoryConfig::default(),
             tls: None,
         }
     }
@@ -328,6 +330,9 @@ impl Config {
                 "a full replay (replay_buffer plus a quarter of it) must fit in limits.outbound_queue",
             ));
         }
+        self.history
+            .validate()
+            .map_err(|why| invalid("history", why))?;
         if l.bad_frame_limit == 0 {
             return Err(invalid("limits.bad_frame_limit", "must be > 0"));
         }

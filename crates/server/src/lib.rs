@@ -12,6 +12,9 @@
 //! - [`net`]: sockets only: accept loop, per-connection reader and writer,
 //!   and [`net::ConnTx`], the handle logic code uses to reach a client.
 //! - [`user`]: the user actor.
+//! - [`history`]: the embedded history store (SQLite, group commit) and
+//!   offline whispers; [`records`] converts between its records and
+//!   notifications.
 //! - [`world`]: the world actor, its registry and the fan-out seam.
 //! - [`ids`], [`stats`]: id newtypes and counters.
 //!
@@ -20,8 +23,10 @@
 
 pub mod auth;
 pub mod config;
+pub mod history;
 pub mod ids;
 pub mod net;
+pub mod records;
 pub mod stats;
 pub mod tls;
 pub mod user;
@@ -49,6 +54,8 @@ pub enum ServerError {
     Keys(#[from] auth::KeysError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("history store: {0}")]
+    History(history::OpenError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -69,9 +76,23 @@ impl Server {
         config.validate()?;
         let auth = auth::Authenticator::from_config(&config)?;
         let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+        let (history, first_msg_id) = if config.history.enabled {
+            let (handle, high_water) =
+                history::HistoryHandle::open(&config.data_dir, config.history.clone())
+                    .map_err(ServerError::History)?;
+            (Some(handle), high_water)
+        } else {
+            (None, 0)
+        };
         let config = Arc::new(config);
         let stats = Arc::new(Stats::default());
-        let world = WorldHandle::new(config.clone(), stats.clone(), Box::new(LocalFanout));
+        let world = WorldHandle::new(
+            config.clone(),
+            stats.clone(),
+            Box::new(LocalFanout),
+            history,
+            first_msg_id,
+        );
         let ctx = Arc::new(ConnCtx {
             world,
             auth,

@@ -34,6 +34,11 @@ pub struct Stats {
     pub slow_consumers: AtomicU64,
     /// World and scene notifications dropped for clients that fell behind.
     pub shed: AtomicU64,
+    /// Whispers stored for offline players, delivered to them, and
+    /// confirmed received (then forgotten).
+    pub offline_stored: AtomicU64,
+    pub offline_delivered: AtomicU64,
+    pub offline_acked: AtomicU64,
     /// Frames from clients that could not be handled.
     pub bad_frames: AtomicU64,
 }

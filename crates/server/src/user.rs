@@ -19,8 +19,10 @@ use tokio::time::Instant;
 use tracing::{debug, instrument};
 
 use crate::config::Config;
+use crate::history::{HistoryError, HistoryHandle};
 use crate::ids::UserId;
-use crate::net::ConnTx;
+use crate::net::{ConnTx, Priority};
+use crate::records;
 use crate::stats::Stats;
 use crate::world::{ChatLine, Identity, Target, WorldHandle};
 
@@ -38,12 +40,22 @@ pub const INBOUND_QUEUE: usize = 32;
 /// Number of chat channels (CHATTYPE values 0..=6).
 const CHANNELS: usize = 7;
 
+/// What a connection's reader hands the user actor.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A decoded request.
+    Request(ClientMsg),
+    /// The payload of a websocket pong: proof that the client has read
+    /// every frame queued before the matching ping.
+    Pong(Bytes),
+}
+
 /// Messages from the world actor.
 pub(crate) enum UserMsg {
     /// Takeover: from now on, talk to this connection.
     Attach {
         conn: ConnTx,
-        inbound: mpsc::Receiver<ClientMsg>,
+        inbound: mpsc::Receiver<Inbound>,
     },
     /// Mute for this long from now; `None` lifts it.
     Mute { duration: Option<Duration> },
@@ -60,13 +72,15 @@ impl UserHandle {
     pub(crate) fn spawn(
         identity: Identity,
         conn: ConnTx,
-        inbound: mpsc::Receiver<ClientMsg>,
+        inbound: mpsc::Receiver<Inbound>,
         world: WorldHandle,
+        history: Option<HistoryHandle>,
         config: Arc<Config>,
         stats: Arc<Stats>,
     ) -> UserHandle {
         let (tx, mailbox) = mpsc::channel(USER_MAILBOX);
         let actor = UserActor {
+            history,
             id: identity.user,
             identity,
             conn: Some(conn),
@@ -99,10 +113,11 @@ impl std::fmt::Debug for UserMsg {
 }
 
 struct UserActor {
+    history: Option<HistoryHandle>,
     id: UserId,
     identity: Identity,
     conn: Option<ConnTx>,
-    inbound: Option<mpsc::Receiver<ClientMsg>>,
+    inbound: Option<mpsc::Receiver<Inbound>>,
     mailbox: mpsc::Receiver<UserMsg>,
     world: WorldHandle,
     config: Arc<Config>,
@@ -114,7 +129,7 @@ struct UserActor {
 }
 
 /// Waits for the next request, or forever when no connection is attached.
-async fn next_request(inbound: &mut Option<mpsc::Receiver<ClientMsg>>) -> Option<ClientMsg> {
+async fn next_request(inbound: &mut Option<mpsc::Receiver<Inbound>>) -> Option<Inbound> {
     match inbound {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -124,15 +139,23 @@ async fn next_request(inbound: &mut Option<mpsc::Receiver<ClientMsg>>) -> Option
 impl UserActor {
     #[instrument(name = "user", skip_all, fields(user = %self.id, name = %self.identity.name))]
     async fn run(mut self) {
+        self.deliver_offline().await;
         loop {
             tokio::select! {
                 msg = self.mailbox.recv() => match msg {
-                    Some(msg) => self.control(msg),
+                    Some(msg) => {
+                        let attached = matches!(msg, UserMsg::Attach { .. });
+                        self.control(msg);
+                        if attached {
+                            self.deliver_offline().await;
+                        }
+                    }
                     // The world removed this player: the session is over.
                     None => break,
                 },
                 req = next_request(&mut self.inbound) => match req {
-                    Some(req) => self.request(req).await,
+                    Some(Inbound::Request(req)) => self.request(req).await,
+                    Some(Inbound::Pong(payload)) => self.pong(payload).await,
                     None => self.connection_lost().await,
                 },
             }
@@ -154,6 +177,53 @@ impl UserActor {
         }
     }
 
+    /// Queues the whispers stored while this player was offline, oldest
+    /// first, then a barrier ping. They stay stored until the barrier's pong
+    /// proves the client read them; a crash before that delivers them again
+    /// with the same msg_ids, which clients de-duplicate.
+    async fn deliver_offline(&mut self) {
+        let (Some(history), Some(conn)) = (&self.history, &self.conn) else {
+            return;
+        };
+        let pending = match history.pending_offline(self.id.0).await {
+            Ok(pending) => pending,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read offline whispers; they stay stored");
+                return;
+            }
+        };
+        let Some(last) = pending.last().map(|m| m.msg_id) else {
+            return;
+        };
+        for m in &pending {
+            conn.deliver(
+                codec::encode(&records::notification(m)),
+                Priority::Keep,
+                &self.stats,
+            );
+        }
+        conn.barrier(Bytes::from(format!("{OFFLINE_ACK}{last}")));
+        Stats::add(&self.stats.offline_delivered, pending.len() as u64);
+    }
+
+    /// A barrier came back: the client has the offline whispers up to the
+    /// id it carries, so they can be forgotten.
+    async fn pong(&mut self, payload: Bytes) {
+        let Some(history) = &self.history else {
+            return;
+        };
+        let upto = std::str::from_utf8(&payload)
+            .ok()
+            .and_then(|p| p.strip_prefix(OFFLINE_ACK))
+            .and_then(|id| id.parse::<u64>().ok());
+        if let Some(upto) = upto {
+            match history.ack_offline(self.id.0, upto).await {
+                Ok(()) => Stats::bump(&self.stats.offline_acked),
+                Err(e) => tracing::warn!(error = %e, "cannot forget delivered offline whispers"),
+            }
+        }
+    }
+
     async fn connection_lost(&mut self) {
         self.inbound = None;
         if let Some(conn) = self.conn.take() {
@@ -163,7 +233,7 @@ impl UserActor {
 
     fn reply(&self, frame: Bytes) {
         if let Some(conn) = &self.conn {
-            conn.deliver(frame, crate::net::Priority::Keep, &self.stats);
+            conn.deliver(frame, Priority::Keep, &self.stats);
         }
     }
 
@@ -199,26 +269,65 @@ impl UserActor {
                 }));
             }
             ClientMsg::Chat(m) => {
-                let (res, cooldown_ms, msg_id) = match self.chat(m).await {
-                    Ok((msg_id, cooldown)) => (ResCode::ResOk, cooldown, msg_id),
-                    Err((res, cooldown)) => (res, cooldown, 0),
+                let (res, cooldown_ms, msg_id, offline) = match self.chat(m).await {
+                    Ok((msg_id, cooldown, offline)) => (ResCode::ResOk, cooldown, msg_id, offline),
+                    Err((res, cooldown)) => (res, cooldown, 0, false),
                 };
                 self.reply(codec::encode(&pb::ChatMessageChatRep {
                     msghead: codec::head(WireMsg::CchChatRep, seq),
                     res: res as i32,
                     cooldown_ms: duration_ms(cooldown_ms),
                     msg_id,
+                    offline,
                 }));
+            }
+            ClientMsg::History(m) => {
+                let rep = match self.history_page(&m).await {
+                    Ok((msgs, has_more)) => pb::ChatMessageHistoryRep {
+                        msghead: codec::head(WireMsg::ChcHistoryRep, seq),
+                        res: ResCode::ResOk as i32,
+                        msgs,
+                        has_more,
+                    },
+                    Err(res) => pb::ChatMessageHistoryRep {
+                        msghead: codec::head(WireMsg::ChcHistoryRep, seq),
+                        res: res as i32,
+                        ..Default::default()
+                    },
+                };
+                self.reply(codec::encode(&rep));
             }
         }
     }
 
+    /// One page of a conversation this player may read, newest first.
+    async fn history_page(
+        &self,
+        m: &pb::ChatMessageHistoryReq,
+    ) -> Result<(Vec<pb::ChatMessageNotifyChat>, bool), ResCode> {
+        let Some(history) = &self.history else {
+            return Err(ResCode::ResNoHistory);
+        };
+        let channel = ChatType::try_from(m.chattype).map_err(|_| ResCode::ResBadRequest)?;
+        let conversation = self
+            .world
+            .history_scope(self.id, channel, m.groupid, m.peerid)
+            .await?;
+        let (page, has_more) = history
+            .page(conversation, m.before_msg_id, m.limit)
+            .await
+            .map_err(|_| ResCode::ResInternal)?;
+        Ok((page.iter().map(records::notification).collect(), has_more))
+    }
+
     /// Checks a chat request against this player's state, then hands it to
-    /// the world. Returns (msg_id, cooldown) or (code, remaining cooldown).
+    /// the world. Returns (msg_id, cooldown, stored offline) or (code,
+    /// remaining cooldown). With a history store, OK is only returned once
+    /// the line is durable.
     async fn chat(
         &mut self,
         m: pb::ChatMessageChatReq,
-    ) -> Result<(u64, Duration), (ResCode, Duration)> {
+    ) -> Result<(u64, Duration, bool), (ResCode, Duration)> {
         let none = Duration::ZERO;
         let channel = match ChatType::try_from(m.chattype) {
             Ok(ChatType::ChatAll) => return Err((ResCode::ResNoPermission, none)),
@@ -253,16 +362,37 @@ impl UserActor {
             text: m.context,
             target,
         };
-        match self.world.chat(line).await {
-            Ok(id) => {
-                // The clock starts when the line is accepted; it lives in
-                // this actor, so neither a reconnect nor a takeover resets
-                // it.
-                self.ready_at[slot] = Some(now + rule.cooldown());
-                Ok((id.0, rule.cooldown()))
-            }
-            Err(code) => Err((code, none)),
+        let outcome = self.world.chat(line).await.map_err(|code| (code, none))?;
+        let mut offline = false;
+        if let (Some((to, stored)), Some(history)) = (outcome.offline, &self.history) {
+            history
+                .store_offline(to.0, stored)
+                .await
+                .map_err(|e| (store_code(e), none))?;
+            Stats::bump(&self.stats.offline_stored);
+            offline = true;
         }
+        if let Some(durable) = outcome.durable {
+            match durable.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err((store_code(e), none)),
+                Err(_) => return Err((ResCode::ResStoreFailed, none)),
+            }
+        }
+        // The clock starts when the line is accepted; it lives in this
+        // actor, so neither a reconnect nor a takeover resets it.
+        self.ready_at[slot] = Some(now + rule.cooldown());
+        Ok((outcome.msg_id.0, rule.cooldown(), offline))
+    }
+}
+
+/// Pong payload prefix of the offline-whisper delivery barrier.
+const OFFLINE_ACK: &str = "offline-ack:";
+
+fn store_code(e: HistoryError) -> ResCode {
+    match e {
+        HistoryError::InboxFull => ResCode::ResInboxFull,
+        _ => ResCode::ResStoreFailed,
     }
 }
 

@@ -32,7 +32,7 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::ids::ConnId;
 use crate::stats::Stats;
-use crate::user::INBOUND_QUEUE;
+use crate::user::{Inbound, INBOUND_QUEUE};
 use crate::world::{LoginArgs, WorldHandle};
 
 /// After the server sent its close frame, how long the reader waits for the
@@ -51,6 +51,8 @@ pub(crate) struct ConnCtx {
 /// What the reader saw.
 enum Event {
     Frame(Bytes),
+    /// A pong with a payload (the server's own delivery barrier).
+    Pong(Bytes),
     Text,
     /// The peer closed, or the socket failed.
     Closed,
@@ -127,6 +129,7 @@ where
                 Ok(Some(Ok(Message::Text(_)))) => Event::Text,
                 // Pings are answered by tungstenite; pongs and pings are
                 // life, nothing more.
+                Ok(Some(Ok(Message::Pong(p)))) if !p.is_empty() => Event::Pong(p),
                 Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => continue,
                 Ok(Some(Ok(Message::Close(_)))) => Event::Closed,
                 Ok(Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. })))) => {
@@ -155,7 +158,7 @@ where
                 self.conn.kill(None, close_code::TOO_BIG);
                 Some(false)
             }
-            Event::Frame(_) | Event::Text => None,
+            Event::Frame(_) | Event::Text | Event::Pong(_) => None,
         }
     }
 
@@ -192,7 +195,7 @@ where
 
     /// The login handshake. Returns the request queue of the user actor
     /// this connection now feeds, or None if the connection is closing.
-    async fn login(&mut self) -> Option<mpsc::Sender<ClientMsg>> {
+    async fn login(&mut self) -> Option<mpsc::Sender<Inbound>> {
         let deadline = tokio::time::Instant::now() + self.ctx.config.limits.login_timeout();
         let shutdown = self.ctx.shutdown.clone();
         loop {
@@ -209,6 +212,9 @@ where
             };
             if self.terminal(&event).is_some() {
                 return None;
+            }
+            if let Event::Pong(_) = event {
+                continue;
             }
             let Event::Frame(frame) = event else {
                 if !self.bad_frame(ResCode::ResBadRequest, 0, 0, "text frame".into()) {
@@ -248,6 +254,11 @@ where
                     res: ResCode::ResNotLoggedIn as i32,
                     ..Default::default()
                 }),
+                ClientMsg::History(_) => codec::encode(&pb::ChatMessageHistoryRep {
+                    msghead: codec::head(WireMsg::ChcHistoryRep, seq),
+                    res: ResCode::ResNotLoggedIn as i32,
+                    ..Default::default()
+                }),
             };
             let _ = self.conn.try_frame(refusal);
         }
@@ -257,7 +268,7 @@ where
         &mut self,
         req: pb::ChatMessageLoginReq,
         seq: u32,
-    ) -> Option<mpsc::Sender<ClientMsg>> {
+    ) -> Option<mpsc::Sender<Inbound>> {
         let checked = self.ctx.auth.check(&req);
         let result = match checked {
             Ok(identity) => {
@@ -291,11 +302,17 @@ where
 
     /// After login: decode and forward until the connection ends. Returns
     /// whether the peer closed.
-    async fn forward(&mut self, inbound: mpsc::Sender<ClientMsg>) -> bool {
+    async fn forward(&mut self, inbound: mpsc::Sender<Inbound>) -> bool {
         loop {
             let event = self.next().await;
             if let Some(peer_closed) = self.terminal(&event) {
                 return peer_closed;
+            }
+            if let Event::Pong(payload) = event {
+                if inbound.send(Inbound::Pong(payload)).await.is_err() {
+                    return false;
+                }
+                continue;
             }
             let Event::Frame(frame) = event else {
                 if !self.bad_frame(ResCode::ResBadRequest, 0, 0, "text frame".into()) {
@@ -307,7 +324,7 @@ where
                 Ok(msg) => {
                     // Waits while the user actor is busy: backpressure.
                     // Fails once the actor has moved to another connection.
-                    if inbound.send(msg).await.is_err() {
+                    if inbound.send(Inbound::Request(msg)).await.is_err() {
                         return false;
                     }
                 }

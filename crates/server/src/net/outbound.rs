@@ -26,6 +26,9 @@ use crate::stats::Stats;
 pub enum Outbound {
     /// Write one encoded message as a binary frame.
     Frame(Bytes),
+    /// Write a websocket ping with this payload: the client's pong proves
+    /// it read everything queued before.
+    Ping(Bytes),
     /// Write a close frame with this code, flush, and stop.
     Close(u16),
 }
@@ -208,6 +211,12 @@ impl ConnTx {
             }
             Err(SendError::Closed) => false,
         }
+    }
+
+    /// Queues a delivery barrier: a ping whose pong comes back to the user
+    /// actor as [`crate::user::Inbound::Pong`] with this payload.
+    pub fn barrier(&self, payload: Bytes) -> bool {
+        self.frames.try_send(Outbound::Ping(payload)).is_ok()
     }
 
     /// Tells the client why it is being closed (a kick notice), then closes

@@ -136,6 +136,7 @@ where
                 bytes += frame.len();
                 Message::Binary(frame)
             }
+            Outbound::Ping(payload) => Message::Ping(payload),
             Outbound::Close(code) => {
                 closing = true;
                 close_message(code)

@@ -12,10 +12,12 @@ use tracing::{debug, info};
 use super::fanout::{Audience, Fanout};
 use super::registry::{Entry, Registry};
 use super::replay::{Replay, Resume};
-use super::{ChatLine, LoginArgs, Target, WeakWorld, WorldMsg};
+use super::{ChatLine, ChatOutcome, LoginArgs, Target, WeakWorld, WorldMsg};
 use crate::config::Config;
+use crate::history::{Conversation, HistoryHandle};
 use crate::ids::{MsgId, UserId};
 use crate::net::Priority;
+use crate::records;
 use crate::stats::Stats;
 use crate::user::{UserHandle, UserMsg};
 
@@ -29,6 +31,7 @@ pub(super) struct World {
     fanout: Box<dyn Fanout>,
     inbox: mpsc::Receiver<WorldMsg>,
     me: WeakWorld,
+    history: Option<HistoryHandle>,
     registry: Registry,
     /// The last msg_id handed out. Seeded from the wall clock so ids keep
     /// increasing across restarts.
@@ -50,6 +53,8 @@ impl World {
         fanout: Box<dyn Fanout>,
         inbox: mpsc::Receiver<WorldMsg>,
         me: WeakWorld,
+        history: Option<HistoryHandle>,
+        first_msg_id: u64,
     ) -> Self {
         World {
             config,
@@ -57,10 +62,12 @@ impl World {
             fanout,
             inbox,
             me,
+            history,
             registry: Registry::default(),
-            // 1024 ids per millisecond of headroom before a restart could
-            // hand out an id already used.
-            last_msg_id: now_ms() << 10,
+            // Ids continue from the store's high-water mark, and from the
+            // clock (1024 ids per millisecond) when nothing is stored, so
+            // they keep increasing across restarts.
+            last_msg_id: first_msg_id.max(now_ms() << 10),
             shutting_down: false,
         }
     }
@@ -86,6 +93,15 @@ impl World {
                 let _ = respond_to.send(self.login(args));
             }
             WorldMsg::Detached { user, conn } => self.detached(user, conn),
+            WorldMsg::HistoryScope {
+                user,
+                channel,
+                group,
+                peer,
+                respond_to,
+            } => {
+                let _ = respond_to.send(self.history_scope(user, channel, group, peer));
+            }
             WorldMsg::Chat { line, respond_to } => {
                 let _ = respond_to.send(self.chat(line));
             }
@@ -154,14 +170,23 @@ impl World {
             }
             WorldMsg::Announce { text, respond_to } => {
                 let id = self.next_msg_id();
-                let frame = codec::encode(&pb::ChatMessageNotifyChat {
+                let notify = pb::ChatMessageNotifyChat {
                     msghead: codec::head(WireMsg::ChcNotifyChat, 0),
                     chattype: ChatType::ChatAll as i32,
                     strcontext: text,
                     msg_id: id.0,
                     time_ms: now_ms(),
                     ..Default::default()
-                });
+                };
+                let frame = codec::encode(&notify);
+                if let Some(history) = &self.history {
+                    // Announcements are kept, but nobody waits for them:
+                    // the receiver is dropped.
+                    drop(records::append(
+                        history,
+                        records::stored(&notify, Conversation::System),
+                    ));
+                }
                 self.fanout.deliver(
                     &mut self.registry,
                     &Audience::Everyone,
@@ -246,6 +271,7 @@ impl World {
             conn.clone(),
             inbound,
             world,
+            self.history.clone(),
             self.config.clone(),
             self.stats.clone(),
         );
@@ -304,17 +330,36 @@ impl World {
         MsgId(self.last_msg_id)
     }
 
-    fn chat(&mut self, line: ChatLine) -> Result<MsgId, ResCode> {
+    fn chat(&mut self, line: ChatLine) -> Result<ChatOutcome, ResCode> {
         let Some(sender) = self.registry.get(line.from) else {
             return Err(ResCode::ResNotLoggedIn);
         };
-        let (audience, guild, team, scene) = match line.channel {
-            ChatType::ChatNormal => (Audience::Scene(sender.scene), 0, 0, sender.scene.0),
+        let mut offline_target = None;
+        let (audience, conversation, guild, team, scene) = match line.channel {
+            ChatType::ChatNormal => (
+                Audience::Scene(sender.scene),
+                Conversation::Scene(sender.scene.0),
+                0,
+                0,
+                sender.scene.0,
+            ),
             ChatType::ChatGuild if sender.guild.is_none() => return Err(ResCode::ResNotInGuild),
-            ChatType::ChatGuild => (Audience::Guild(sender.guild), sender.guild.0, 0, 0),
+            ChatType::ChatGuild => (
+                Audience::Guild(sender.guild),
+                Conversation::Guild(sender.guild.0),
+                sender.guild.0,
+                0,
+                0,
+            ),
             ChatType::ChatTeam if sender.team.is_none() => return Err(ResCode::ResNotInTeam),
-            ChatType::ChatTeam => (Audience::Team(sender.team), 0, sender.team.0, 0),
-            ChatType::ChatWorld => (Audience::Everyone, 0, 0, 0),
+            ChatType::ChatTeam => (
+                Audience::Team(sender.team),
+                Conversation::Team(sender.team.0),
+                0,
+                sender.team.0,
+                0,
+            ),
+            ChatType::ChatWorld => (Audience::Everyone, Conversation::World, 0, 0, 0),
             ChatType::ChatPrivate => {
                 let to = match &line.target {
                     Target::Id(id) => *id,
@@ -324,14 +369,21 @@ impl World {
                         .ok_or(ResCode::ResNoSuchTarget)?,
                     Target::None => return Err(ResCode::ResNoSuchTarget),
                 };
+                // A lingering player is registered, so counts as online:
+                // the whisper goes to its replay buffer. A player who is
+                // not registered at all gets it stored for the next login.
                 if self.registry.get(to).is_none() {
-                    return Err(ResCode::ResTargetOffline);
+                    if self.history.is_none() {
+                        return Err(ResCode::ResTargetOffline);
+                    }
+                    offline_target = Some(to);
                 }
                 (
                     Audience::Whisper {
                         from: line.from,
                         to,
                     },
+                    Conversation::between(line.from.0, to.0),
                     0,
                     0,
                     0,
@@ -340,15 +392,18 @@ impl World {
             ChatType::ChatAll => return Err(ResCode::ResNoPermission),
             ChatType::ChatNone => return Err(ResCode::ResBadRequest),
         };
-        let target = match audience {
-            Audience::Whisper { to, .. } => self.registry.get(to).map(|e| (to, e.name.as_str())),
-            _ => None,
+        let (target_id, target_name) = match audience {
+            Audience::Whisper { to, .. } => (
+                to.0,
+                self.registry
+                    .get(to)
+                    .map_or_else(String::new, |e| e.name.clone()),
+            ),
+            _ => (0, String::new()),
         };
         let sender_name = sender.name.clone();
-        let (target_id, target_name) =
-            target.map_or((0, String::new()), |(id, n)| (id.0, n.to_owned()));
         let id = self.next_msg_id();
-        let frame = codec::encode(&pb::ChatMessageNotifyChat {
+        let notify = pb::ChatMessageNotifyChat {
             msghead: codec::head(WireMsg::ChcNotifyChat, 0),
             chattype: line.channel as i32,
             senderid: line.from.0,
@@ -361,7 +416,8 @@ impl World {
             sceneid: scene,
             targetid: target_id,
             targetname: target_name,
-        });
+        };
+        let frame = codec::encode(&notify);
         self.fanout.deliver(
             &mut self.registry,
             &audience,
@@ -371,7 +427,54 @@ impl World {
             &self.stats,
         );
         Stats::bump(&self.stats.chats);
-        Ok(id)
+        let mut outcome = ChatOutcome {
+            msg_id: id,
+            durable: None,
+            offline: None,
+        };
+        if let Some(history) = &self.history {
+            let stored = records::stored(&notify, conversation);
+            outcome.offline = offline_target.map(|to| (to, stored.clone()));
+            outcome.durable = Some(records::append(history, stored));
+        }
+        Ok(outcome)
+    }
+
+    /// Which stored conversation a history request may read.
+    fn history_scope(
+        &self,
+        user: UserId,
+        channel: ChatType,
+        group: u64,
+        peer: u64,
+    ) -> Result<Conversation, ResCode> {
+        let Some(entry) = self.registry.get(user) else {
+            return Err(ResCode::ResNotLoggedIn);
+        };
+        // Only members read a guild's or team's history: a request names
+        // the requester's own group, or another one and is refused.
+        let own = |mine: u64, missing: ResCode| {
+            if mine == 0 {
+                Err(missing)
+            } else if group != 0 && group != mine {
+                Err(ResCode::ResNoPermission)
+            } else {
+                Ok(mine)
+            }
+        };
+        match channel {
+            ChatType::ChatWorld => Ok(Conversation::World),
+            ChatType::ChatAll => Ok(Conversation::System),
+            ChatType::ChatNormal => Ok(Conversation::Scene(entry.scene.0)),
+            ChatType::ChatGuild => {
+                own(entry.guild.0, ResCode::ResNotInGuild).map(Conversation::Guild)
+            }
+            ChatType::ChatTeam => own(entry.team.0, ResCode::ResNotInTeam).map(Conversation::Team),
+            // A whisper conversation always includes the requester, so only
+            // its two players can read it.
+            ChatType::ChatPrivate if peer != 0 => Ok(Conversation::between(user.0, peer)),
+            _ => Err(ResCode::ResBadRequest),
+        }
     }
 
     fn housekeeping(&mut self) {

@@ -16,10 +16,11 @@ pub mod replay;
 use std::sync::Arc;
 use std::time::Duration;
 
-use guildchat_protocol::{ChatType, ClientMsg, KickReason, ResCode};
+use guildchat_protocol::{ChatType, KickReason, ResCode};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
+use crate::history::{Conversation, HistoryError, HistoryHandle, StoredMsg};
 use crate::ids::{GuildId, MsgId, SceneId, TeamId, UserId};
 use crate::net::ConnTx;
 use crate::stats::Stats;
@@ -58,11 +59,22 @@ pub struct ChatLine {
     pub target: Target,
 }
 
+/// What a chat line became.
+pub struct ChatOutcome {
+    pub msg_id: MsgId,
+    /// Resolves once the line is durable (or failed to be); `None` without
+    /// a history store.
+    pub durable: Option<oneshot::Receiver<Result<(), HistoryError>>>,
+    /// A whisper to a player who is not registered: to store for their
+    /// next login.
+    pub offline: Option<(UserId, StoredMsg)>,
+}
+
 /// What a login request carries to the world.
 pub(crate) struct LoginArgs {
     pub identity: Identity,
     pub conn: ConnTx,
-    pub inbound: mpsc::Receiver<ClientMsg>,
+    pub inbound: mpsc::Receiver<crate::user::Inbound>,
     pub seq: u32,
     /// Resume cursor from the login request (0: none).
     pub last_msg_id: u64,
@@ -79,7 +91,14 @@ enum WorldMsg {
     },
     Chat {
         line: ChatLine,
-        respond_to: oneshot::Sender<Result<MsgId, ResCode>>,
+        respond_to: oneshot::Sender<Result<ChatOutcome, ResCode>>,
+    },
+    HistoryScope {
+        user: UserId,
+        channel: ChatType,
+        group: u64,
+        peer: u64,
+        respond_to: oneshot::Sender<Result<Conversation, ResCode>>,
     },
     SetMask {
         user: UserId,
@@ -127,11 +146,26 @@ pub struct WorldHandle {
 }
 
 impl WorldHandle {
-    /// Spawns the world actor.
-    pub fn new(config: Arc<Config>, stats: Arc<Stats>, fanout: Box<dyn Fanout>) -> Self {
+    /// Spawns the world actor. `first_msg_id` is the highest msg_id ever
+    /// stored (0 if none); new ids are above it.
+    pub fn new(
+        config: Arc<Config>,
+        stats: Arc<Stats>,
+        fanout: Box<dyn Fanout>,
+        history: Option<HistoryHandle>,
+        first_msg_id: u64,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(WORLD_INBOX);
         let handle = WorldHandle { tx };
-        let actor = actor::World::new(config, stats, fanout, rx, handle.downgrade());
+        let actor = actor::World::new(
+            config,
+            stats,
+            fanout,
+            rx,
+            handle.downgrade(),
+            history,
+            first_msg_id,
+        );
         tokio::spawn(actor.run());
         handle
     }
@@ -165,10 +199,31 @@ impl WorldHandle {
             .expect("world actor stopped");
     }
 
-    /// Fans a checked chat line out; returns its msg_id.
-    pub async fn chat(&self, line: ChatLine) -> Result<MsgId, ResCode> {
+    /// Fans a checked chat line out; returns its msg_id and, with a
+    /// history store, what remains to make it durable.
+    pub async fn chat(&self, line: ChatLine) -> Result<ChatOutcome, ResCode> {
         self.ask(|respond_to| WorldMsg::Chat { line, respond_to })
             .await
+    }
+
+    /// The stored conversation `user` may read for a history request on
+    /// `channel` (`group`: a guild or team id, 0 = own; `peer`: the other
+    /// player of a whisper conversation).
+    pub async fn history_scope(
+        &self,
+        user: UserId,
+        channel: ChatType,
+        group: u64,
+        peer: u64,
+    ) -> Result<Conversation, ResCode> {
+        self.ask(|respond_to| WorldMsg::HistoryScope {
+            user,
+            channel,
+            group,
+            peer,
+            respond_to,
+        })
+        .await
     }
 
     /// Updates the mask fan-out uses for this player.

@@ -58,7 +58,23 @@ impl TestServer {
 
     /// Starts a server after letting the test adjust its config.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), adjust).await
+    }
+
+    /// Starts a server for a test on a paused clock. The history store works
+    /// on its own OS thread in real time, which a paused tokio clock would
+    /// race (idle waits for a commit would fast-forward every timer), so
+    /// timer tests run without it.
+    pub async fn start_timed(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        Self::start_with(|c| {
+            c.history.enabled = false;
+            adjust(c);
+        })
+        .await
+    }
+
+    /// Starts a server on an existing data dir (a restart).
+    pub async fn start_in(dir: tempfile::TempDir, adjust: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = Config {
             data_dir: dir.path().to_owned(),
             ..Config::default()
@@ -113,11 +129,17 @@ impl TestServer {
 
     /// Cancels the shutdown token and waits for `run` to return.
     pub async fn stop(self) {
+        self.stop_keep_dir().await;
+    }
+
+    /// Stops the server and hands back its data dir, for a restart.
+    pub async fn stop_keep_dir(self) -> tempfile::TempDir {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(30), self.join)
             .await
             .expect("server did not stop")
             .unwrap();
+        self.dir
     }
 }
 

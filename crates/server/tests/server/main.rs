@@ -3,6 +3,8 @@
 
 mod channels;
 mod common;
+mod crash;
+mod history;
 mod login;
 mod resume;
 mod robustness;

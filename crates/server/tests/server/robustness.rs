@@ -130,7 +130,7 @@ async fn repeated_garbage_closes_with_protocol_error() {
 
 #[tokio::test(start_paused = true)]
 async fn a_connection_that_never_logs_in_is_closed() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_timed(|_| {}).await;
     let mut c = server.connect().await;
     let started = tokio::time::Instant::now();
     let (code, kick) = expect_close(&mut c).await;
@@ -146,7 +146,7 @@ async fn a_connection_that_never_logs_in_is_closed() {
 
 #[tokio::test(start_paused = true)]
 async fn silent_connections_are_closed_but_ponging_ones_live() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_timed(|_| {}).await;
     let mut silent = server.login(1, "mute", 0, 0, 0).await;
     let mut alive = server.login(2, "alive", 0, 0, 0).await;
     // `alive` keeps reading, so its client answers the server's pings;

@@ -1,0 +1,79 @@
+//! The reader thread: history pages and pending offline whispers.
+//!
+//! It owns a second, read-only connection. Under WAL a reader sees the last
+//! committed state and neither waits for nor delays the writer, so a player
+//! scrolling back never holds up the commits that acknowledge everyone's
+//! chat, and a page is never stuck behind a batch's fsync. Because a write's
+//! future resolves only after its commit, a read issued after it always
+//! sees it. This thread never writes and never runs on the async runtime.
+
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use super::sqlite::Db;
+use super::{Conversation, HistoryError, StoredMsg};
+
+/// Capacity of the reader's queue. Reads are player requests, already
+/// rate-limited upstream; when the queue is full a caller waits for room,
+/// which slows only the requesting player's actor.
+pub(super) const READ_QUEUE: usize = 256;
+
+/// A page of history and whether older messages remain.
+type Page = (Vec<StoredMsg>, bool);
+
+pub(super) enum ReadCmd {
+    Page {
+        conv: Conversation,
+        before: u64,
+        limit: u32,
+        respond_to: oneshot::Sender<Result<Page, HistoryError>>,
+    },
+    Pending {
+        user: u64,
+        limit: u32,
+        respond_to: oneshot::Sender<Result<Vec<StoredMsg>, HistoryError>>,
+    },
+}
+
+/// Spawns the reader thread; it ends when every handle has dropped.
+pub(super) fn spawn(db: Db, rx: mpsc::Receiver<ReadCmd>) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("history-reader".into())
+        .spawn(move || run(db, rx))
+}
+
+fn run(db: Db, mut rx: mpsc::Receiver<ReadCmd>) {
+    debug!("history reader started");
+    // `blocking_recv` is fine here: this is a plain OS thread, not a
+    // runtime worker.
+    while let Some(cmd) = rx.blocking_recv() {
+        match cmd {
+            ReadCmd::Page {
+                conv,
+                before,
+                limit,
+                respond_to,
+            } => {
+                let result = db.page(&conv, before, limit).map_err(|e| {
+                    warn!(error = %e, ?conv, "history page read failed");
+                    HistoryError::Unavailable
+                });
+                let _ = respond_to.send(result);
+            }
+            ReadCmd::Pending {
+                user,
+                limit,
+                respond_to,
+            } => {
+                let result = db.pending_offline(user, limit).map_err(|e| {
+                    warn!(error = %e, user, "offline whisper read failed");
+                    HistoryError::Unavailable
+                });
+                let _ = respond_to.send(result);
+            }
+        }
+    }
+    debug!("history reader stopped");
+}
