@@ -2,6 +2,7 @@
 //! real protocol. One test binary (faster to build), one module per area.
 
 mod channels;
+mod cli;
 mod common;
 mod crash;
 mod history;
