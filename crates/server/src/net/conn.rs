@@ -309,7 +309,11 @@ where
                 return peer_closed;
             }
             if let Event::Pong(payload) = event {
-                if inbound.send(Inbound::Pong(payload)).await.is_err() {
+                if inbound
+                    .send(Inbound::Pong(Box::new(payload)))
+                    .await
+                    .is_err()
+                {
                     return false;
                 }
                 continue;
@@ -324,7 +328,7 @@ where
                 Ok(msg) => {
                     // Waits while the user actor is busy: backpressure.
                     // Fails once the actor has moved to another connection.
-                    if inbound.send(Inbound::Request(msg)).await.is_err() {
+                    if inbound.send(Inbound::Request(Box::new(msg))).await.is_err() {
                         return false;
                     }
                 }

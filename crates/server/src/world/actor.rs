@@ -19,7 +19,7 @@ use crate::ids::{MsgId, UserId};
 use crate::net::Priority;
 use crate::records;
 use crate::stats::Stats;
-use crate::user::{UserHandle, UserMsg};
+use crate::user::{Attach, UserHandle, UserMsg};
 
 /// How often the world does its housekeeping: linger expiry, the stall rule
 /// for slow consumers, gauges. Both timers are therefore precise to a tick.
@@ -235,10 +235,10 @@ impl World {
             } else {
                 Resume::default()
             };
-            if !entry.user.try_send(UserMsg::Attach {
+            if !entry.user.try_send(UserMsg::Attach(Box::new(Attach {
                 conn: conn.clone(),
                 inbound,
-            }) {
+            }))) {
                 return Err(ResCode::ResInternal);
             }
             let reply = login_reply(seq, user, entry, true, cursor, &resume);
