@@ -18,12 +18,14 @@ use futures_util::StreamExt;
 use guildchat_protocol::{
     close_code, codec, pb, ClientMsg, DecodeError, KickReason, MsgId as WireMsg, ResCode,
 };
+use std::pin::Pin;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
 
 use super::outbound::{ConnTx, Shared};
@@ -67,8 +69,15 @@ enum Event {
 struct Reader<S> {
     stream: SplitStream<WebSocketStream<S>>,
     conn: ConnTx,
-    shared: Arc<Shared>,
     done: CancellationToken,
+    /// Fires when `done` is cancelled (a child of the kill switch, so a
+    /// kill fires it too). Created once per connection: registering a
+    /// waiter takes the token's lock.
+    closing: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// One timer for the idle limit, re-armed lazily from `last_seen`
+    /// instead of once per frame.
+    idle_timer: Pin<Box<Sleep>>,
+    last_seen: Instant,
     ctx: Arc<ConnCtx>,
     bad_frames: u32,
 }
@@ -81,7 +90,7 @@ where
     let (sink, stream) = ws.split();
     let (tx, rx) = mpsc::channel(ctx.config.limits.outbound_queue);
     let shared = Shared::new();
-    let done = CancellationToken::new();
+    let done = shared.kill.child_token();
     let conn = ConnTx::new(id, tx, shared.clone(), ctx.config.limits.outbound_bytes);
     let writer = tokio::spawn(writer::run(
         sink,
@@ -90,11 +99,16 @@ where
         done.clone(),
         ctx.config.limits.ping_interval(),
     ));
+    let now = Instant::now();
     let mut reader = Reader {
         stream,
         conn,
-        shared,
+        closing: Box::pin(done.clone().cancelled_owned()),
         done,
+        idle_timer: Box::pin(tokio::time::sleep_until(
+            now + ctx.config.limits.idle_timeout(),
+        )),
+        last_seen: now,
         ctx,
         bad_frames: 0,
     };
@@ -118,24 +132,29 @@ where
         loop {
             let read = tokio::select! {
                 biased;
-                _ = self.shared.kill.cancelled() => return Event::Closing,
-                _ = self.done.cancelled() => return Event::Closing,
-                r = tokio::time::timeout(idle, self.stream.next()) => r,
+                _ = self.closing.as_mut() => return Event::Closing,
+                _ = self.idle_timer.as_mut() => {
+                    let deadline = self.last_seen + idle;
+                    if Instant::now() >= deadline {
+                        return Event::Idle;
+                    }
+                    self.idle_timer.as_mut().reset(deadline);
+                    continue;
+                }
+                r = self.stream.next() => r,
             };
+            self.last_seen = Instant::now();
             return match read {
-                Err(_) => Event::Idle,
-                Ok(None) => Event::Closed,
-                Ok(Some(Ok(Message::Binary(b)))) => Event::Frame(b),
-                Ok(Some(Ok(Message::Text(_)))) => Event::Text,
+                None => Event::Closed,
+                Some(Ok(Message::Binary(b))) => Event::Frame(b),
+                Some(Ok(Message::Text(_))) => Event::Text,
                 // Pings are answered by tungstenite; pongs and pings are
                 // life, nothing more.
-                Ok(Some(Ok(Message::Pong(p)))) if !p.is_empty() => Event::Pong(p),
-                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => continue,
-                Ok(Some(Ok(Message::Close(_)))) => Event::Closed,
-                Ok(Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. })))) => {
-                    Event::TooBig
-                }
-                Ok(Some(Err(e))) => {
+                Some(Ok(Message::Pong(p))) if !p.is_empty() => Event::Pong(p),
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Close(_))) => Event::Closed,
+                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => Event::TooBig,
+                Some(Err(e)) => {
                     debug!(conn = %self.conn.id(), error = %e, "read failed");
                     Event::Closed
                 }
@@ -196,7 +215,7 @@ where
     /// The login handshake. Returns the request queue of the user actor
     /// this connection now feeds, or None if the connection is closing.
     async fn login(&mut self) -> Option<mpsc::Sender<Inbound>> {
-        let deadline = tokio::time::Instant::now() + self.ctx.config.limits.login_timeout();
+        let deadline = Instant::now() + self.ctx.config.limits.login_timeout();
         let shutdown = self.ctx.shutdown.clone();
         loop {
             let event = tokio::select! {

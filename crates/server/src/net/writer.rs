@@ -54,15 +54,21 @@ pub(crate) async fn run<S>(
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(8);
+    // Created once: registering a waiter on a token takes its lock, so a
+    // fresh `cancelled()` per wake-up would cost two lock round trips per
+    // delivered frame.
+    let kill = shared.kill.cancelled();
+    let finished = done.cancelled();
+    tokio::pin!(kill, finished);
     loop {
         let close = tokio::select! {
             biased;
-            _ = shared.kill.cancelled() => {
+            _ = &mut kill => {
                 let (reason, code) = shared.verdict();
                 killed(&mut sink, reason, code).await;
                 break;
             }
-            _ = done.cancelled() => break,
+            _ = &mut finished => break,
             first = rx.recv() => {
                 let Some(first) = first else {
                     // Every handle dropped: the session ended without a
@@ -80,7 +86,7 @@ pub(crate) async fn run<S>(
                 }
                 let written = tokio::select! {
                     biased;
-                    _ = shared.kill.cancelled() => None,
+                    _ = &mut kill => None,
                     r = write_batch(&mut sink, &mut batch, &shared) => Some(r),
                 };
                 match written {
@@ -102,7 +108,7 @@ pub(crate) async fn run<S>(
             }
             _ = ping.tick() => {
                 let ping = tokio::select! {
-                    _ = shared.kill.cancelled() => continue,
+                    _ = &mut kill => continue,
                     r = sink.send(Message::Ping(Bytes::new())) => r,
                 };
                 if ping.is_err() {
