@@ -8,6 +8,7 @@
 //! Nothing here knows the server's internals: if a client here works, a game
 //! client generated from `proto/chatproto.proto` works the same way.
 
+pub mod bench;
 pub mod chat;
 mod client;
 

@@ -123,8 +123,9 @@ pub struct LimitsConfig {
     /// consumer, even if the queue is not full.
     pub stall_timeout_ms: u64,
     /// SO_SNDBUF for client sockets, in bytes; 0 keeps the kernel's
-    /// auto-tuning. A small value bounds the kernel memory a stalled client
-    /// can pin, and makes it a slow consumer sooner.
+    /// auto-tuning (up to megabytes per socket). The default, 64 KiB, bounds
+    /// the kernel memory a stalled client can pin and lets the slow-consumer
+    /// policy see it stall, while leaving room for chat bursts.
     pub socket_send_buffer: u32,
     /// Undecodable or unexpected frames tolerated per connection before it
     /// is closed with PROTOCOL_ERROR.
@@ -142,7 +143,7 @@ impl Default for LimitsConfig {
             outbound_queue: 512,
             outbound_bytes: 256 * 1024,
             stall_timeout_ms: 10_000,
-            socket_send_buffer: 0,
+            socket_send_buffer: 64 * 1024,
             bad_frame_limit: 8,
             shutdown_grace_ms: 5_000,
         }

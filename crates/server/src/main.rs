@@ -35,6 +35,9 @@ enum Command {
     Token(TokenArgs),
     /// Interactive terminal client.
     Chat(ChatArgs),
+    /// Load generator: real clients against a guildchat (and a reference
+    /// relay), on loopback only.
+    Bench(Box<guildchat_client::bench::BenchArgs>),
 }
 
 #[derive(clap::Args)]
@@ -335,6 +338,7 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(guildchat_client::chat::run(&a.url, &token))
         }
+        Command::Bench(args) => guildchat_client::bench::main(*args),
     }
 }
 

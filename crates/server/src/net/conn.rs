@@ -120,6 +120,7 @@ where
         reader.drain().await;
     }
     reader.done.cancel();
+    reader.conn.reader_gone();
     let _ = writer.await;
 }
 

@@ -86,13 +86,19 @@ async fn handle(
     ctx: Arc<ConnCtx>,
 ) {
     let deadline = ctx.config.limits.login_timeout();
+    // Every sub-future is boxed: a connection task's state machine is as
+    // large as its largest branch (TLS handshake, websocket handshake,
+    // plain or TLS session), and an idle connection would carry all that
+    // room for its whole life. Boxed, it keeps only the session it runs.
     match tls {
-        None => upgrade(tcp, id, ctx).await,
-        Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
-            Ok(Ok(stream)) => upgrade(stream, id, ctx).await,
-            Ok(Err(e)) => debug!(%addr, error = %e, "TLS handshake failed"),
-            Err(_) => debug!(%addr, "TLS handshake timed out"),
-        },
+        None => Box::pin(upgrade(tcp, id, ctx)).await,
+        Some(acceptor) => {
+            match tokio::time::timeout(deadline, Box::pin(acceptor.accept(tcp))).await {
+                Ok(Ok(stream)) => Box::pin(upgrade(stream, id, ctx)).await,
+                Ok(Err(e)) => debug!(%addr, error = %e, "TLS handshake failed"),
+                Err(_) => debug!(%addr, "TLS handshake timed out"),
+            }
+        }
     }
 }
 
@@ -101,11 +107,14 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let deadline = ctx.config.limits.login_timeout();
-    let ws = tokio_tungstenite::accept_async_with_config(stream, Some(websocket_config()));
+    let ws = Box::pin(tokio_tungstenite::accept_async_with_config(
+        stream,
+        Some(websocket_config()),
+    ));
     match tokio::time::timeout(deadline, ws).await {
         Ok(Ok(ws)) => {
             Stats::bump(&ctx.stats.connections);
-            conn::serve(ws, id, ctx).await;
+            Box::pin(conn::serve(ws, id, ctx)).await;
         }
         Ok(Err(e)) => debug!(error = %e, "websocket upgrade failed"),
         Err(_) => debug!("websocket upgrade timed out"),

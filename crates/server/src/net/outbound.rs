@@ -8,7 +8,9 @@
 //! that has not drained for `stall_timeout`, makes it a slow consumer, which
 //! is disconnected through the kill switch, bypassing the full queue.
 
-use std::sync::atomic::{AtomicI32, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +33,10 @@ pub enum Outbound {
     Ping(Bytes),
     /// Write a close frame with this code, flush, and stop.
     Close(u16),
+    /// Nothing to write: look at the kill and reader-gone flags. Lets the
+    /// writer wait on its queue alone instead of also polling tokens (which
+    /// take a lock) on every wake-up.
+    Wake,
 }
 
 /// Why a frame could not be queued.
@@ -66,6 +72,10 @@ pub(crate) struct Shared {
     /// `KickReason` as i32, or -1 for "close with `code` and no notice".
     reason: AtomicI32,
     code: AtomicU16,
+    /// Set with `kill`: the writer's cheap check.
+    killed: AtomicBool,
+    /// The reader has finished: the writer stops too.
+    reader_gone: AtomicBool,
     pub(crate) kill: CancellationToken,
 }
 
@@ -79,6 +89,8 @@ impl Shared {
             shed_total: AtomicU64::new(0),
             reason: AtomicI32::new(-1),
             code: AtomicU16::new(1000),
+            killed: AtomicBool::new(false),
+            reader_gone: AtomicBool::new(false),
             kill: CancellationToken::new(),
         })
     }
@@ -118,7 +130,16 @@ impl Shared {
         self.code.store(code, Ordering::Release);
         self.reason
             .store(reason.map_or(-1, |r| r as i32), Ordering::Release);
+        self.killed.store(true, Ordering::Release);
         self.kill.cancel();
+    }
+
+    pub(crate) fn is_killed(&self) -> bool {
+        self.killed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_reader_gone(&self) -> bool {
+        self.reader_gone.load(Ordering::Acquire)
     }
 }
 
@@ -229,7 +250,7 @@ impl ConnTx {
         let queued = self.frames.try_send(Outbound::Frame(notice)).is_ok()
             && self.frames.try_send(Outbound::Close(code)).is_ok();
         if !queued {
-            self.shared.fire(Some(reason), code);
+            self.kill(Some(reason), code);
         }
     }
 
@@ -237,6 +258,15 @@ impl ConnTx {
     /// reading (slow consumers) or sent something unacceptable.
     pub fn kill(&self, reason: Option<KickReason>, code: u16) {
         self.shared.fire(reason, code);
+        // If the queue is full the writer is busy and checks the flag after
+        // its batch; if not, this wakes it.
+        let _ = self.frames.try_send(Outbound::Wake);
+    }
+
+    /// The reader has stopped: the writer stops as well.
+    pub(crate) fn reader_gone(&self) {
+        self.shared.reader_gone.store(true, Ordering::Release);
+        let _ = self.frames.try_send(Outbound::Wake);
     }
 
     /// True once the connection's writer has gone.

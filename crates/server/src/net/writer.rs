@@ -54,21 +54,22 @@ pub(crate) async fn run<S>(
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(8);
-    // Created once: registering a waiter on a token takes its lock, so a
-    // fresh `cancelled()` per wake-up would cost two lock round trips per
-    // delivered frame.
+    // Polled only while a write is stuck: registering a waiter on a token
+    // takes its lock, too dear for every wake-up. Otherwise the writer waits
+    // on its queue alone and reads the kill flag after each wake-up.
     let kill = shared.kill.cancelled();
-    let finished = done.cancelled();
-    tokio::pin!(kill, finished);
+    tokio::pin!(kill);
     loop {
+        if shared.is_killed() {
+            let (reason, code) = shared.verdict();
+            killed(&mut sink, reason, code).await;
+            break;
+        }
+        if shared.is_reader_gone() {
+            break;
+        }
         let close = tokio::select! {
             biased;
-            _ = &mut kill => {
-                let (reason, code) = shared.verdict();
-                killed(&mut sink, reason, code).await;
-                break;
-            }
-            _ = &mut finished => break,
             first = rx.recv() => {
                 let Some(first) = first else {
                     // Every handle dropped: the session ended without a
@@ -86,8 +87,8 @@ pub(crate) async fn run<S>(
                 }
                 let written = tokio::select! {
                     biased;
-                    _ = &mut kill => None,
                     r = write_batch(&mut sink, &mut batch, &shared) => Some(r),
+                    _ = &mut kill => None,
                 };
                 match written {
                     Some(Ok(true)) => true,
@@ -99,17 +100,16 @@ pub(crate) async fn run<S>(
                     }
                     // The socket failed: nothing more can be written.
                     Some(Err(())) => break,
-                    None => {
-                        let (reason, code) = shared.verdict();
-                        killed(&mut sink, reason, code).await;
-                        break;
-                    }
+                    // Killed while the socket was full: the loop's check
+                    // writes the notice and close frame, best effort.
+                    None => false,
                 }
             }
             _ = ping.tick() => {
                 let ping = tokio::select! {
-                    _ = &mut kill => continue,
+                    biased;
                     r = sink.send(Message::Ping(Bytes::new())) => r,
+                    _ = &mut kill => continue,
                 };
                 if ping.is_err() {
                     break;
@@ -138,6 +138,7 @@ where
     let mut bytes = 0;
     for item in batch.drain(..) {
         let msg = match item {
+            Outbound::Wake => continue,
             Outbound::Frame(frame) => {
                 bytes += frame.len();
                 Message::Binary(frame)
