@@ -7,19 +7,23 @@
 //! so nothing is reloaded and a relogin cannot reset a cooldown. It never
 //! reads or writes a socket itself; it queues frames through [`ConnTx`].
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::stream::{FuturesOrdered, StreamExt};
 
 use bytes::Bytes;
 use guildchat_protocol::{
     codec, pb, ChatType, ClientMsg, KickReason, MsgId as WireMsg, ResCode, UNMASKABLE,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, instrument};
 
 use crate::config::Config;
-use crate::history::{HistoryError, HistoryHandle};
+use crate::history::{HistoryError, HistoryHandle, StoredMsg};
 use crate::ids::UserId;
 use crate::net::{ConnTx, Priority};
 use crate::records;
@@ -98,6 +102,7 @@ impl UserHandle {
             config,
             stats,
             mask: 0,
+            pending: FuturesOrdered::new(),
             ready_at: [None; CHANNELS],
             muted_until: None,
         };
@@ -131,6 +136,10 @@ struct UserActor {
     config: Arc<Config>,
     stats: Arc<Stats>,
     mask: u32,
+    /// Chat replies waiting for the store, in request order. A player's
+    /// next requests are handled meanwhile, so one fsync does not stall
+    /// them.
+    pending: FuturesOrdered<PendingReply>,
     /// When each channel may be used again.
     ready_at: [Option<Instant>; CHANNELS],
     muted_until: Option<Instant>,
@@ -161,7 +170,10 @@ impl UserActor {
                     // The world removed this player: the session is over.
                     None => break,
                 },
-                req = next_request(&mut self.inbound) => match req {
+                Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
+                    self.reply(reply);
+                }
+                req = next_request(&mut self.inbound), if self.pending.len() < MAX_PENDING_REPLIES => match req {
                     Some(Inbound::Request(req)) => self.request(*req).await,
                     Some(Inbound::Pong(payload)) => self.pong(*payload).await,
                     None => self.connection_lost().await,
@@ -278,17 +290,17 @@ impl UserActor {
                 }));
             }
             ClientMsg::Chat(m) => {
-                let (res, cooldown_ms, msg_id, offline) = match self.chat(m).await {
-                    Ok((msg_id, cooldown, offline)) => (ResCode::ResOk, cooldown, msg_id, offline),
-                    Err((res, cooldown)) => (res, cooldown, 0, false),
+                // Every chat reply goes through the pending queue, so replies
+                // keep request order even when an earlier line still waits
+                // for its commit.
+                let reply: PendingReply = match self.chat(m).await {
+                    Ok(accepted) => Box::pin(accepted.settle(seq)),
+                    Err((res, cooldown)) => {
+                        let rep = chat_rep(seq, res, cooldown, 0, false);
+                        Box::pin(std::future::ready(rep))
+                    }
                 };
-                self.reply(codec::encode(&pb::ChatMessageChatRep {
-                    msghead: codec::head(WireMsg::CchChatRep, seq),
-                    res: res as i32,
-                    cooldown_ms: duration_ms(cooldown_ms),
-                    msg_id,
-                    offline,
-                }));
+                self.pending.push_back(reply);
             }
             ClientMsg::History(m) => {
                 let rep = match self.history_page(&m).await {
@@ -330,13 +342,9 @@ impl UserActor {
     }
 
     /// Checks a chat request against this player's state, then hands it to
-    /// the world. Returns (msg_id, cooldown, stored offline) or (code,
-    /// remaining cooldown). With a history store, OK is only returned once
-    /// the line is durable.
-    async fn chat(
-        &mut self,
-        m: pb::ChatMessageChatReq,
-    ) -> Result<(u64, Duration, bool), (ResCode, Duration)> {
+    /// the world. Returns the accepted line (its reply still to settle) or
+    /// (code, remaining cooldown).
+    async fn chat(&mut self, m: pb::ChatMessageChatReq) -> Result<Accepted, (ResCode, Duration)> {
         let none = Duration::ZERO;
         let channel = match ChatType::try_from(m.chattype) {
             Ok(ChatType::ChatAll) => return Err((ResCode::ResNoPermission, none)),
@@ -372,27 +380,70 @@ impl UserActor {
             target,
         };
         let outcome = self.world.chat(line).await.map_err(|code| (code, none))?;
+        // The clock starts when the world accepts the line; it lives in
+        // this actor, so neither a reconnect nor a takeover resets it.
+        self.ready_at[slot] = Some(now + rule.cooldown());
+        Ok(Accepted {
+            msg_id: outcome.msg_id.0,
+            cooldown: rule.cooldown(),
+            durable: outcome.durable,
+            offline: outcome.offline,
+            history: self.history.clone(),
+            stats: self.stats.clone(),
+        })
+    }
+}
+
+/// A reply still waiting for the store.
+type PendingReply = Pin<Box<dyn Future<Output = Bytes> + Send + Sync>>;
+
+/// Most chat replies a player may have waiting for commits. Past it, the
+/// actor stops reading that player's requests until the oldest settles:
+/// backpressure onto the player's own socket.
+const MAX_PENDING_REPLIES: usize = 64;
+
+/// A line the world has fanned out; its reply waits until it is durable.
+struct Accepted {
+    msg_id: u64,
+    cooldown: Duration,
+    durable: Option<oneshot::Receiver<Result<(), HistoryError>>>,
+    offline: Option<(UserId, StoredMsg)>,
+    history: Option<HistoryHandle>,
+    stats: Arc<Stats>,
+}
+
+impl Accepted {
+    /// Waits for the store (offline whisper, then the group commit) and
+    /// builds the reply: OK only once the line is durable.
+    async fn settle(self, seq: u32) -> Bytes {
+        let refused = |code| chat_rep(seq, code, Duration::ZERO, 0, false);
         let mut offline = false;
-        if let (Some((to, stored)), Some(history)) = (outcome.offline, &self.history) {
-            history
-                .store_offline(to.0, stored)
-                .await
-                .map_err(|e| (store_code(e), none))?;
+        if let (Some((to, stored)), Some(history)) = (self.offline, &self.history) {
+            if let Err(e) = history.store_offline(to.0, stored).await {
+                return refused(store_code(e));
+            }
             Stats::bump(&self.stats.offline_stored);
             offline = true;
         }
-        if let Some(durable) = outcome.durable {
+        if let Some(durable) = self.durable {
             match durable.await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err((store_code(e), none)),
-                Err(_) => return Err((ResCode::ResStoreFailed, none)),
+                Ok(Err(e)) => return refused(store_code(e)),
+                Err(_) => return refused(ResCode::ResStoreFailed),
             }
         }
-        // The clock starts when the line is accepted; it lives in this
-        // actor, so neither a reconnect nor a takeover resets it.
-        self.ready_at[slot] = Some(now + rule.cooldown());
-        Ok((outcome.msg_id.0, rule.cooldown(), offline))
+        chat_rep(seq, ResCode::ResOk, self.cooldown, self.msg_id, offline)
     }
+}
+
+fn chat_rep(seq: u32, res: ResCode, cooldown: Duration, msg_id: u64, offline: bool) -> Bytes {
+    codec::encode(&pb::ChatMessageChatRep {
+        msghead: codec::head(WireMsg::CchChatRep, seq),
+        res: res as i32,
+        cooldown_ms: duration_ms(cooldown),
+        msg_id,
+        offline,
+    })
 }
 
 /// Pong payload prefix of the offline-whisper delivery barrier.

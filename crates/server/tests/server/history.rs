@@ -249,3 +249,33 @@ async fn a_full_store_refuses_with_a_clear_code_and_keeps_serving() {
     assert_eq!(all_pages(&mut a, ChatType::ChatGuild, 0, 100).await, acked);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn pipelined_chat_replies_keep_request_order() {
+    let server = TestServer::start_with(|c| {
+        quick(c);
+        c.chat.guild.max_chars = 5;
+    })
+    .await;
+    let mut a = server.login(1, "alice", 10, 0, 0).await;
+    // Many lines without waiting for replies; every fifth one too long, so
+    // refusals (immediate) and acknowledgements (after a commit) mix.
+    let mut seqs = Vec::new();
+    for i in 0..40 {
+        let text = if i % 5 == 0 { "far too long" } else { "ok" };
+        seqs.push(a.send_chat(ChatType::ChatGuild, text, 0, "").await.unwrap());
+    }
+    let mut last_id = 0;
+    for (i, seq) in seqs.into_iter().enumerate() {
+        let rep = next_chat_rep(&mut a).await;
+        assert_eq!(rep.msghead.unwrap().seq, seq, "replies in request order");
+        if i % 5 == 0 {
+            assert_eq!(rep.res, ResCode::ResTextTooLong as i32);
+        } else {
+            assert_eq!(rep.res, ResCode::ResOk as i32);
+            assert!(rep.msg_id > last_id);
+            last_id = rep.msg_id;
+        }
+    }
+    server.stop().await;
+}
