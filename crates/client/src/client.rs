@@ -62,6 +62,29 @@ fn parse_url(url: &str) -> Result<SocketAddr, ClientError> {
         .map_err(|_| ClientError::Url(url.into()))
 }
 
+/// Opens a TCP connection the way every client here does: from a chosen
+/// local address, with an optional SO_RCVBUF, Nagle off.
+pub(crate) async fn tcp_connect(
+    addr: SocketAddr,
+    local: Option<IpAddr>,
+    recv_buffer: Option<u32>,
+) -> std::io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = local {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size)?;
+    }
+    let tcp = socket.connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
 impl Client {
     /// Connects to `ws://host:port`.
     pub async fn connect(url: &str) -> Result<Client, ClientError> {
@@ -83,19 +106,7 @@ impl Client {
         recv_buffer: Option<u32>,
     ) -> Result<Client, ClientError> {
         let addr = parse_url(url)?;
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        if let Some(ip) = local {
-            socket.bind(SocketAddr::new(ip, 0))?;
-        }
-        if let Some(size) = recv_buffer {
-            socket.set_recv_buffer_size(size)?;
-        }
-        let tcp = socket.connect(addr).await?;
-        tcp.set_nodelay(true)?;
+        let tcp = tcp_connect(addr, local, recv_buffer).await?;
         let config = WebSocketConfig::default()
             .read_buffer_size(8 * 1024)
             .write_buffer_size(0);

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use guildchat_protocol::{codec, pb, ClientMsg, MsgId, ResCode, ServerMsg};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
@@ -77,19 +77,7 @@ impl BenchConn {
         local: Option<IpAddr>,
         recv_buffer: Option<u32>,
     ) -> Result<BenchConn, ConnError> {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        if let Some(ip) = local {
-            socket.bind(SocketAddr::new(ip, 0))?;
-        }
-        if let Some(size) = recv_buffer {
-            socket.set_recv_buffer_size(size)?;
-        }
-        let tcp = socket.connect(addr).await?;
-        tcp.set_nodelay(true)?;
+        let tcp = crate::client::tcp_connect(addr, local, recv_buffer).await?;
         // A game client's sizes: a small read buffer (the protocol's frames
         // are small) and a write buffer that lets a sender batch a burst
         // before its one flush.
