@@ -266,11 +266,7 @@ impl UserActor {
                 res: ResCode::ResAlreadyLoggedIn as i32,
                 ..Default::default()
             })),
-            ClientMsg::Heartbeat(m) => self.reply(codec::encode(&pb::ChatMessageHeartbeatRep {
-                msghead: codec::head(WireMsg::ChcHeartbeatRep, seq),
-                client_time_ms: m.client_time_ms,
-                server_time_ms: crate::world::now_ms(),
-            })),
+            ClientMsg::Heartbeat(m) => self.reply(heartbeat_reply(seq, &m)),
             ClientMsg::SetMask(m) => {
                 self.mask = m.mask & !UNMASKABLE;
                 self.world.set_mask(self.id, self.mask).await;
@@ -434,6 +430,15 @@ impl Accepted {
         }
         chat_rep(seq, ResCode::ResOk, self.cooldown, self.msg_id, offline)
     }
+}
+
+/// The heartbeat answer, the same before and after login.
+pub(crate) fn heartbeat_reply(seq: u32, m: &pb::ChatMessageHeartbeatReq) -> Bytes {
+    codec::encode(&pb::ChatMessageHeartbeatRep {
+        msghead: codec::head(WireMsg::ChcHeartbeatRep, seq),
+        client_time_ms: m.client_time_ms,
+        server_time_ms: crate::world::now_ms(),
+    })
 }
 
 fn chat_rep(seq: u32, res: ResCode, cooldown: Duration, msg_id: u64, offline: bool) -> Bytes {

@@ -254,11 +254,7 @@ where
             let seq = msg.seq();
             let refusal = match msg {
                 ClientMsg::Login(req) => return self.try_login(req, seq).await,
-                ClientMsg::Heartbeat(m) => codec::encode(&pb::ChatMessageHeartbeatRep {
-                    msghead: codec::head(WireMsg::ChcHeartbeatRep, seq),
-                    client_time_ms: m.client_time_ms,
-                    server_time_ms: crate::world::now_ms(),
-                }),
+                ClientMsg::Heartbeat(m) => crate::user::heartbeat_reply(seq, &m),
                 ClientMsg::Chat(_) => codec::encode(&pb::ChatMessageChatRep {
                     msghead: codec::head(WireMsg::CchChatRep, seq),
                     res: ResCode::ResNotLoggedIn as i32,
