@@ -245,7 +245,21 @@ impl Runner {
         Ok(d)
     }
 
+    /// Starts the server under test, lets it settle, and samples its
+    /// resting RSS and CPU: every scenario's baseline.
     async fn start_server(
+        &mut self,
+        kind: TargetKind,
+        opts: &ServerOpts,
+        dir: &Path,
+    ) -> anyhow::Result<(ServerProc, Sample)> {
+        let server = self.spawn_server(kind, opts, dir).await?;
+        tokio::time::sleep(self.s.settle).await;
+        let base = sample_or_default(server.sample());
+        Ok((server, base))
+    }
+
+    async fn spawn_server(
         &mut self,
         kind: TargetKind,
         opts: &ServerOpts,
@@ -385,9 +399,7 @@ impl Runner {
     async fn idle(&mut self, kind: TargetKind) -> anyhow::Result<TargetResult> {
         let dir = self.run_dir(&format!("idle-{}", kind.name()))?;
         let opts = ServerOpts::default();
-        let server = self.start_server(kind, &opts, &dir).await?;
-        tokio::time::sleep(self.s.settle).await;
-        let base = sample_or_default(server.sample());
+        let (server, base) = self.start_server(kind, &opts, &dir).await?;
         let layout = self.layout();
         let plans = self.plans(
             kind,
@@ -555,9 +567,7 @@ impl Runner {
     async fn fanout(&mut self, kind: TargetKind) -> anyhow::Result<TargetResult> {
         let dir = self.run_dir(&format!("fanout-{}", kind.name()))?;
         let opts = ServerOpts::default();
-        let server = self.start_server(kind, &opts, &dir).await?;
-        tokio::time::sleep(self.s.settle).await;
-        let base = sample_or_default(server.sample());
+        let (server, base) = self.start_server(kind, &opts, &dir).await?;
         let layout = self.layout();
         let senders: Vec<u32> = (0..self.s.a.senders).collect();
         let plans = self.plans(
@@ -668,9 +678,7 @@ impl Runner {
         let kind = TargetKind::Guildchat;
         let dir = self.run_dir(&format!("login-storm-{token:?}"))?;
         let opts = ServerOpts::default();
-        let server = self.start_server(kind, &opts, &dir).await?;
-        tokio::time::sleep(self.s.settle).await;
-        let base = sample_or_default(server.sample());
+        let (server, base) = self.start_server(kind, &opts, &dir).await?;
         let layout = self.layout();
         let plans = self.plans(
             kind,
@@ -718,9 +726,7 @@ impl Runner {
         let kind = TargetKind::Guildchat;
         let dir = self.run_dir("mix")?;
         let opts = ServerOpts::default();
-        let server = self.start_server(kind, &opts, &dir).await?;
-        tokio::time::sleep(self.s.settle).await;
-        let base = sample_or_default(server.sample());
+        let (server, base) = self.start_server(kind, &opts, &dir).await?;
         let layout = self.layout();
         let plans = self.plans(
             kind,
@@ -836,9 +842,7 @@ impl Runner {
             stall_timeout_ms: 3000,
             socket_send_buffer: self.s.a.slow_sndbuf,
         };
-        let server = self.start_server(kind, &opts, &dir).await?;
-        tokio::time::sleep(self.s.settle).await;
-        let base = sample_or_default(server.sample());
+        let (server, base) = self.start_server(kind, &opts, &dir).await?;
         let layout = self.layout();
         let frac = self.s.a.slow_fraction;
         let slow_every = if frac > 0.0 {
