@@ -132,6 +132,12 @@ pub struct LimitsConfig {
     pub bad_frame_limit: u32,
     /// How long shutdown waits for connections to flush and close.
     pub shutdown_grace_ms: u64,
+    /// Write coalescing ("corking"): a frame for a client that was written
+    /// to less than this long ago waits out the rest of it, so that the
+    /// frames behind it share one write. Adds at most this much latency, and
+    /// only to a client receiving faster than one write per interval; 0
+    /// turns it off.
+    pub write_coalesce_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -146,6 +152,7 @@ impl Default for LimitsConfig {
             socket_send_buffer: 64 * 1024,
             bad_frame_limit: 8,
             shutdown_grace_ms: 5_000,
+            write_coalesce_ms: 5,
         }
     }
 }
@@ -156,6 +163,9 @@ impl LimitsConfig {
     }
     pub fn ping_interval(&self) -> Duration {
         Duration::from_millis(self.ping_interval_ms)
+    }
+    pub fn write_coalesce(&self) -> Duration {
+        Duration::from_millis(self.write_coalesce_ms)
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
@@ -196,7 +206,8 @@ impl SessionConfig {
         Duration::from_millis(self.linger_ms)
     }
 
-    /// Capacity of the world/scene replay ring.
+    /// Capacity of a player's scene replay ring, and of the world ring all
+    /// players share.
     pub fn replay_buffer_shed(&self) -> usize {
         (self.replay_buffer / 4).max(16)
     }
@@ -310,6 +321,12 @@ impl Config {
                 "must be longer than limits.ping_interval_ms, or pongs cannot arrive in time",
             ));
         }
+        if l.write_coalesce_ms > 100 {
+            return Err(invalid(
+                "limits.write_coalesce_ms",
+                "must be at most 100: it is added to the latency of a busy client",
+            ));
+        }
         if !(8..=65_536).contains(&l.outbound_queue) {
             return Err(invalid("limits.outbound_queue", "must be in 8..=65536"));
         }
@@ -325,10 +342,11 @@ impl Config {
         if !(1..=65_536).contains(&self.session.replay_buffer) {
             return Err(invalid("session.replay_buffer", "must be in 1..=65536"));
         }
-        if self.session.replay_buffer + self.session.replay_buffer_shed() + 8 > l.outbound_queue {
+        if self.session.replay_buffer + 2 * self.session.replay_buffer_shed() + 8 > l.outbound_queue
+        {
             return Err(invalid(
                 "session.replay_buffer",
-                "a full replay (replay_buffer plus a quarter of it) must fit in limits.outbound_queue",
+                "a full replay (replay_buffer plus a quarter of it for scene and another for world chat) must fit in limits.outbound_queue",
             ));
         }
         self.history

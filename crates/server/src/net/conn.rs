@@ -98,6 +98,7 @@ where
         shared.clone(),
         done.clone(),
         ctx.config.limits.ping_interval(),
+        ctx.config.limits.write_coalesce(),
     ));
     let now = Instant::now();
     let mut reader = Reader {

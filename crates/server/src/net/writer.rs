@@ -2,7 +2,13 @@
 //!
 //! It waits for the first queued frame, then takes whatever else is already
 //! queued (up to [`MAX_BATCH`]), writes them all and flushes once: under load
-//! many frames share one syscall. It also sends the periodic ping, and obeys
+//! many frames share one syscall. Under sustained load it also corks: a
+//! frame that arrives within `coalesce` of the previous write waits until
+//! `coalesce` has passed, so that the frames behind it join the same write
+//! (one syscall, one wake-up of the client) instead of each paying for its
+//! own. A frame after a quiet spell goes out at once, so corking adds
+//! latency only while a client receives faster than one write per
+//! `coalesce`, and never more than `coalesce`. It also sends the periodic ping, and obeys
 //! the kill switch even while a write is stuck on a client that stopped
 //! reading. When sheddable notifications were dropped for this client, it
 //! tells the client how many once its queue has drained.
@@ -48,6 +54,7 @@ pub(crate) async fn run<S>(
     shared: Arc<Shared>,
     done: CancellationToken,
     ping_every: Duration,
+    coalesce: Duration,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -59,6 +66,10 @@ pub(crate) async fn run<S>(
     // on its queue alone and reads the kill flag after each wake-up.
     let kill = shared.kill.cancelled();
     tokio::pin!(kill);
+    // When the last batch was written; far enough back that the first frame
+    // never waits.
+    let now = tokio::time::Instant::now();
+    let mut last_write = now.checked_sub(coalesce).unwrap_or(now);
     loop {
         if shared.is_killed() {
             let (reason, code) = shared.verdict();
@@ -78,7 +89,16 @@ pub(crate) async fn run<S>(
                     break;
                 };
                 batch.clear();
+                let cork = last_write + coalesce;
+                let frame = matches!(first, Outbound::Frame(_));
                 batch.push(first);
+                if frame && tokio::time::Instant::now() < cork {
+                    tokio::select! {
+                        biased;
+                        _ = &mut kill => {}
+                        _ = tokio::time::sleep_until(cork) => {}
+                    }
+                }
                 while batch.len() < MAX_BATCH {
                     match rx.try_recv() {
                         Ok(next) => batch.push(next),
@@ -90,6 +110,7 @@ pub(crate) async fn run<S>(
                     r = write_batch(&mut sink, &mut batch, &shared) => Some(r),
                     _ = &mut kill => None,
                 };
+                last_write = tokio::time::Instant::now();
                 match written {
                     Some(Ok(true)) => true,
                     Some(Ok(false)) => {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use guildchat_protocol::{codec, pb, ChatType, KickReason, MsgId as WireMsg, ResCode};
+use guildchat_protocol::{codec, mask_bit, pb, ChatType, KickReason, MsgId as WireMsg, ResCode};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
@@ -57,13 +57,13 @@ impl World {
         first_msg_id: u64,
     ) -> Self {
         World {
+            registry: Registry::new(config.session.replay_buffer_shed()),
             config,
             stats,
             fanout,
             inbox,
             me,
             history,
-            registry: Registry::default(),
             // Ids continue from the store's high-water mark, and from the
             // clock (1024 ids per millisecond) when nothing is stored, so
             // they keep increasing across restarts.
@@ -225,13 +225,15 @@ impl World {
         }
         let user = identity.user;
         let cursor = self.last_msg_id;
-        if let Some(entry) = self.registry.get_mut(user) {
+        if let Some((entry, world)) = self.registry.get_mut_with_world(user) {
             // Takeover or resume: the running user actor keeps its state and
             // gets the new connection's ends. The reply and the replay are
             // queued here, before the connection is visible to fan-out, so
             // they precede any live notification.
             let resume = if last_msg_id > 0 {
-                entry.replay.since(last_msg_id)
+                let world = (entry.mask & mask_bit(ChatType::ChatWorld) == 0)
+                    .then_some((world, entry.began));
+                entry.replay.since(last_msg_id, world)
             } else {
                 Resume::default()
             };
@@ -286,6 +288,7 @@ impl World {
             lingering: None,
             kicked: false,
             replay: Replay::new(session.replay_buffer, session.replay_buffer_shed()),
+            began: cursor,
             user: handle,
         };
         // A resume cursor with no session to resume (it expired, or the

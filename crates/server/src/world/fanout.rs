@@ -71,6 +71,12 @@ impl Fanout for LocalFanout {
         // so a masked channel costs a bit test and nothing else.
         let bit = mask_bit(channel);
         let priority = priority(channel);
+        // World chat is the same for everyone: kept once, in the shared
+        // ring, instead of once per player.
+        let shared = *audience == Audience::Everyone && priority == Priority::Sheddable;
+        if shared {
+            registry.world.push(msg_id.0, frame.clone());
+        }
         let mut queued = 0;
         registry.visit(audience, |entry| {
             if entry.mask & bit != 0 {
@@ -78,7 +84,9 @@ impl Fanout for LocalFanout {
             }
             // Recorded even while the player lingers without a connection:
             // that is what a resume replays.
-            entry.replay.record(msg_id.0, frame.clone(), priority);
+            if !shared {
+                entry.replay.record(msg_id.0, frame.clone(), priority);
+            }
             if let Some(conn) = &entry.conn {
                 queued += usize::from(conn.deliver(frame.clone(), priority, stats));
             }

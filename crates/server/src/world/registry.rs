@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use tokio::time::Instant;
 
 use super::fanout::Audience;
-use super::replay::Replay;
+use super::replay::{Replay, Ring};
 use crate::ids::{GuildId, SceneId, TeamId, UserId};
 use crate::net::ConnTx;
 use crate::user::UserHandle;
@@ -32,6 +32,9 @@ pub struct Entry {
     pub kicked: bool,
     /// Recent notifications, for resume.
     pub replay: Replay,
+    /// The last msg_id assigned before this session began: older lines in
+    /// the shared world ring were never this session's.
+    pub began: u64,
     /// The user actor's mailbox. The registry holds the only sender, so
     /// removing the entry ends the actor.
     pub user: UserHandle,
@@ -61,8 +64,11 @@ impl<K: std::hash::Hash + Eq + Copy> Groups<K> {
 }
 
 /// Every logged-in player and the indexes over them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
+    /// Recent world chat, shared by every player's resume (see
+    /// [`super::replay`]).
+    pub world: Ring,
     users: HashMap<UserId, Entry>,
     names: HashMap<String, UserId>,
     guilds: Groups<GuildId>,
@@ -71,6 +77,18 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// `world_replay`: how many recent world lines a resume can replay.
+    pub fn new(world_replay: usize) -> Self {
+        Registry {
+            world: Ring::new(world_replay),
+            users: HashMap::new(),
+            names: HashMap::new(),
+            guilds: Groups::default(),
+            teams: Groups::default(),
+            scenes: Groups::default(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.users.len()
     }
@@ -85,6 +103,12 @@ impl Registry {
 
     pub fn get_mut(&mut self, user: UserId) -> Option<&mut Entry> {
         self.users.get_mut(&user)
+    }
+
+    /// An entry together with the shared world ring, for a resume.
+    pub fn get_mut_with_world(&mut self, user: UserId) -> Option<(&mut Entry, &Ring)> {
+        let entry = self.users.get_mut(&user)?;
+        Some((entry, &self.world))
     }
 
     pub fn by_name(&self, name: &str) -> Option<UserId> {

@@ -4,9 +4,12 @@
 //!
 //! Entries are `(msg_id, Bytes)`: the same encoded buffer that was fanned
 //! out, shared by reference count, never copied. Two rings per player keep
-//! a flood of world chat from pushing out a whisper: one for traffic that is
-//! never shed (private, guild, team, system), a smaller one for world and
-//! scene. Owned by the world actor's registry; no locks, no I/O.
+//! a flood of scene chat from pushing out a whisper: one for traffic that is
+//! never shed (private, guild, team, system), a smaller one for scene.
+//! World chat goes to every player alike, so it is kept once, in one ring
+//! the registry shares between all players, and a resume merges it in:
+//! a world line costs the fan-out no per-player bookkeeping at all.
+//! Owned by the world actor's registry; no locks, no I/O.
 
 use std::collections::VecDeque;
 
@@ -16,7 +19,7 @@ use crate::net::Priority;
 
 /// A bounded ring of recent notifications, oldest first.
 #[derive(Debug)]
-struct Ring {
+pub struct Ring {
     cap: usize,
     entries: VecDeque<(u64, Bytes)>,
     /// Entries pushed out since the session began, and the newest of them.
@@ -29,7 +32,7 @@ struct Ring {
 }
 
 impl Ring {
-    fn new(cap: usize) -> Self {
+    pub fn new(cap: usize) -> Self {
         // Allocated on first use: an idle player costs no buffer.
         Ring {
             cap,
@@ -43,7 +46,7 @@ impl Ring {
         }
     }
 
-    fn push(&mut self, msg_id: u64, frame: Bytes) {
+    pub fn push(&mut self, msg_id: u64, frame: Bytes) {
         if self.entries.len() == self.cap {
             if let Some((id, _)) = self.entries.pop_front() {
                 self.evicted += 1;
@@ -115,33 +118,28 @@ impl Replay {
         }
     }
 
-    /// Everything newer than `after`, merged in msg_id order.
-    pub fn since(&self, after: u64) -> Resume {
-        let mut a = self.keep.entries.range(self.keep.start(after)..).peekable();
-        let mut b = self.shed.entries.range(self.shed.start(after)..).peekable();
-        let mut frames = Vec::with_capacity(a.len() + b.len());
-        loop {
-            let next = match (a.peek(), b.peek()) {
-                (Some(x), Some(y)) if x.0 < y.0 => a.next(),
-                (Some(_), Some(_)) => b.next(),
-                (Some(_), None) => a.next(),
-                (None, Some(_)) => b.next(),
-                (None, None) => break,
-            };
-            if let Some((_, frame)) = next {
-                frames.push(frame.clone());
-            }
+    /// Everything newer than `after`, merged in msg_id order. `world` is
+    /// the shared world ring with the msg_id this session began at: only
+    /// what was broadcast during the session is its to replay (`None` when
+    /// the player masks world chat).
+    pub fn since(&self, after: u64, world: Option<(&Ring, u64)>) -> Resume {
+        let mut rings = vec![(&self.keep, after), (&self.shed, after)];
+        if let Some((ring, began)) = world {
+            rings.push((ring, after.max(began)));
         }
-        let mut resume = Resume {
-            frames,
-            ..Resume::default()
-        };
-        for ring in [&self.keep, &self.shed] {
-            if ring.has_gap(after) {
+        let mut entries: Vec<&(u64, Bytes)> = Vec::new();
+        let mut resume = Resume::default();
+        for (ring, cursor) in rings {
+            entries.extend(ring.entries.range(ring.start(cursor)..));
+            if ring.has_gap(cursor) {
                 resume.gap = true;
-                resume.missed += ring.missed_after(after);
+                resume.missed += ring.missed_after(cursor);
             }
         }
+        // Each ring is in order already; a resume is rare and at most a few
+        // hundred entries, so a sort is the simplest correct merge.
+        entries.sort_unstable_by_key(|(id, _)| *id);
+        resume.frames = entries.into_iter().map(|(_, f)| f.clone()).collect();
         resume
     }
 }
@@ -173,11 +171,11 @@ mod tests {
         ] {
             r.record(id, frame(id), p);
         }
-        let all = r.since(0);
+        let all = r.since(0, None);
         assert_eq!((ids(&all), all.gap), (vec![1, 2, 3, 5, 8], false));
-        assert_eq!(ids(&r.since(3)), vec![5, 8]);
-        assert_eq!(ids(&r.since(4)), vec![5, 8]);
-        assert!(r.since(8).frames.is_empty());
+        assert_eq!(ids(&r.since(3, None)), vec![5, 8]);
+        assert_eq!(ids(&r.since(4, None)), vec![5, 8]);
+        assert!(r.since(8, None).frames.is_empty());
     }
 
     #[test]
@@ -187,15 +185,15 @@ mod tests {
         for id in 2..100 {
             r.record(id, frame(id), Priority::Sheddable);
         }
-        let resume = r.since(0);
+        let resume = r.since(0, None);
         assert_eq!(ids(&resume), vec![1, 98, 99]);
         assert!(resume.gap);
         assert_eq!(resume.missed, 96);
         // A cursor inside the remembered evictions (the last 64) counts
         // exactly; an older one gets every eviction, an upper bound.
-        assert_eq!(r.since(96).missed, 1);
-        assert_eq!(r.since(50).missed, 47);
-        assert_eq!(r.since(10).missed, 96);
+        assert_eq!(r.since(96, None).missed, 1);
+        assert_eq!(r.since(50, None).missed, 47);
+        assert_eq!(r.since(10, None).missed, 96);
     }
 
     #[test]
@@ -205,9 +203,9 @@ mod tests {
             r.record(id, frame(id), Priority::Keep);
         }
         // 1 and 2 were evicted.
-        assert!(!r.since(2).gap);
-        assert!(!r.since(4).gap);
-        let behind = r.since(1);
+        assert!(!r.since(2, None).gap);
+        assert!(!r.since(4, None).gap);
+        let behind = r.since(1, None);
         assert!(behind.gap);
         // Only 2 was evicted after the cursor.
         assert_eq!((ids(&behind), behind.missed), (vec![3, 4, 5], 1));
@@ -218,7 +216,33 @@ mod tests {
         let mut r = Replay::new(2, 2);
         let f = Bytes::from(vec![7u8; 64]);
         r.record(1, f.clone(), Priority::Keep);
-        let out = r.since(0);
+        let out = r.since(0, None);
         assert_eq!(out.frames[0].as_ptr(), f.as_ptr());
+    }
+
+    #[test]
+    fn the_shared_world_ring_replays_only_what_came_during_the_session() {
+        let mut world = Ring::new(4);
+        let mut r = Replay::new(4, 4);
+        world.push(1, frame(1));
+        world.push(2, frame(2));
+        // The session began after 2.
+        r.record(3, frame(3), Priority::Keep);
+        world.push(4, frame(4));
+        r.record(5, frame(5), Priority::Sheddable);
+        world.push(6, frame(6));
+        let all = r.since(0, Some((&world, 2)));
+        assert_eq!((ids(&all), all.gap), (vec![3, 4, 5, 6], false));
+        assert_eq!(ids(&r.since(4, Some((&world, 2)))), vec![5, 6]);
+        // World chat masked: none of it.
+        assert_eq!(ids(&r.since(0, None)), vec![3, 5]);
+        // The world ring overflows: a gap only for cursors it passed.
+        for id in 7..=10 {
+            world.push(id, frame(id));
+        }
+        let behind = r.since(4, Some((&world, 2)));
+        assert_eq!(ids(&behind), vec![5, 7, 8, 9, 10]);
+        assert_eq!((behind.gap, behind.missed), (true, 1));
+        assert!(!r.since(6, Some((&world, 2))).gap);
     }
 }

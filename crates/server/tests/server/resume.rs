@@ -250,7 +250,7 @@ async fn a_stalled_reader_is_shed_then_cut_and_resumes_without_losing_whispers()
     const WORLD: usize = 2000;
     let server = TestServer::start_with(|c| {
         no_cooldowns(c);
-        c.limits.outbound_queue = 96;
+        c.limits.outbound_queue = 104;
         c.limits.outbound_bytes = 8 * 1024;
         c.limits.socket_send_buffer = 8 * 1024;
         c.session.replay_buffer = 64;
@@ -366,17 +366,22 @@ async fn a_queue_that_does_not_drain_is_cut_after_the_stall_timeout() {
             .res,
         ResCode::ResOk as i32
     );
-    // System messages until something stays queued for the stalled client.
+    // System messages until something stays queued for the stalled client
+    // for longer than the writer ever holds a frame back to coalesce.
     let mut n = 0;
-    while server
-        .world
-        .backlog(UserId(1))
-        .await
-        .is_some_and(|(frames, _)| frames == 0)
-    {
+    loop {
         assert!(n < 10_000, "socket never filled");
         server.world.announce("x".repeat(500)).await;
         n += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if server
+            .world
+            .backlog(UserId(1))
+            .await
+            .is_some_and(|(frames, _)| frames > 0)
+        {
+            break;
+        }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(server.stats.slow_consumers.load(Ordering::Relaxed), 0);

@@ -115,7 +115,7 @@ async fn shutdown_tells_every_client_why() {
 async fn a_client_that_stops_reading_is_disconnected_as_slow_consumer() {
     let server = TestServer::start_with(|c| {
         c.limits.outbound_queue = 64;
-        c.session.replay_buffer = 32;
+        c.session.replay_buffer = 24;
     })
     .await;
     let mut stalled = server.login(1, "stalled", 0, 0, 0).await;
@@ -145,4 +145,40 @@ async fn a_client_that_stops_reading_is_disconnected_as_slow_consumer() {
     server.world.announce("after".into()).await;
     assert_eq!(next_chat(&mut healthy).await.strcontext, "after");
     server.stop().await;
+}
+
+/// Write coalescing: a frame for a client written to less than
+/// `write_coalesce_ms` ago waits out the rest of the interval and the frames
+/// behind it share its write; after a quiet spell a frame goes out at once.
+#[tokio::test(start_paused = true)]
+async fn a_busy_client_gets_its_frames_coalesced_and_a_quiet_one_at_once() {
+    for coalesce_ms in [0u64, 50] {
+        let server = TestServer::start_timed(|c| c.limits.write_coalesce_ms = coalesce_ms).await;
+        let mut a = server.login(1, "a", 0, 0, 0).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t0 = tokio::time::Instant::now();
+        server.world.announce("first".into()).await;
+        let _ = next_chat(&mut a).await;
+        let first = t0.elapsed();
+        server.world.announce("second".into()).await;
+        server.world.announce("third".into()).await;
+        let _ = next_chat(&mut a).await;
+        let second = t0.elapsed();
+        let _ = next_chat(&mut a).await;
+        let third = t0.elapsed();
+        assert!(
+            first < Duration::from_millis(5),
+            "quiet client waited {first:?}"
+        );
+        if coalesce_ms == 0 {
+            assert!(second < Duration::from_millis(5), "held back {second:?}");
+        } else {
+            assert!(
+                (Duration::from_millis(50)..Duration::from_millis(60)).contains(&second),
+                "second frame after {second:?}"
+            );
+        }
+        assert!(third - second < Duration::from_millis(1), "not one write");
+        server.stop().await;
+    }
 }
