@@ -201,6 +201,15 @@ impl Default for SessionConfig {
     }
 }
 
+impl Config {
+    /// The oldest notification a resume can still need: a client that
+    /// stopped hearing anything is noticed within the idle timeout (plus a
+    /// ping interval), then lingers. Older replay entries are evicted.
+    pub fn replay_max_age(&self) -> Duration {
+        self.limits.idle_timeout() + self.limits.ping_interval() + self.session.linger()
+    }
+}
+
 impl SessionConfig {
     pub fn linger(&self) -> Duration {
         Duration::from_millis(self.linger_ms)

@@ -1,12 +1,14 @@
 //! The world actor's loop and its handlers. Private: everything outside
 //! talks to it through [`super::WorldHandle`].
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use guildchat_protocol::{codec, mask_bit, pb, ChatType, KickReason, MsgId as WireMsg, ResCode};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::fanout::{Audience, Fanout};
@@ -36,6 +38,9 @@ pub(super) struct World {
     /// The last msg_id handed out. Seeded from the wall clock so ids keep
     /// increasing across restarts.
     last_msg_id: u64,
+    /// `(when, last_msg_id then)` once a tick, as far back as
+    /// [`Config::replay_max_age`]: which ids are too old to replay.
+    id_marks: VecDeque<(Instant, u64)>,
     shutting_down: bool,
 }
 
@@ -68,6 +73,7 @@ impl World {
             // clock (1024 ids per millisecond) when nothing is stored, so
             // they keep increasing across restarts.
             last_msg_id: first_msg_id.max(now_ms() << 10),
+            id_marks: VecDeque::new(),
             shutting_down: false,
         }
     }
@@ -322,7 +328,7 @@ impl World {
             debug!(%user, "session ended");
         } else {
             entry.conn = None;
-            entry.lingering = Some(tokio::time::Instant::now());
+            entry.lingering = Some(Instant::now());
             Stats::bump(&self.stats.lingering);
             debug!(%user, "lingering");
         }
@@ -481,6 +487,7 @@ impl World {
     }
 
     fn housekeeping(&mut self) {
+        self.expire_replays();
         let linger = self.config.session.linger();
         let stall = self.config.limits.stall_timeout();
         let mut expired = Vec::new();
@@ -508,6 +515,24 @@ impl World {
             self.detached(user, conn);
         }
         self.publish_gauges();
+    }
+
+    /// Evicts replay entries older than [`Config::replay_max_age`].
+    fn expire_replays(&mut self) {
+        let now = Instant::now();
+        self.id_marks.push_back((now, self.last_msg_id));
+        let max_age = self.config.replay_max_age();
+        let mut cutoff = None;
+        while let Some(&(at, id)) = self.id_marks.front() {
+            if now.duration_since(at) < max_age {
+                break;
+            }
+            cutoff = Some(id);
+            self.id_marks.pop_front();
+        }
+        if let Some(cutoff) = cutoff {
+            self.registry.expire_replays(cutoff);
+        }
     }
 
     fn publish_gauges(&self) {

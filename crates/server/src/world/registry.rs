@@ -105,6 +105,14 @@ impl Registry {
         self.users.get_mut(&user)
     }
 
+    /// Evicts replay entries up to msg_id `cutoff` from every ring.
+    pub fn expire_replays(&mut self, cutoff: u64) {
+        self.world.expire(cutoff);
+        for entry in self.users.values_mut() {
+            entry.replay.expire(cutoff);
+        }
+    }
+
     /// An entry together with the shared world ring, for a resume.
     pub fn get_mut_with_world(&mut self, user: UserId) -> Option<(&mut Entry, &Ring)> {
         let entry = self.users.get_mut(&user)?;

@@ -9,6 +9,9 @@
 //! World chat goes to every player alike, so it is kept once, in one ring
 //! the registry shares between all players, and a resume merges it in:
 //! a world line costs the fan-out no per-player bookkeeping at all.
+//! Entries also leave by age: once older than any resume could still ask
+//! for (see [`crate::config::Config::replay_max_age`]), so a quiet
+//! player's rings shrink back instead of holding their peak forever.
 //! Owned by the world actor's registry; no locks, no I/O.
 
 use std::collections::VecDeque;
@@ -16,6 +19,10 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 
 use crate::net::Priority;
+
+/// How many of the latest evictions a ring remembers, to count exactly what
+/// a resume cursor missed; beyond that the count is an upper bound.
+const EXACT_WINDOW: usize = 64;
 
 /// A bounded ring of recent notifications, oldest first.
 #[derive(Debug)]
@@ -25,10 +32,9 @@ pub struct Ring {
     /// Entries pushed out since the session began, and the newest of them.
     evicted: u64,
     last_evicted: u64,
-    /// The ids of the most recent evictions (at most `window`), to count
-    /// exactly what a resume cursor missed.
+    /// The ids of the most recent evictions (at most [`EXACT_WINDOW`]), to
+    /// count exactly what a resume cursor missed.
     evicted_ids: VecDeque<u64>,
-    window: usize,
 }
 
 impl Ring {
@@ -40,24 +46,37 @@ impl Ring {
             evicted: 0,
             last_evicted: 0,
             evicted_ids: VecDeque::new(),
-            // Twice the ring: a client that was caught up when it dropped
-            // gets an exact count until it has missed that many.
-            window: (cap * 2).max(64),
         }
     }
 
     pub fn push(&mut self, msg_id: u64, frame: Bytes) {
         if self.entries.len() == self.cap {
-            if let Some((id, _)) = self.entries.pop_front() {
-                self.evicted += 1;
-                self.last_evicted = id;
-                if self.evicted_ids.len() == self.window {
-                    self.evicted_ids.pop_front();
-                }
-                self.evicted_ids.push_back(id);
-            }
+            self.evict_front();
         }
         self.entries.push_back((msg_id, frame));
+    }
+
+    fn evict_front(&mut self) {
+        if let Some((id, _)) = self.entries.pop_front() {
+            self.evicted += 1;
+            self.last_evicted = id;
+            if self.evicted_ids.len() == EXACT_WINDOW {
+                self.evicted_ids.pop_front();
+            }
+            self.evicted_ids.push_back(id);
+        }
+    }
+
+    /// Evicts every entry up to and including msg_id `cutoff` (too old to
+    /// be asked for), and gives back memory the ring no longer needs.
+    pub fn expire(&mut self, cutoff: u64) {
+        while self.entries.front().is_some_and(|(id, _)| *id <= cutoff) {
+            self.evict_front();
+        }
+        let (len, cap) = (self.entries.len(), self.entries.capacity());
+        if cap >= 16 && len * 4 <= cap {
+            self.entries.shrink_to(len * 2);
+        }
     }
 
     /// Index of the first entry newer than `after`.
@@ -116,6 +135,12 @@ impl Replay {
             Priority::Keep => self.keep.push(msg_id, frame),
             Priority::Sheddable => self.shed.push(msg_id, frame),
         }
+    }
+
+    /// Age eviction for both rings (see [`Ring::expire`]).
+    pub fn expire(&mut self, cutoff: u64) {
+        self.keep.expire(cutoff);
+        self.shed.expire(cutoff);
     }
 
     /// Everything newer than `after`, merged in msg_id order. `world` is
@@ -244,5 +269,28 @@ mod tests {
         assert_eq!(ids(&behind), vec![5, 7, 8, 9, 10]);
         assert_eq!((behind.gap, behind.missed), (true, 1));
         assert!(!r.since(6, Some((&world, 2))).gap);
+    }
+
+    #[test]
+    fn old_entries_expire_as_evictions_and_give_their_memory_back() {
+        let mut r = Replay::new(256, 16);
+        for id in 1..=200 {
+            r.record(id, frame(id), Priority::Keep);
+        }
+        let grown = r.keep.entries.capacity();
+        r.expire(190);
+        let resume = r.since(100, None);
+        assert_eq!(ids(&resume), (191..=200).collect::<Vec<_>>());
+        assert_eq!(
+            (resume.gap, resume.missed),
+            (true, 190),
+            "upper bound past the window"
+        );
+        assert_eq!(r.since(150, None).missed, 40, "exact within the window");
+        assert!(!r.since(190, None).gap);
+        assert!(r.keep.entries.capacity() < grown / 4, "memory given back");
+        // Nothing newer than the cutoff is touched.
+        r.expire(0);
+        assert_eq!(r.since(0, None).frames.len(), 10);
     }
 }

@@ -392,3 +392,57 @@ async fn a_queue_that_does_not_drain_is_cut_after_the_stall_timeout() {
     assert_eq!(kick, Some(KickReason::KickSlowConsumer as i32));
     server.stop().await;
 }
+
+/// Replay entries leave by age once no resume could still ask for them
+/// (idle timeout + ping interval + linger: 120 s by default); before that a
+/// takeover replays them.
+#[tokio::test(start_paused = true)]
+async fn replay_entries_older_than_any_resume_could_need_expire() {
+    let server = TestServer::start_timed(no_cooldowns).await;
+    assert_eq!(Config::default().replay_max_age(), Duration::from_secs(120));
+    let mut logins = Vec::new();
+    let mut devices = Vec::new();
+    for (user, name) in [(1, "early"), (2, "late")] {
+        let mut c = server.connect().await;
+        let rep = c.login(&server.token(user, name, 10, 0, 0)).await.unwrap();
+        logins.push(rep.last_msg_id);
+        devices.push(c);
+    }
+    let mut b = server.login(3, "sender", 10, 0, 0).await;
+    let old = sent(&mut b, ChatType::ChatGuild, "old", 0).await;
+    for d in &mut devices {
+        assert_eq!(next_chat(d).await.msg_id, old);
+    }
+    async fn takeover(
+        server: &TestServer,
+        user: u64,
+        name: &str,
+        cursor: u64,
+    ) -> (bool, u32, bool) {
+        let mut c = server.connect().await;
+        let rep = c
+            .login_from(&server.token(user, name, 10, 0, 0), cursor)
+            .await
+            .unwrap();
+        (rep.resumed, rep.replayed, rep.replay_gap)
+    }
+    // Everyone stays connected, heartbeating, for 130 s.
+    for step in 1..=13 {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        if step == 6 {
+            // 60 s: still within reach.
+            assert_eq!(
+                takeover(&server, 1, "early", logins[0]).await,
+                (true, 1, false)
+            );
+        }
+        b.heartbeat().await.unwrap();
+        devices[1].heartbeat().await.unwrap();
+    }
+    // 130 s: gone, and the resume says so.
+    assert_eq!(
+        takeover(&server, 2, "late", logins[1]).await,
+        (true, 0, true)
+    );
+    server.stop().await;
+}
