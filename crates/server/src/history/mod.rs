@@ -27,11 +27,12 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{self as std_mpsc, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
@@ -147,6 +148,9 @@ pub struct HistoryStats {
     pub queue_full: u64,
     /// Messages deleted by retention.
     pub pruned: u64,
+    /// Reads of a player's offline whispers that went to the database
+    /// (players known to have none are answered without one).
+    pub offline_reads: u64,
 }
 
 /// The live counters behind [`HistoryStats`].
@@ -158,6 +162,7 @@ struct Counters {
     failed_commits: AtomicU64,
     queue_full: AtomicU64,
     pruned: AtomicU64,
+    offline_reads: AtomicU64,
 }
 
 /// What the handles and the threads share. Holds no channel end, so the
@@ -170,6 +175,41 @@ struct Shared {
     /// hands out an id a client has already seen, even one of a conversation
     /// that is not persisted.
     high_seen: AtomicU64,
+    inboxes: Inboxes,
+}
+
+/// Which players may have offline whispers waiting, so that the login of
+/// everyone else (nearly everyone) skips the store. Per player it counts
+/// whispers stored or on their way, minus those deleted after delivery:
+/// incremented before a store is queued, decremented only for a store that
+/// failed or for rows an acknowledgement actually deleted. So it can be
+/// too high (a duplicate store, retention), which costs one needless read,
+/// but never too low, which would hide waiting whispers.
+#[derive(Default)]
+struct Inboxes(Mutex<HashMap<u64, u32>>);
+
+impl Inboxes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, user: u64) {
+        *self.lock().entry(user).or_default() += 1;
+    }
+
+    fn forget(&self, user: u64, n: usize) {
+        let mut map = self.lock();
+        if let Some(count) = map.get_mut(&user) {
+            *count = count.saturating_sub(n as u32);
+            if *count == 0 {
+                map.remove(&user);
+            }
+        }
+    }
+
+    fn may_have(&self, user: u64) -> bool {
+        self.lock().contains_key(&user)
+    }
 }
 
 /// The store, as seen by the rest of the server. Cheap to clone; the
@@ -225,12 +265,19 @@ impl HistoryHandle {
                 path: path.clone(),
                 source,
             })?;
+        let waiting = writer_db
+            .offline_counts()
+            .map_err(|source| OpenError::Database {
+                path: path.clone(),
+                source,
+            })?;
         let reader_db = Db::open_reader(&path)?;
 
         let shared = Arc::new(Shared {
             config,
             counters: Counters::default(),
             high_seen: AtomicU64::new(high_water),
+            inboxes: Inboxes(Mutex::new(waiting.into_iter().collect())),
         });
         let (writes, write_rx) = std_mpsc::sync_channel(WRITE_QUEUE);
         let (reads, read_rx) = mpsc::channel(READ_QUEUE);
@@ -298,14 +345,26 @@ impl HistoryHandle {
     /// retention says: this is delivery, not history.
     pub async fn store_offline(&self, to_user: u64, msg: StoredMsg) -> Result<(), HistoryError> {
         self.shared.high_seen.fetch_max(msg.msg_id, Relaxed);
+        // Counted before it is queued, so a login never misses it.
+        self.shared.inboxes.add(to_user);
         let (respond_to, rx) = oneshot::channel();
-        self.send_write(WriteOp::StoreOffline { to_user, msg }, respond_to)?;
-        rx.await.map_err(|_| HistoryError::Unavailable)?
+        let result = match self.send_write(WriteOp::StoreOffline { to_user, msg }, respond_to) {
+            Ok(()) => rx.await.unwrap_or(Err(HistoryError::Unavailable)),
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            self.shared.inboxes.forget(to_user, 1);
+        }
+        result
     }
 
     /// The whispers waiting for `user`, oldest first (at most
     /// `max_offline_whispers`). They stay stored until acknowledged.
     pub async fn pending_offline(&self, user: u64) -> Result<Vec<StoredMsg>, HistoryError> {
+        if !self.shared.inboxes.may_have(user) {
+            return Ok(Vec::new());
+        }
+        self.shared.counters.offline_reads.fetch_add(1, Relaxed);
         let (respond_to, rx) = oneshot::channel();
         self.read(ReadCmd::Pending {
             user,
@@ -348,6 +407,7 @@ impl HistoryHandle {
             failed_commits: c.failed_commits.load(Relaxed),
             queue_full: c.queue_full.load(Relaxed),
             pruned: c.pruned.load(Relaxed),
+            offline_reads: c.offline_reads.load(Relaxed),
         }
     }
 

@@ -296,7 +296,8 @@ impl Db {
     /// Applies `ops` in one transaction, with the high-water mark. On `Ok`
     /// everything is committed and each op has its own outcome (only
     /// `StoreOffline` can be refused, with `InboxFull`, which writes
-    /// nothing). On `Err` nothing is.
+    /// nothing; an `AckOffline` reports how many whispers it deleted). On
+    /// `Err` nothing is.
     ///
     /// Re-appending a message already stored is a no-op, not an error, so
     /// one duplicate cannot fail the other writes of its batch.
@@ -305,7 +306,7 @@ impl Db {
         ops: impl IntoIterator<Item = &'a WriteOp>,
         max_offline: u32,
         high_water: u64,
-    ) -> rusqlite::Result<Vec<Result<(), HistoryError>>> {
+    ) -> rusqlite::Result<Vec<Result<usize, HistoryError>>> {
         // IMMEDIATE takes the write lock now, so a lock conflict (another
         // process) shows up at BEGIN, before any work is done.
         let tx = self
@@ -316,7 +317,7 @@ impl Db {
             let outcome = match op {
                 WriteOp::Append(msg) => {
                     insert_message(&tx, msg)?;
-                    Ok(())
+                    Ok(0)
                 }
                 WriteOp::StoreOffline { to_user, msg } => {
                     let waiting: i64 = tx
@@ -326,14 +327,12 @@ impl Db {
                         Err(HistoryError::InboxFull)
                     } else {
                         insert_offline(&tx, *to_user, msg)?;
-                        Ok(())
+                        Ok(0)
                     }
                 }
-                WriteOp::AckOffline { user, up_to } => {
-                    tx.prepare_cached("DELETE FROM offline WHERE to_user = ?1 AND msg_id <= ?2")?
-                        .execute([sql(*user), sql_bound(*up_to)])?;
-                    Ok(())
-                }
+                WriteOp::AckOffline { user, up_to } => Ok(tx
+                    .prepare_cached("DELETE FROM offline WHERE to_user = ?1 AND msg_id <= ?2")?
+                    .execute([sql(*user), sql_bound(*up_to)])?),
             };
             outcomes.push(outcome);
         }
@@ -372,6 +371,17 @@ impl Db {
         let more = page.len() > limit as usize;
         page.truncate(limit as usize);
         Ok((page, more))
+    }
+
+    /// How many whispers wait for each player who has any.
+    pub(super) fn offline_counts(&self) -> rusqlite::Result<Vec<(u64, u32)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT to_user, COUNT(*) FROM offline GROUP BY to_user")?;
+        let rows = stmt.query_map([], |row| {
+            Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u32))
+        })?;
+        rows.collect()
     }
 
     /// The whispers waiting for `user`, oldest first, at most `limit`.

@@ -255,6 +255,48 @@ async fn offline_whispers_wait_until_acknowledged() {
 }
 
 #[tokio::test]
+async fn only_players_with_waiting_whispers_cost_a_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = HistoryConfig {
+        max_offline_whispers: 1,
+        ..HistoryConfig::default()
+    };
+    let (h, _, threads) = HistoryHandle::start(dir.path(), config.clone()).expect("open store");
+    let whisper = |to, id| msg(Conversation::between(42, to), id);
+    assert_eq!(h.pending_offline(7).await.expect("pending"), []);
+    assert_eq!(
+        h.stats().offline_reads,
+        0,
+        "no whisper ever stored: no read"
+    );
+
+    h.store_offline(7, whisper(7, 10)).await.expect("stored");
+    assert_eq!(
+        h.store_offline(7, whisper(7, 11)).await,
+        Err(HistoryError::InboxFull)
+    );
+    assert_eq!(ids(&h.pending_offline(7).await.expect("pending")), [10]);
+    assert_eq!(h.pending_offline(8).await.expect("pending"), []);
+    assert_eq!(h.stats().offline_reads, 1);
+
+    // Delivered and acknowledged: no more reads for that player, and a new
+    // whisper is found again.
+    h.ack_offline(7, 10).await.expect("acked");
+    assert_eq!(h.pending_offline(7).await.expect("pending"), []);
+    assert_eq!(h.stats().offline_reads, 1);
+    h.store_offline(7, whisper(7, 12)).await.expect("stored");
+    assert_eq!(ids(&h.pending_offline(7).await.expect("pending")), [12]);
+
+    // After a restart the waiting whispers are known from the file.
+    drop(h);
+    assert!(joined(threads, Duration::from_secs(10)).await);
+    let h = open(dir.path(), config);
+    assert_eq!(ids(&h.pending_offline(7).await.expect("pending")), [12]);
+    assert_eq!(h.pending_offline(8).await.expect("pending"), []);
+    assert_eq!(h.stats().offline_reads, 1);
+}
+
+#[tokio::test]
 async fn a_failed_write_is_reported_and_the_writer_recovers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let h = open(dir.path(), HistoryConfig::default());

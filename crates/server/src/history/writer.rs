@@ -217,9 +217,14 @@ impl Writer {
                         WriteOp::StoreOffline { .. } if outcome.is_ok() => {
                             counters.offline_stored.fetch_add(1, Relaxed);
                         }
+                        WriteOp::AckOffline { user, .. } => {
+                            if let Ok(deleted) = outcome {
+                                shared.inboxes.forget(*user, deleted);
+                            }
+                        }
                         _ => {}
                     }
-                    let _ = write.respond_to.send(outcome);
+                    let _ = write.respond_to.send(outcome.map(|_| ()));
                 }
             }
             Err(e) => {
