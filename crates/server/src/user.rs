@@ -20,7 +20,7 @@ use guildchat_protocol::{
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tracing::{debug, instrument};
+use tracing::{debug, info_span, Instrument};
 
 use crate::config::Config;
 use crate::history::{HistoryError, HistoryHandle, StoredMsg};
@@ -91,7 +91,7 @@ impl UserHandle {
         stats: Arc<Stats>,
     ) -> UserHandle {
         let (tx, mailbox) = mpsc::channel(USER_MAILBOX);
-        let actor = UserActor {
+        let mut actor = UserActor {
             history,
             id: identity.user,
             identity,
@@ -102,11 +102,16 @@ impl UserHandle {
             config,
             stats,
             mask: 0,
-            pending: FuturesOrdered::new(),
+            pending: None,
             ready_at: [None; CHANNELS],
             muted_until: None,
         };
-        tokio::spawn(actor.run());
+        // The actor is moved into a plain async block and `run` borrows it:
+        // an `async fn` taking `self` by value (or `#[instrument]` on one)
+        // keeps a second copy of its arguments (or of the whole inner
+        // future) in the state machine, and every idle actor would pay it.
+        let span = info_span!("user", user = %actor.id, name = %actor.identity.name);
+        tokio::spawn(async move { actor.run().await }.instrument(span));
         UserHandle { tx }
     }
 
@@ -138,11 +143,17 @@ struct UserActor {
     mask: u32,
     /// Chat replies waiting for the store, in request order. A player's
     /// next requests are handled meanwhile, so one fsync does not stall
-    /// them.
-    pending: FuturesOrdered<PendingReply>,
+    /// them. Only present while some are waiting: an empty FuturesOrdered
+    /// still holds an allocation, which every idle player would pay.
+    pending: Option<FuturesOrdered<PendingReply>>,
     /// When each channel may be used again.
     ready_at: [Option<Instant>; CHANNELS],
     muted_until: Option<Instant>,
+}
+
+/// The next settled chat reply; called only while some are waiting.
+async fn next_reply(pending: &mut Option<FuturesOrdered<PendingReply>>) -> Option<Bytes> {
+    pending.as_mut()?.next().await
 }
 
 /// Waits for the next request, or forever when no connection is attached.
@@ -154,9 +165,12 @@ async fn next_request(inbound: &mut Option<mpsc::Receiver<Inbound>>) -> Option<I
 }
 
 impl UserActor {
-    #[instrument(name = "user", skip_all, fields(user = %self.id, name = %self.identity.name))]
-    async fn run(mut self) {
-        self.deliver_offline().await;
+    /// Every handler that awaits is boxed: the actor waits in this loop for
+    /// its whole life, and its task is as large as the largest future held
+    /// across an await, so an unboxed chat or history request would make
+    /// every idle player carry that room.
+    async fn run(&mut self) {
+        Box::pin(self.deliver_offline()).await;
         loop {
             tokio::select! {
                 msg = self.mailbox.recv() => match msg {
@@ -164,23 +178,30 @@ impl UserActor {
                         let attached = matches!(msg, UserMsg::Attach(_));
                         self.control(msg);
                         if attached {
-                            self.deliver_offline().await;
+                            Box::pin(self.deliver_offline()).await;
                         }
                     }
                     // The world removed this player: the session is over.
                     None => break,
                 },
-                Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
+                Some(reply) = next_reply(&mut self.pending), if self.pending_len() > 0 => {
+                    if self.pending_len() == 0 {
+                        self.pending = None;
+                    }
                     self.reply(reply);
                 }
-                req = next_request(&mut self.inbound), if self.pending.len() < MAX_PENDING_REPLIES => match req {
-                    Some(Inbound::Request(req)) => self.request(*req).await,
-                    Some(Inbound::Pong(payload)) => self.pong(*payload).await,
-                    None => self.connection_lost().await,
+                req = next_request(&mut self.inbound), if self.pending_len() < MAX_PENDING_REPLIES => match req {
+                    Some(Inbound::Request(req)) => Box::pin(self.request(*req)).await,
+                    Some(Inbound::Pong(payload)) => Box::pin(self.pong(*payload)).await,
+                    None => Box::pin(self.connection_lost()).await,
                 },
             }
         }
         debug!("user actor stopped");
+    }
+
+    fn pending_len(&self) -> usize {
+        self.pending.as_ref().map_or(0, FuturesOrdered::len)
     }
 
     fn control(&mut self, msg: UserMsg) {
@@ -296,7 +317,9 @@ impl UserActor {
                         Box::pin(std::future::ready(rep))
                     }
                 };
-                self.pending.push_back(reply);
+                self.pending
+                    .get_or_insert_with(FuturesOrdered::new)
+                    .push_back(reply);
             }
             ClientMsg::History(m) => {
                 let rep = match self.history_page(&m).await {

@@ -83,7 +83,16 @@ struct Reader<S> {
 }
 
 /// Serves one upgraded websocket until it closes.
-pub(crate) async fn serve<S>(ws: WebSocketStream<S>, id: ConnId, ctx: Arc<ConnCtx>)
+///
+/// Not an `async fn`: one keeps its arguments (here the whole websocket)
+/// in the state machine beside what they were moved into, for the
+/// connection's life. The set-up runs here; the returned future holds only
+/// the reader and the writer's handle.
+pub(crate) fn serve<S>(
+    ws: WebSocketStream<S>,
+    id: ConnId,
+    ctx: Arc<ConnCtx>,
+) -> impl std::future::Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -113,16 +122,21 @@ where
         ctx,
         bad_frames: 0,
     };
-    let peer_closed = match reader.login().await {
-        Some(inbound) => reader.forward(inbound).await,
-        None => false,
-    };
-    if !peer_closed {
-        reader.drain().await;
+    async move {
+        // The login phase (its deadline timer, the world's reply) and the
+        // closing drain are boxed: the task keeps room only for the phase
+        // it is in, and an idle connection spends its life in `forward`.
+        let peer_closed = match Box::pin(reader.login()).await {
+            Some(inbound) => reader.forward(inbound).await,
+            None => false,
+        };
+        if !peer_closed {
+            Box::pin(reader.drain()).await;
+        }
+        reader.done.cancel();
+        reader.conn.reader_gone();
+        let _ = writer.await;
     }
-    reader.done.cancel();
-    reader.conn.reader_gone();
-    let _ = writer.await;
 }
 
 impl<S> Reader<S>
@@ -341,19 +355,21 @@ where
                 }
                 continue;
             };
-            match codec::decode_client(&frame) {
-                Ok(msg) => {
-                    // Waits while the user actor is busy: backpressure.
-                    // Fails once the actor has moved to another connection.
-                    if inbound.send(Inbound::Request(Box::new(msg))).await.is_err() {
-                        return false;
-                    }
-                }
+            // Boxed before the await: a `ClientMsg` bound across it would
+            // take room in every reader's state machine.
+            let req = match codec::decode_client(&frame) {
+                Ok(msg) => Inbound::Request(Box::new(msg)),
                 Err(e) => {
                     if !self.decode_failed(&frame, e) {
                         return false;
                     }
+                    continue;
                 }
+            };
+            // Waits while the user actor is busy: backpressure. Fails once
+            // the actor has moved to another connection.
+            if inbound.send(req).await.is_err() {
+                return false;
             }
         }
     }

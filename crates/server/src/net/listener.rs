@@ -21,10 +21,13 @@ use super::conn::{self, ConnCtx};
 use crate::ids::ConnId;
 use crate::stats::Stats;
 
-/// tungstenite's read buffer per connection. Its default (128 KiB) would be
-/// most of an idle connection's memory; the largest legal message is
-/// `MAX_FRAME_BYTES`, and the buffer grows on demand for it.
-const READ_BUFFER: usize = 2 * 1024;
+/// tungstenite's read buffer per connection, allocated at the upgrade and
+/// kept for the connection's life, so every idle connection pays it. Its
+/// default (128 KiB) would be most of an idle connection's memory. Client
+/// frames are small (a chat line, a heartbeat); the largest legal message
+/// is `MAX_FRAME_BYTES`, and the buffer grows on demand for it (and comes
+/// back to this size once that frame is consumed).
+const READ_BUFFER: usize = 1024;
 /// Frames are collected up to this size before a write syscall (the writer
 /// task flushes after each batch anyway).
 const WRITE_BUFFER: usize = 16 * 1024;
@@ -85,21 +88,32 @@ async fn handle(
     tls: Option<TlsAcceptor>,
     ctx: Arc<ConnCtx>,
 ) {
-    let deadline = ctx.config.limits.login_timeout();
-    // Every sub-future is boxed: a connection task's state machine is as
-    // large as its largest branch (TLS handshake, websocket handshake,
-    // plain or TLS session), and an idle connection would carry all that
-    // room for its whole life. Boxed, it keeps only the session it runs.
+    // Every sub-future is boxed, and no value that is moved into one is
+    // bound across an await (a moved-from local still takes room in the
+    // state machine): a connection task is as large as its largest branch
+    // (TLS handshake, websocket handshake, plain or TLS session), and an
+    // idle connection would carry all that room for its whole life.
+    // Boxed, it keeps only the session it runs.
     match tls {
         None => Box::pin(upgrade(tcp, id, ctx)).await,
-        Some(acceptor) => {
-            match tokio::time::timeout(deadline, Box::pin(acceptor.accept(tcp))).await {
-                Ok(Ok(stream)) => Box::pin(upgrade(stream, id, ctx)).await,
-                Ok(Err(e)) => debug!(%addr, error = %e, "TLS handshake failed"),
-                Err(_) => debug!(%addr, "TLS handshake timed out"),
-            }
-        }
+        Some(acceptor) => Box::pin(tls_upgrade(tcp, addr, id, acceptor, ctx)).await,
     }
+}
+
+async fn tls_upgrade(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    id: ConnId,
+    acceptor: TlsAcceptor,
+    ctx: Arc<ConnCtx>,
+) {
+    let deadline = ctx.config.limits.login_timeout();
+    let session = match tokio::time::timeout(deadline, Box::pin(acceptor.accept(tcp))).await {
+        Ok(Ok(stream)) => Box::pin(upgrade(stream, id, ctx)),
+        Ok(Err(e)) => return debug!(%addr, error = %e, "TLS handshake failed"),
+        Err(_) => return debug!(%addr, "TLS handshake timed out"),
+    };
+    session.await
 }
 
 async fn upgrade<S>(stream: S, id: ConnId, ctx: Arc<ConnCtx>)
@@ -111,12 +125,13 @@ where
         stream,
         Some(websocket_config()),
     ));
-    match tokio::time::timeout(deadline, ws).await {
+    let session = match tokio::time::timeout(deadline, ws).await {
         Ok(Ok(ws)) => {
             Stats::bump(&ctx.stats.connections);
-            Box::pin(conn::serve(ws, id, ctx)).await;
+            Box::pin(conn::serve(ws, id, ctx))
         }
-        Ok(Err(e)) => debug!(error = %e, "websocket upgrade failed"),
-        Err(_) => debug!("websocket upgrade timed out"),
-    }
+        Ok(Err(e)) => return debug!(error = %e, "websocket upgrade failed"),
+        Err(_) => return debug!("websocket upgrade timed out"),
+    };
+    session.await
 }

@@ -13,6 +13,7 @@
 //! reading. When sheddable notifications were dropped for this client, it
 //! tells the client how many once its queue has drained.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use futures_util::SinkExt;
 use guildchat_protocol::{codec, pb, KickReason, MsgId};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
+use tokio::time::Sleep;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -48,108 +50,122 @@ pub(crate) fn close_message(code: u16) -> Message {
 
 /// Runs until the connection is closed. `done` is cancelled on exit, and
 /// ends the writer when the reader cancels it first.
-pub(crate) async fn run<S>(
+///
+/// A plain async block rather than an `async fn`, which would keep a
+/// second copy of its arguments in every writer's task.
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn run<S>(
     mut sink: Sink<S>,
     mut rx: mpsc::Receiver<Outbound>,
     shared: Arc<Shared>,
     done: CancellationToken,
     ping_every: Duration,
     coalesce: Duration,
-) where
+) -> impl std::future::Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut batch = Vec::with_capacity(8);
-    // Polled only while a write is stuck: registering a waiter on a token
-    // takes its lock, too dear for every wake-up. Otherwise the writer waits
-    // on its queue alone and reads the kill flag after each wake-up.
-    let kill = shared.kill.cancelled();
-    tokio::pin!(kill);
-    // When the last batch was written; far enough back that the first frame
-    // never waits.
-    let now = tokio::time::Instant::now();
-    let mut last_write = now.checked_sub(coalesce).unwrap_or(now);
-    loop {
-        if shared.is_killed() {
-            let (reason, code) = shared.verdict();
-            killed(&mut sink, reason, code).await;
-            break;
-        }
-        if shared.is_reader_gone() {
-            break;
-        }
-        let close = tokio::select! {
-            biased;
-            first = rx.recv() => {
-                let Some(first) = first else {
-                    // Every handle dropped: the session ended without a
-                    // reason to give.
-                    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(close_message(1000))).await;
-                    break;
-                };
-                batch.clear();
-                let cork = last_write + coalesce;
-                let frame = matches!(first, Outbound::Frame(_));
-                batch.push(first);
-                if frame && tokio::time::Instant::now() < cork {
-                    tokio::select! {
-                        biased;
-                        _ = &mut kill => {}
-                        _ = tokio::time::sleep_until(cork) => {}
-                    }
-                }
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(next) => batch.push(next),
-                        Err(_) => break,
-                    }
-                }
-                let written = tokio::select! {
-                    biased;
-                    r = write_batch(&mut sink, &mut batch, &shared) => Some(r),
-                    _ = &mut kill => None,
-                };
-                last_write = tokio::time::Instant::now();
-                match written {
-                    Some(Ok(true)) => true,
-                    Some(Ok(false)) => {
-                        if rx.is_empty() && shed_notice(&mut sink, &shared).await.is_err() {
-                            break;
+    async move {
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Polled only while a write is stuck: registering a waiter on a token
+        // takes its lock, too dear for every wake-up. Otherwise the writer waits
+        // on its queue alone and reads the kill flag after each wake-up.
+        let kill = shared.kill.cancelled();
+        tokio::pin!(kill);
+        // When the last batch was written; far enough back that the first frame
+        // never waits.
+        let now = tokio::time::Instant::now();
+        let mut last_write = now.checked_sub(coalesce).unwrap_or(now);
+        // The cork timer, allocated the first time this connection corks: an
+        // inline one would take room in every idle writer's task.
+        let mut cork_timer: Option<Pin<Box<Sleep>>> = None;
+        loop {
+            if shared.is_killed() {
+                let (reason, code) = shared.verdict();
+                // Boxed, like every once-only path: the task is as large as
+                // the largest future it holds across an await.
+                Box::pin(killed(&mut sink, reason, code)).await;
+                break;
+            }
+            if shared.is_reader_gone() {
+                break;
+            }
+            let close = tokio::select! {
+                biased;
+                first = rx.recv() => {
+                    let Some(first) = first else {
+                        // Every handle dropped: the session ended without a
+                        // reason to give.
+                        let _ = Box::pin(tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(close_message(1000)))).await;
+                        break;
+                    };
+                    let cork = last_write + coalesce;
+                    let frame = matches!(first, Outbound::Frame(_));
+                    if frame && tokio::time::Instant::now() < cork {
+                        let timer = match &mut cork_timer {
+                            Some(timer) => {
+                                timer.as_mut().reset(cork);
+                                timer
+                            }
+                            None => cork_timer.insert(Box::pin(tokio::time::sleep_until(cork))),
+                        };
+                        tokio::select! {
+                            biased;
+                            _ = &mut kill => {}
+                            _ = timer.as_mut() => {}
                         }
-                        false
                     }
-                    // The socket failed: nothing more can be written.
-                    Some(Err(())) => break,
-                    // Killed while the socket was full: the loop's check
-                    // writes the notice and close frame, best effort.
-                    None => false,
+                    let written = tokio::select! {
+                        biased;
+                        r = write_batch(&mut sink, first, &mut rx, &shared) => Some(r),
+                        _ = &mut kill => None,
+                    };
+                    last_write = tokio::time::Instant::now();
+                    match written {
+                        Some(Ok(true)) => true,
+                        Some(Ok(false)) => {
+                            if rx.is_empty() && shed_notice(&mut sink, &shared).await.is_err() {
+                                break;
+                            }
+                            false
+                        }
+                        // The socket failed: nothing more can be written.
+                        Some(Err(())) => break,
+                        // Killed while the socket was full: the loop's check
+                        // writes the notice and close frame, best effort.
+                        None => false,
+                    }
                 }
-            }
-            _ = ping.tick() => {
-                let ping = tokio::select! {
-                    biased;
-                    r = sink.send(Message::Ping(Bytes::new())) => r,
-                    _ = &mut kill => continue,
-                };
-                if ping.is_err() {
-                    break;
+                _ = ping.tick() => {
+                    let ping = tokio::select! {
+                        biased;
+                        r = sink.send(Message::Ping(Bytes::new())) => r,
+                        _ = &mut kill => continue,
+                    };
+                    if ping.is_err() {
+                        break;
+                    }
+                    false
                 }
-                false
+            };
+            if close {
+                break;
             }
-        };
-        if close {
-            break;
         }
+        done.cancel();
     }
-    done.cancel();
 }
 
-/// Writes a batch and flushes once, then reports the drained bytes.
-/// Ok(true) when the batch ended with a close frame.
+/// Writes `first` and whatever else is already queued (up to [`MAX_BATCH`]
+/// frames), flushes once, then reports the drained bytes. Ok(true) when
+/// the batch ended with a close frame. Frames go from the queue straight
+/// to the sink: no batch buffer, which every connection would keep.
 async fn write_batch<S>(
     sink: &mut Sink<S>,
-    batch: &mut Vec<Outbound>,
+    first: Outbound,
+    rx: &mut mpsc::Receiver<Outbound>,
     shared: &Shared,
 ) -> Result<bool, ()>
 where
@@ -157,7 +173,11 @@ where
 {
     let mut closing = false;
     let mut bytes = 0;
-    for item in batch.drain(..) {
+    let mut next = Some(first);
+    for _ in 0..MAX_BATCH {
+        let Some(item) = next.take().or_else(|| rx.try_recv().ok()) else {
+            break;
+        };
         let msg = match item {
             Outbound::Wake => continue,
             Outbound::Frame(frame) => {
@@ -213,4 +233,34 @@ where
         sink.send(close_message(code)).await
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    /// Every connection keeps a writer task for its whole life, so the
+    /// writer's state machine is per-connection memory: what it holds across
+    /// its idle await must stay small (once-only paths are boxed).
+    #[tokio::test]
+    async fn an_idle_writer_task_stays_small() {
+        let (io, _peer) = tokio::io::duplex(64);
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+        let (sink, _stream) = ws.split();
+        let (_tx, rx) = mpsc::channel(8);
+        let shared = Shared::new();
+        let done = CancellationToken::new();
+        let writer = run(
+            sink,
+            rx,
+            shared,
+            done,
+            Duration::from_secs(15),
+            Duration::from_millis(5),
+        );
+        let size = std::mem::size_of_val(&writer);
+        assert!(size <= 768, "writer future is {size} bytes");
+    }
 }

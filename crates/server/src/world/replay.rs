@@ -113,34 +113,55 @@ pub struct Resume {
     pub missed: u64,
 }
 
-/// A player's two replay rings.
+/// A player's two replay rings, allocated on the first notification: the
+/// registry keeps one of these inline per player, and a player who has
+/// received nothing costs 16 bytes instead of two rings' bookkeeping.
 #[derive(Debug)]
 pub struct Replay {
+    rings: Option<Box<Rings>>,
+    keep_cap: u32,
+    shed_cap: u32,
+}
+
+#[derive(Debug)]
+struct Rings {
     keep: Ring,
     shed: Ring,
 }
 
 impl Replay {
     pub fn new(keep: usize, shed: usize) -> Self {
+        // Config validation bounds both far below u32::MAX.
+        let cap = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         Replay {
-            keep: Ring::new(keep),
-            shed: Ring::new(shed),
+            rings: None,
+            keep_cap: cap(keep),
+            shed_cap: cap(shed),
         }
     }
 
     /// Records a notification addressed to this player. msg_ids arrive in
     /// increasing order (the world actor assigns them as it fans out).
     pub fn record(&mut self, msg_id: u64, frame: Bytes, priority: Priority) {
+        let (keep, shed) = (self.keep_cap as usize, self.shed_cap as usize);
+        let rings = self.rings.get_or_insert_with(|| {
+            Box::new(Rings {
+                keep: Ring::new(keep),
+                shed: Ring::new(shed),
+            })
+        });
         match priority {
-            Priority::Keep => self.keep.push(msg_id, frame),
-            Priority::Sheddable => self.shed.push(msg_id, frame),
+            Priority::Keep => rings.keep.push(msg_id, frame),
+            Priority::Sheddable => rings.shed.push(msg_id, frame),
         }
     }
 
     /// Age eviction for both rings (see [`Ring::expire`]).
     pub fn expire(&mut self, cutoff: u64) {
-        self.keep.expire(cutoff);
-        self.shed.expire(cutoff);
+        if let Some(rings) = &mut self.rings {
+            rings.keep.expire(cutoff);
+            rings.shed.expire(cutoff);
+        }
     }
 
     /// Everything newer than `after`, merged in msg_id order. `world` is
@@ -148,7 +169,10 @@ impl Replay {
     /// what was broadcast during the session is its to replay (`None` when
     /// the player masks world chat).
     pub fn since(&self, after: u64, world: Option<(&Ring, u64)>) -> Resume {
-        let mut rings = vec![(&self.keep, after), (&self.shed, after)];
+        let mut rings = Vec::with_capacity(3);
+        if let Some(own) = &self.rings {
+            rings.extend([(&own.keep, after), (&own.shed, after)]);
+        }
         if let Some((ring, began)) = world {
             rings.push((ring, after.max(began)));
         }
@@ -277,7 +301,7 @@ mod tests {
         for id in 1..=200 {
             r.record(id, frame(id), Priority::Keep);
         }
-        let grown = r.keep.entries.capacity();
+        let grown = r.rings.as_ref().unwrap().keep.entries.capacity();
         r.expire(190);
         let resume = r.since(100, None);
         assert_eq!(ids(&resume), (191..=200).collect::<Vec<_>>());
@@ -288,7 +312,10 @@ mod tests {
         );
         assert_eq!(r.since(150, None).missed, 40, "exact within the window");
         assert!(!r.since(190, None).gap);
-        assert!(r.keep.entries.capacity() < grown / 4, "memory given back");
+        assert!(
+            r.rings.as_ref().unwrap().keep.entries.capacity() < grown / 4,
+            "memory given back"
+        );
         // Nothing newer than the cutoff is touched.
         r.expire(0);
         assert_eq!(r.since(0, None).frames.len(), 10);

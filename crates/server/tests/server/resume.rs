@@ -254,8 +254,11 @@ async fn a_stalled_reader_is_shed_then_cut_and_resumes_without_losing_whispers()
         c.limits.outbound_bytes = 8 * 1024;
         c.limits.socket_send_buffer = 8 * 1024;
         c.session.replay_buffer = 64;
-        // Delivery only: waiting for durable acks would stretch the flood
-        // past the stall timeout.
+        // The client is cut for a full queue here, not for stalling: the
+        // flood (a round trip per line) may take longer than the default
+        // stall timeout on a loaded machine.
+        c.limits.stall_timeout_ms = 120_000;
+        // Delivery only: waiting for durable acks would stretch the flood.
         c.history.enabled = false;
     })
     .await;
