@@ -790,6 +790,17 @@ impl Runner {
                 Some(report::round3(t.received as f64 / (s2.cpu_s - s1.cpu_s)));
         }
         r.latency = Some(LatencySummary::of(&rep.all_latency()));
+        // Per channel (the tag's step is the channel in `mix`): world lines
+        // reach every player, so their tail is the time one broadcast takes.
+        for (step, h) in &rep.latency {
+            let name = guildchat_protocol::ChatType::try_from(*step as i32).map_or_else(
+                |_| format!("channel {step}"),
+                |c| c.as_str_name().to_lowercase(),
+            );
+            let l = LatencySummary::of(h);
+            r.extra.insert(format!("latency p50 ms, {name}"), l.p50_ms);
+            r.extra.insert(format!("latency p99 ms, {name}"), l.p99_ms);
+        }
         let acc = Accounting::new(t.expected, t.received, t.shed, t.missed, t.dup);
         r.accounting = Some(acc);
         for (k, v) in [

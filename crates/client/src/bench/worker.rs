@@ -772,8 +772,11 @@ impl Player {
             m.world = now + self.rng.exp(world_mean);
             lines.push((ChatType::ChatWorld, 0, u64::from(l.clients)));
         }
+        // `mix` has no steps: the tag's step names the channel instead, so
+        // latency can be reported per channel.
         for (channel, target, audience) in lines {
-            self.send_chat(channel, target, 0, audience).await?;
+            self.send_chat(channel, target, channel as u32, audience)
+                .await?;
         }
         // unwrap: only taken while reconnecting, finished before this.
         self.conn.as_mut().unwrap().flush().await?;
