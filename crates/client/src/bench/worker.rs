@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
+use futures_util::FutureExt;
 use guildchat_auth::{Claims, KeyRing};
 use guildchat_protocol::{codec, pb, ChatType, ClientMsg, MsgId, ServerMsg};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -33,6 +34,10 @@ use super::plan::{Cmd, Note, Plan, TargetKind};
 use super::tally::{self, Counters, Shards, Steps};
 use super::wire::{self, Tag};
 
+
+/// Most frames a player handles from one wake-up before it looks at its
+/// timers and the phase again.
+const DRAIN_BURST: usize = 64;
 /// How long one client may take to connect and log in before it counts as
 /// a failure.
 const CONNECT_LIMIT: Duration = Duration::from_secs(30);
@@ -622,16 +627,31 @@ impl Player {
                     }
                 }
                 frame = conn.next_frame(), if !stopped => {
-                    match frame {
-                        Ok(Frame::Closed(code)) => {
-                            self.lost_connection(code);
-                            break;
+                    // Then whatever else is already buffered, without
+                    // building this select again for each frame: several
+                    // frames often arrive in one read.
+                    let mut next = Some(frame);
+                    let mut handled = 0;
+                    let mut over = false;
+                    while let Some(frame) = next.take() {
+                        match frame {
+                            Ok(Frame::Closed(code)) => {
+                                self.lost_connection(code);
+                                over = true;
+                            }
+                            Ok(frame) => self.on_frame(frame),
+                            Err(_) => {
+                                self.lost_connection(None);
+                                over = true;
+                            }
                         }
-                        Ok(frame) => self.on_frame(frame),
-                        Err(_) => {
-                            self.lost_connection(None);
-                            break;
+                        handled += 1;
+                        if !over && handled < DRAIN_BURST {
+                            next = self.conn.as_mut().and_then(|c| c.next_frame().now_or_never());
                         }
+                    }
+                    if over {
+                        break;
                     }
                 }
                 _ = tokio::time::sleep_until(due) => {}
