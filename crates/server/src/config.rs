@@ -120,7 +120,8 @@ pub struct LimitsConfig {
     /// `outbound_queue`.
     pub outbound_bytes: usize,
     /// A client whose queue has not drained at all for this long is a slow
-    /// consumer, even if the queue is not full.
+    /// consumer, even if the queue is not full (checked on the world's
+    /// one-second tick).
     pub stall_timeout_ms: u64,
     /// SO_SNDBUF for client sockets, in bytes; 0 keeps the kernel's
     /// auto-tuning (up to megabytes per socket). The default, 64 KiB, bounds

@@ -34,7 +34,6 @@ use super::plan::{Cmd, Note, Plan, TargetKind};
 use super::tally::{self, Counters, Shards, Steps};
 use super::wire::{self, Tag};
 
-
 /// Most frames a player handles from one wake-up before it looks at its
 /// timers and the phase again.
 const DRAIN_BURST: usize = 64;

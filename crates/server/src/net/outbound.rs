@@ -62,9 +62,14 @@ pub enum Priority {
 pub(crate) struct Shared {
     /// Bytes queued and not yet written.
     pub(crate) queued_bytes: AtomicUsize,
-    /// Milliseconds since `epoch` when the queue last drained or last went
-    /// from empty to non-empty: the stall clock.
-    progress_ms: AtomicU64,
+    /// Batches written so far: the writer's progress, counted instead of
+    /// timed so that no clock is read per frame.
+    drains: AtomicU64,
+    /// The stall rule's memory, touched only by the world's tick: `drains`
+    /// as last seen, and since when (ms after `epoch`, 0: not stalled) the
+    /// queue has been non-empty without a drain.
+    drains_seen: AtomicU64,
+    stalled_since_ms: AtomicU64,
     epoch: Instant,
     /// Sheddable frames dropped since the last shed notice, and in total.
     pub(crate) shed_pending: AtomicU32,
@@ -83,7 +88,9 @@ impl Shared {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Shared {
             queued_bytes: AtomicUsize::new(0),
-            progress_ms: AtomicU64::new(0),
+            drains: AtomicU64::new(0),
+            drains_seen: AtomicU64::new(0),
+            stalled_since_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             shed_pending: AtomicU32::new(0),
             shed_total: AtomicU64::new(0),
@@ -98,21 +105,28 @@ impl Shared {
     /// The writer reports progress: `n` bytes left the queue.
     pub(crate) fn drained(&self, n: usize) {
         self.queued_bytes.fetch_sub(n, Ordering::AcqRel);
-        self.touch();
+        self.drains.fetch_add(1, Ordering::Release);
     }
 
-    fn touch(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.progress_ms.store(ms, Ordering::Release);
-    }
-
-    /// How long the queue has been non-empty without draining.
+    /// Called once per world tick: how long the queue has been non-empty
+    /// without the writer draining anything, to within a tick.
     fn stalled_for(&self) -> Duration {
-        if self.queued_bytes.load(Ordering::Acquire) == 0 {
+        let drains = self.drains.load(Ordering::Acquire);
+        let moved = self.drains_seen.swap(drains, Ordering::AcqRel) != drains;
+        if moved || self.queued_bytes.load(Ordering::Acquire) == 0 {
+            self.stalled_since_ms.store(0, Ordering::Release);
             return Duration::ZERO;
         }
-        let now = self.epoch.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.progress_ms.load(Ordering::Acquire)))
+        // +1: 0 means "not stalled".
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let since = match self.stalled_since_ms.load(Ordering::Acquire) {
+            0 => {
+                self.stalled_since_ms.store(now, Ordering::Release);
+                now
+            }
+            since => since,
+        };
+        Duration::from_millis(now - since)
     }
 
     /// The notice to write before the close frame, if any, and the code.
@@ -190,10 +204,6 @@ impl ConnTx {
         if before + len > self.max_bytes && before > 0 {
             self.shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             return Err(SendError::Full);
-        }
-        if before == 0 {
-            // The stall clock starts when the queue stops being empty.
-            self.shared.touch();
         }
         match self.frames.try_send(Outbound::Frame(frame)) {
             Ok(()) => Ok(()),
@@ -283,9 +293,10 @@ impl ConnTx {
     }
 
     /// Applies the stall rule: a queue that has not drained for `limit` is
-    /// a slow consumer. Returns whether it fired.
+    /// a slow consumer. Returns whether it fired. Meant to be called once
+    /// per world tick (the rule is exact to within a tick).
     pub fn check_stall(&self, limit: Duration, stats: &Stats) -> bool {
-        if !self.shared.kill.is_cancelled() && self.shared.stalled_for() > limit {
+        if !self.shared.kill.is_cancelled() && self.shared.stalled_for() >= limit {
             slow_consumer(self, stats);
             return true;
         }

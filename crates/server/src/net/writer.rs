@@ -103,7 +103,12 @@ where
                     };
                     let cork = last_write + coalesce;
                     let frame = matches!(first, Outbound::Frame(_));
-                    if frame && tokio::time::Instant::now() < cork {
+                    // One clock read per batch: the batch counts as written
+                    // when it starts, at once or when the cork ends.
+                    let now = tokio::time::Instant::now();
+                    last_write = now;
+                    if frame && now < cork {
+                        last_write = cork;
                         let timer = match &mut cork_timer {
                             Some(timer) => {
                                 timer.as_mut().reset(cork);
@@ -122,7 +127,6 @@ where
                         r = write_batch(&mut sink, first, &mut rx, &shared) => Some(r),
                         _ = &mut kill => None,
                     };
-                    last_write = tokio::time::Instant::now();
                     match written {
                         Some(Ok(true)) => true,
                         Some(Ok(false)) => {
