@@ -1,5 +1,5 @@
 //! The user actor: one per logged-in player, owning that player's chat
-//! state: identity, channel mask, per-channel cooldown clocks and mute.
+//! state: channel mask, per-channel cooldown clocks and mute.
 //!
 //! It reads two inputs: requests decoded by the current connection's reader,
 //! and control messages from the world actor (takeover, mute). It survives
@@ -46,23 +46,24 @@ const CHANNELS: usize = 7;
 
 /// What a connection's reader hands the user actor.
 ///
-/// Variants are boxed: a tokio channel allocates its slots 32 at a time
-/// when it is created, so every idle connection pays 32 × the size of this
-/// enum. Boxed, that is 512 bytes instead of about 5 KiB.
+/// It travels boxed (the queue carries `Box<Inbound>`): a tokio channel
+/// allocates its slots 32 at a time when it is created, so every idle
+/// connection pays 32 × the size of a slot. A pointer makes that 256 bytes
+/// instead of about 5 KiB.
 #[derive(Debug)]
 pub enum Inbound {
     /// A decoded request.
-    Request(Box<ClientMsg>),
+    Request(ClientMsg),
     /// The payload of a websocket pong: proof that the client has read
     /// every frame queued before the matching ping.
-    Pong(Box<Bytes>),
+    Pong(Bytes),
 }
 
-/// Messages from the world actor.
+/// Messages from the world actor. The mailbox carries them boxed, to keep
+/// its preallocated slots small (see [`Inbound`]).
 pub(crate) enum UserMsg {
-    /// Takeover: from now on, talk to this connection. Boxed to keep the
-    /// mailbox's preallocated slots small (see [`Inbound`]).
-    Attach(Box<Attach>),
+    /// Takeover: from now on, talk to this connection.
+    Attach(Attach),
     /// Mute for this long from now; `None` lifts it.
     Mute { duration: Option<Duration> },
 }
@@ -70,31 +71,33 @@ pub(crate) enum UserMsg {
 /// A new connection's ends, handed over on takeover or resume.
 pub(crate) struct Attach {
     pub conn: ConnTx,
-    pub inbound: mpsc::Receiver<Inbound>,
+    pub inbound: mpsc::Receiver<Box<Inbound>>,
 }
 
 /// The world's handle to a user actor. Only the world's registry holds one,
 /// so removing the player from the registry ends the actor.
 #[derive(Debug)]
 pub struct UserHandle {
-    tx: mpsc::Sender<UserMsg>,
+    tx: mpsc::Sender<Box<UserMsg>>,
 }
 
 impl UserHandle {
     pub(crate) fn spawn(
         identity: Identity,
         conn: ConnTx,
-        inbound: mpsc::Receiver<Inbound>,
+        inbound: mpsc::Receiver<Box<Inbound>>,
         world: WorldHandle,
         history: Option<HistoryHandle>,
         config: Arc<Config>,
         stats: Arc<Stats>,
     ) -> UserHandle {
         let (tx, mailbox) = mpsc::channel(USER_MAILBOX);
+        // The rest of the identity (name, groups) is the world's business;
+        // the name only goes into the span.
+        let span = info_span!("user", user = %identity.user, name = %identity.name);
         let mut actor = UserActor {
             history,
             id: identity.user,
-            identity,
             conn: Some(conn),
             inbound: Some(inbound),
             mailbox,
@@ -103,21 +106,20 @@ impl UserHandle {
             stats,
             mask: 0,
             pending: None,
-            ready_at: [None; CHANNELS],
+            ready_at: None,
             muted_until: None,
         };
         // The actor is moved into a plain async block and `run` borrows it:
         // an `async fn` taking `self` by value (or `#[instrument]` on one)
         // keeps a second copy of its arguments (or of the whole inner
         // future) in the state machine, and every idle actor would pay it.
-        let span = info_span!("user", user = %actor.id, name = %actor.identity.name);
         tokio::spawn(async move { actor.run().await }.instrument(span));
         UserHandle { tx }
     }
 
     /// Never waits; false if the actor is gone or its mailbox is full.
     pub(crate) fn try_send(&self, msg: UserMsg) -> bool {
-        self.tx.try_send(msg).is_ok()
+        self.tx.try_send(Box::new(msg)).is_ok()
     }
 }
 
@@ -133,31 +135,32 @@ impl std::fmt::Debug for UserMsg {
 struct UserActor {
     history: Option<HistoryHandle>,
     id: UserId,
-    identity: Identity,
     conn: Option<ConnTx>,
-    inbound: Option<mpsc::Receiver<Inbound>>,
-    mailbox: mpsc::Receiver<UserMsg>,
+    inbound: Option<mpsc::Receiver<Box<Inbound>>>,
+    mailbox: mpsc::Receiver<Box<UserMsg>>,
     world: WorldHandle,
     config: Arc<Config>,
     stats: Arc<Stats>,
     mask: u32,
     /// Chat replies waiting for the store, in request order. A player's
     /// next requests are handled meanwhile, so one fsync does not stall
-    /// them. Only present while some are waiting: an empty FuturesOrdered
-    /// still holds an allocation, which every idle player would pay.
-    pending: Option<FuturesOrdered<PendingReply>>,
-    /// When each channel may be used again.
-    ready_at: [Option<Instant>; CHANNELS],
+    /// them. Only present while some are waiting, and boxed: an empty
+    /// FuturesOrdered still holds an allocation, and an inline one takes
+    /// room in the task, which every idle player would pay.
+    pending: Option<Box<FuturesOrdered<PendingReply>>>,
+    /// When each channel may be used again; allocated on the first chat
+    /// line, so a player who never chats does not carry it.
+    ready_at: Option<Box<[Option<Instant>; CHANNELS]>>,
     muted_until: Option<Instant>,
 }
 
 /// The next settled chat reply; called only while some are waiting.
-async fn next_reply(pending: &mut Option<FuturesOrdered<PendingReply>>) -> Option<Bytes> {
+async fn next_reply(pending: &mut Option<Box<FuturesOrdered<PendingReply>>>) -> Option<Bytes> {
     pending.as_mut()?.next().await
 }
 
 /// Waits for the next request, or forever when no connection is attached.
-async fn next_request(inbound: &mut Option<mpsc::Receiver<Inbound>>) -> Option<Inbound> {
+async fn next_request(inbound: &mut Option<mpsc::Receiver<Box<Inbound>>>) -> Option<Box<Inbound>> {
     match inbound {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -175,8 +178,8 @@ impl UserActor {
             tokio::select! {
                 msg = self.mailbox.recv() => match msg {
                     Some(msg) => {
-                        let attached = matches!(msg, UserMsg::Attach(_));
-                        self.control(msg);
+                        let attached = matches!(*msg, UserMsg::Attach(_));
+                        self.control(*msg);
                         if attached {
                             Box::pin(self.deliver_offline()).await;
                         }
@@ -191,8 +194,7 @@ impl UserActor {
                     self.reply(reply);
                 }
                 req = next_request(&mut self.inbound), if self.pending_len() < MAX_PENDING_REPLIES => match req {
-                    Some(Inbound::Request(req)) => Box::pin(self.request(*req)).await,
-                    Some(Inbound::Pong(payload)) => Box::pin(self.pong(*payload)).await,
+                    Some(input) => Box::pin(self.input(input)).await,
                     None => Box::pin(self.connection_lost()).await,
                 },
             }
@@ -201,13 +203,12 @@ impl UserActor {
     }
 
     fn pending_len(&self) -> usize {
-        self.pending.as_ref().map_or(0, FuturesOrdered::len)
+        self.pending.as_ref().map_or(0, |p| p.len())
     }
 
     fn control(&mut self, msg: UserMsg) {
         match msg {
-            UserMsg::Attach(attach) => {
-                let Attach { conn, inbound } = *attach;
+            UserMsg::Attach(Attach { conn, inbound }) => {
                 if let Some(old) = self.conn.replace(conn) {
                     old.kick(KickReason::KickLoggedInElsewhere);
                 }
@@ -246,6 +247,15 @@ impl UserActor {
         }
         conn.barrier(Bytes::from(format!("{OFFLINE_ACK}{last}")));
         Stats::add(&self.stats.offline_delivered, pending.len() as u64);
+    }
+
+    /// One input from the connection, unboxed here rather than in `run`:
+    /// what `run` binds across an await takes room in every idle actor.
+    async fn input(&mut self, input: Box<Inbound>) {
+        match *input {
+            Inbound::Request(req) => self.request(req).await,
+            Inbound::Pong(payload) => self.pong(payload).await,
+        }
     }
 
     /// A barrier came back: the client has the offline whispers up to the
@@ -318,7 +328,7 @@ impl UserActor {
                     }
                 };
                 self.pending
-                    .get_or_insert_with(FuturesOrdered::new)
+                    .get_or_insert_with(|| Box::new(FuturesOrdered::new()))
                     .push_back(reply);
             }
             ClientMsg::History(m) => {
@@ -384,7 +394,8 @@ impl UserActor {
             return Err((ResCode::ResTextTooLong, none));
         }
         let slot = channel as usize;
-        if let Some(ready) = self.ready_at[slot].filter(|t| now < *t) {
+        let ready_at = self.ready_at.as_ref().and_then(|r| r[slot]);
+        if let Some(ready) = ready_at.filter(|t| now < *t) {
             return Err((ResCode::ResOnCooldown, ready - now));
         }
         let target = match (m.targetid, m.targetname.is_empty()) {
@@ -401,7 +412,8 @@ impl UserActor {
         let outcome = self.world.chat(line).await.map_err(|code| (code, none))?;
         // The clock starts when the world accepts the line; it lives in
         // this actor, so neither a reconnect nor a takeover resets it.
-        self.ready_at[slot] = Some(now + rule.cooldown());
+        self.ready_at
+            .get_or_insert_with(|| Box::new([None; CHANNELS]))[slot] = Some(now + rule.cooldown());
         Ok(Accepted {
             msg_id: outcome.msg_id.0,
             cooldown: rule.cooldown(),

@@ -69,9 +69,10 @@ enum Event {
 struct Reader<S> {
     stream: SplitStream<WebSocketStream<S>>,
     conn: ConnTx,
+    /// The connection's kill switch: cancelled by a kill, by the writer when
+    /// it ends, and by this reader when it ends, so each task stops the other.
     done: CancellationToken,
-    /// Fires when `done` is cancelled (a child of the kill switch, so a
-    /// kill fires it too). Created once per connection: registering a
+    /// Fires when `done` is cancelled. Created once per connection: registering a
     /// waiter takes the token's lock.
     closing: Pin<Box<WaitForCancellationFutureOwned>>,
     /// One timer for the idle limit, re-armed lazily from `last_seen`
@@ -99,13 +100,12 @@ where
     let (sink, stream) = ws.split();
     let (tx, rx) = mpsc::channel(ctx.config.limits.outbound_queue);
     let shared = Shared::new();
-    let done = shared.kill.child_token();
+    let done = shared.kill.clone();
     let conn = ConnTx::new(id, tx, shared.clone(), ctx.config.limits.outbound_bytes);
     let writer = tokio::spawn(writer::run(
         sink,
         rx,
         shared.clone(),
-        done.clone(),
         ctx.config.limits.ping_interval(),
         ctx.config.limits.write_coalesce(),
     ));
@@ -230,7 +230,7 @@ where
 
     /// The login handshake. Returns the request queue of the user actor
     /// this connection now feeds, or None if the connection is closing.
-    async fn login(&mut self) -> Option<mpsc::Sender<Inbound>> {
+    async fn login(&mut self) -> Option<mpsc::Sender<Box<Inbound>>> {
         let deadline = Instant::now() + self.ctx.config.limits.login_timeout();
         let shutdown = self.ctx.shutdown.clone();
         loop {
@@ -299,7 +299,7 @@ where
         &mut self,
         req: pb::ChatMessageLoginReq,
         seq: u32,
-    ) -> Option<mpsc::Sender<Inbound>> {
+    ) -> Option<mpsc::Sender<Box<Inbound>>> {
         let checked = self.ctx.auth.check(&req);
         let result = match checked {
             Ok(identity) => {
@@ -333,7 +333,7 @@ where
 
     /// After login: decode and forward until the connection ends. Returns
     /// whether the peer closed.
-    async fn forward(&mut self, inbound: mpsc::Sender<Inbound>) -> bool {
+    async fn forward(&mut self, inbound: mpsc::Sender<Box<Inbound>>) -> bool {
         loop {
             let event = self.next().await;
             if let Some(peer_closed) = self.terminal(&event) {
@@ -341,7 +341,7 @@ where
             }
             if let Event::Pong(payload) = event {
                 if inbound
-                    .send(Inbound::Pong(Box::new(payload)))
+                    .send(Box::new(Inbound::Pong(payload)))
                     .await
                     .is_err()
                 {
@@ -358,7 +358,7 @@ where
             // Boxed before the await: a `ClientMsg` bound across it would
             // take room in every reader's state machine.
             let req = match codec::decode_client(&frame) {
-                Ok(msg) => Inbound::Request(Box::new(msg)),
+                Ok(msg) => Box::new(Inbound::Request(msg)),
                 Err(e) => {
                     if !self.decode_failed(&frame, e) {
                         return false;

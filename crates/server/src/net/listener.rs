@@ -4,7 +4,9 @@
 //! It owns nothing but the listening socket; every connection is a task
 //! tracked by the server's `TaskTracker` so shutdown can wait for it.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +14,10 @@ use std::time::Duration;
 use guildchat_protocol::limits::MAX_FRAME_BYTES;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 
@@ -74,64 +78,90 @@ pub(crate) async fn accept_loop(
             let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(sndbuf as usize);
         }
         let id = ConnId(NEXT_CONN.fetch_add(1, Ordering::Relaxed));
+        let span = info_span!("conn", id = %id, %addr);
+        let deadline = ctx.config.limits.login_timeout();
         let ctx = ctx.clone();
-        let tls = tls.clone();
-        tracker
-            .spawn(handle(tcp, addr, id, tls, ctx).instrument(info_span!("conn", id = %id, %addr)));
+        // One task type per transport, so neither carries room for the
+        // other's session.
+        match &tls {
+            None => {
+                let handshake = Box::pin(websocket(tcp, deadline));
+                tracker.spawn(connection(handshake, id, ctx).instrument(span));
+            }
+            Some(acceptor) => {
+                let handshake = Box::pin(tls_websocket(tcp, addr, acceptor.clone(), deadline));
+                tracker.spawn(connection(handshake, id, ctx).instrument(span));
+            }
+        }
     }
 }
 
-async fn handle(
-    tcp: TcpStream,
-    addr: SocketAddr,
+/// A connection's task: the handshakes, then [`conn::serve`].
+///
+/// Every connection keeps this task for its whole life, so it holds only
+/// what the session needs. The handshakes (TLS, websocket) are boxed
+/// before the task starts and freed when they finish; the session runs
+/// inline (boxing it would cost a second allocation per connection). Not
+/// an `async fn`, and nothing moved into the session is bound across its
+/// await: a moved-from local still takes room in the state machine.
+#[allow(clippy::manual_async_fn)]
+fn connection<S, H>(
+    handshake: Pin<Box<H>>,
     id: ConnId,
-    tls: Option<TlsAcceptor>,
     ctx: Arc<ConnCtx>,
-) {
-    // Every sub-future is boxed, and no value that is moved into one is
-    // bound across an await (a moved-from local still takes room in the
-    // state machine): a connection task is as large as its largest branch
-    // (TLS handshake, websocket handshake, plain or TLS session), and an
-    // idle connection would carry all that room for its whole life.
-    // Boxed, it keeps only the session it runs.
-    match tls {
-        None => Box::pin(upgrade(tcp, id, ctx)).await,
-        Some(acceptor) => Box::pin(tls_upgrade(tcp, addr, id, acceptor, ctx)).await,
-    }
-}
-
-async fn tls_upgrade(
-    tcp: TcpStream,
-    addr: SocketAddr,
-    id: ConnId,
-    acceptor: TlsAcceptor,
-    ctx: Arc<ConnCtx>,
-) {
-    let deadline = ctx.config.limits.login_timeout();
-    let session = match tokio::time::timeout(deadline, Box::pin(acceptor.accept(tcp))).await {
-        Ok(Ok(stream)) => Box::pin(upgrade(stream, id, ctx)),
-        Ok(Err(e)) => return debug!(%addr, error = %e, "TLS handshake failed"),
-        Err(_) => return debug!(%addr, "TLS handshake timed out"),
-    };
-    session.await
-}
-
-async fn upgrade<S>(stream: S, id: ConnId, ctx: Arc<ConnCtx>)
+) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Future<Output = Option<WebSocketStream<S>>> + Send,
 {
-    let deadline = ctx.config.limits.login_timeout();
-    let ws = Box::pin(tokio_tungstenite::accept_async_with_config(
-        stream,
-        Some(websocket_config()),
-    ));
-    let session = match tokio::time::timeout(deadline, ws).await {
-        Ok(Ok(ws)) => {
-            Stats::bump(&ctx.stats.connections);
-            Box::pin(conn::serve(ws, id, ctx))
+    async move {
+        let session = match handshake.await {
+            Some(ws) => {
+                Stats::bump(&ctx.stats.connections);
+                conn::serve(ws, id, ctx)
+            }
+            None => return,
+        };
+        session.await
+    }
+}
+
+/// The TLS handshake, then the websocket one, each within `deadline`.
+async fn tls_websocket(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    acceptor: TlsAcceptor,
+    deadline: Duration,
+) -> Option<WebSocketStream<TlsStream<TcpStream>>> {
+    let stream = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            debug!(%addr, error = %e, "TLS handshake failed");
+            return None;
         }
-        Ok(Err(e)) => return debug!(error = %e, "websocket upgrade failed"),
-        Err(_) => return debug!("websocket upgrade timed out"),
+        Err(_) => {
+            debug!(%addr, "TLS handshake timed out");
+            return None;
+        }
     };
-    session.await
+    websocket(stream, deadline).await
+}
+
+/// The websocket upgrade, with our buffers and limits, within `deadline`.
+async fn websocket<S>(stream: S, deadline: Duration) -> Option<WebSocketStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let ws = tokio_tungstenite::accept_async_with_config(stream, Some(websocket_config()));
+    match tokio::time::timeout(deadline, ws).await {
+        Ok(Ok(ws)) => Some(ws),
+        Ok(Err(e)) => {
+            debug!(error = %e, "websocket upgrade failed");
+            None
+        }
+        Err(_) => {
+            debug!("websocket upgrade timed out");
+            None
+        }
+    }
 }

@@ -18,4 +18,4 @@ pub mod listener;
 pub mod outbound;
 pub mod writer;
 
-pub use outbound::{ConnTx, Outbound, Priority, SendError};
+pub use outbound::{ConnTx, Control, Outbound, Priority, SendError};

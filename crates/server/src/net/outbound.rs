@@ -24,10 +24,22 @@ use crate::ids::ConnId;
 use crate::stats::Stats;
 
 /// What a connection's writer task is asked to do.
+///
+/// 32 bytes, the size of a `Bytes`: a tokio channel allocates its slots 32
+/// at a time when it is created, so every idle connection pays 32 × the
+/// size of this enum. Frames, the hot path, stay unboxed; the rare rest is
+/// boxed (a test guards the size).
 #[derive(Debug)]
 pub enum Outbound {
     /// Write one encoded message as a binary frame.
     Frame(Bytes),
+    /// Anything else: a ping, a close, a wake-up.
+    Control(Box<Control>),
+}
+
+/// The rare things a writer is asked to do besides writing a frame.
+#[derive(Debug)]
+pub enum Control {
     /// Write a websocket ping with this payload: the client's pong proves
     /// it read everything queued before.
     Ping(Bytes),
@@ -37,6 +49,12 @@ pub enum Outbound {
     /// writer wait on its queue alone instead of also polling tokens (which
     /// take a lock) on every wake-up.
     Wake,
+}
+
+impl Outbound {
+    fn control(control: Control) -> Self {
+        Outbound::Control(Box::new(control))
+    }
 }
 
 /// Why a frame could not be queued.
@@ -81,6 +99,8 @@ pub(crate) struct Shared {
     killed: AtomicBool,
     /// The reader has finished: the writer stops too.
     reader_gone: AtomicBool,
+    /// The kill switch. Also cancelled when the reader or the writer ends,
+    /// so that the other stops too; only `killed` says a verdict was given.
     pub(crate) kill: CancellationToken,
 }
 
@@ -137,7 +157,8 @@ impl Shared {
 
     fn fire(&self, reason: Option<KickReason>, code: u16) {
         // The first verdict wins: a later kill must not rewrite why a
-        // connection is closing.
+        // connection is closing, nor give one to a connection whose reader
+        // or writer has already ended.
         if self.kill.is_cancelled() {
             return;
         }
@@ -247,7 +268,9 @@ impl ConnTx {
     /// Queues a delivery barrier: a ping whose pong comes back to the user
     /// actor as [`crate::user::Inbound::Pong`] with this payload.
     pub fn barrier(&self, payload: Bytes) -> bool {
-        self.frames.try_send(Outbound::Ping(payload)).is_ok()
+        self.frames
+            .try_send(Outbound::control(Control::Ping(payload)))
+            .is_ok()
     }
 
     /// Tells the client why it is being closed (a kick notice), then closes
@@ -258,7 +281,10 @@ impl ConnTx {
         let code = close_code::for_reason(reason);
         let notice = kick_notice(reason, "");
         let queued = self.frames.try_send(Outbound::Frame(notice)).is_ok()
-            && self.frames.try_send(Outbound::Close(code)).is_ok();
+            && self
+                .frames
+                .try_send(Outbound::control(Control::Close(code)))
+                .is_ok();
         if !queued {
             self.kill(Some(reason), code);
         }
@@ -270,13 +296,13 @@ impl ConnTx {
         self.shared.fire(reason, code);
         // If the queue is full the writer is busy and checks the flag after
         // its batch; if not, this wakes it.
-        let _ = self.frames.try_send(Outbound::Wake);
+        let _ = self.frames.try_send(Outbound::control(Control::Wake));
     }
 
     /// The reader has stopped: the writer stops as well.
     pub(crate) fn reader_gone(&self) {
         self.shared.reader_gone.store(true, Ordering::Release);
-        let _ = self.frames.try_send(Outbound::Wake);
+        let _ = self.frames.try_send(Outbound::control(Control::Wake));
     }
 
     /// True once the connection's writer has gone.
@@ -316,4 +342,18 @@ pub fn slow_consumer(conn: &ConnTx, stats: &Stats) {
         Some(KickReason::KickSlowConsumer),
         close_code::SLOW_CONSUMER,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection's frame queue preallocates 32 slots of this.
+    #[test]
+    fn an_outbound_slot_is_the_size_of_a_frame() {
+        assert_eq!(
+            std::mem::size_of::<Outbound>(),
+            std::mem::size_of::<Bytes>()
+        );
+    }
 }

@@ -243,10 +243,10 @@ impl World {
             } else {
                 Resume::default()
             };
-            if !entry.user.try_send(UserMsg::Attach(Box::new(Attach {
+            if !entry.user.try_send(UserMsg::Attach(Attach {
                 conn: conn.clone(),
                 inbound,
-            }))) {
+            })) {
                 return Err(ResCode::ResInternal);
             }
             let reply = login_reply(seq, user, entry, true, cursor, &resume);

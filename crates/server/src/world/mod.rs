@@ -74,7 +74,7 @@ pub struct ChatOutcome {
 pub(crate) struct LoginArgs {
     pub identity: Identity,
     pub conn: ConnTx,
-    pub inbound: mpsc::Receiver<crate::user::Inbound>,
+    pub inbound: mpsc::Receiver<Box<crate::user::Inbound>>,
     pub seq: u32,
     /// Resume cursor from the login request (0: none).
     pub last_msg_id: u64,
