@@ -259,18 +259,12 @@ impl HistoryHandle {
         // The writer's connection creates the file and the schema, so it
         // must exist before the read-only one opens.
         let writer_db = Db::open_writer(&path, config.synchronous, config.max_db_bytes)?;
-        let high_water = writer_db
-            .high_water()
-            .map_err(|source| OpenError::Database {
-                path: path.clone(),
-                source,
-            })?;
-        let waiting = writer_db
-            .offline_counts()
-            .map_err(|source| OpenError::Database {
-                path: path.clone(),
-                source,
-            })?;
+        let database = |source| OpenError::Database {
+            path: path.clone(),
+            source,
+        };
+        let high_water = writer_db.high_water().map_err(database)?;
+        let waiting = writer_db.offline_counts().map_err(database)?;
         let reader_db = Db::open_reader(&path)?;
 
         let shared = Arc::new(Shared {
