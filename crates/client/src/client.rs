@@ -198,6 +198,22 @@ impl Client {
         targetid: u64,
         targetname: &str,
     ) -> Result<u32, ClientError> {
+        self.send_chat_with_id(channel, text, targetid, targetname, 0)
+            .await
+    }
+
+    /// Sends a chat line with a client message id (0: none): sending the
+    /// same id again is how a client retries safely, the server answers a
+    /// retry with the original result and delivers the line once. Returns
+    /// its seq.
+    pub async fn send_chat_with_id(
+        &mut self,
+        channel: ChatType,
+        text: &str,
+        targetid: u64,
+        targetname: &str,
+        client_msg_id: u64,
+    ) -> Result<u32, ClientError> {
         let seq = self.next_seq();
         self.send(&ClientMsg::Chat(pb::ChatMessageChatReq {
             msghead: codec::head(MsgId::CchChatReq, seq),
@@ -205,6 +221,7 @@ impl Client {
             context: text.into(),
             targetid,
             targetname: targetname.into(),
+            client_msg_id,
         }))
         .await?;
         Ok(seq)

@@ -9,9 +9,11 @@ use tokio::sync::oneshot;
 
 use crate::history::{Conversation, HistoryError, HistoryHandle, StoredMsg};
 
-/// The record of a notification in a conversation.
-pub fn stored(n: &pb::ChatMessageNotifyChat, conversation: Conversation) -> StoredMsg {
+/// The record of a notification in a conversation; `nonce` is the
+/// sender's client message id (0: none).
+pub fn stored(n: &pb::ChatMessageNotifyChat, conversation: Conversation, nonce: u64) -> StoredMsg {
     StoredMsg {
+        nonce,
         msg_id: n.msg_id,
         conversation,
         chattype: n.chattype,

@@ -28,6 +28,9 @@ pub struct Stats {
     pub online: AtomicU64,
     /// Chat messages accepted and fanned out.
     pub chats: AtomicU64,
+    /// Chat requests recognised as retries of an earlier send (same client
+    /// message id): answered, not delivered again.
+    pub chat_retries: AtomicU64,
     /// Frames queued towards clients.
     pub deliveries: AtomicU64,
     /// Connections closed because their outbound queue was full.
@@ -39,6 +42,9 @@ pub struct Stats {
     pub offline_stored: AtomicU64,
     pub offline_delivered: AtomicU64,
     pub offline_acked: AtomicU64,
+    /// Whispers moved to the offline inbox because their session ended
+    /// before the client confirmed reading them.
+    pub offline_spilled: AtomicU64,
     /// Frames from clients that could not be handled.
     pub bad_frames: AtomicU64,
 }

@@ -1,39 +1,45 @@
 //! The user actor: one per logged-in player, owning that player's chat
 //! state: channel mask, per-channel cooldown clocks and mute.
 //!
-//! It reads two inputs: requests decoded by the current connection's reader,
-//! and control messages from the world actor (takeover, mute). It survives
-//! its connection: on takeover it simply swaps in the new connection's ends,
-//! so nothing is reloaded and a relogin cannot reset a cooldown. It never
-//! reads or writes a socket itself; it queues frames through [`ConnTx`].
+//! It reads three inputs: requests decoded by the current connection's
+//! reader, control messages from the world actor (mute, end), and the
+//! connection the world hands over on login, takeover and resume. It
+//! survives its connection: on takeover it simply swaps in the new
+//! connection's ends, so nothing is reloaded and a relogin cannot reset a
+//! cooldown. It never reads or writes a socket itself; it queues frames
+//! through [`ConnTx`], and a reply only ever to the connection that asked.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::future::{FutureExt, Shared};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 
 use bytes::Bytes;
 use guildchat_protocol::{
     codec, pb, ChatType, ClientMsg, KickReason, MsgId as WireMsg, ResCode, UNMASKABLE,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info_span, Instrument};
 
 use crate::config::Config;
-use crate::history::{HistoryError, HistoryHandle, StoredMsg};
-use crate::ids::UserId;
+use crate::history::{HistoryError, HistoryHandle, PlayerRef};
+use crate::ids::{ConnId, UserId};
 use crate::net::{ConnTx, Priority};
 use crate::records;
 use crate::stats::Stats;
-use crate::world::{ChatLine, Identity, Target, WorldHandle};
+use crate::world::{ChatLine, Identity, Target, WorldHandle, OFFLINE_ACK, RECEIPT};
 
 /// Capacity of a user actor's control mailbox (world -> user). The world
-/// never waits on it: a full mailbox makes the world's request fail
-/// (a takeover then answers RES_INTERNAL). Control messages are rare, so it
-/// only fills if the actor is wedged.
+/// never waits on it: a full mailbox makes the world's request fail (a mute
+/// reports the player as not found; an end at shutdown is replaced by the
+/// world kicking the connection itself). Control messages are rare, so it
+/// only fills if the actor is wedged. Connections do not travel here but
+/// through a hand-off slot, so logins never fail on it.
 const USER_MAILBOX: usize = 16;
 
 /// Capacity of the request queue from a connection's reader to the user
@@ -62,45 +68,77 @@ pub enum Inbound {
 /// Messages from the world actor. The mailbox carries them boxed, to keep
 /// its preallocated slots small (see [`Inbound`]).
 pub(crate) enum UserMsg {
-    /// Takeover: from now on, talk to this connection.
-    Attach(Attach),
     /// Mute for this long from now; `None` lifts it.
     Mute { duration: Option<Duration> },
+    /// The session is over (shutdown): answer every pending chat reply,
+    /// then close the connection with this reason, and stop.
+    End(KickReason),
 }
 
-/// A new connection's ends, handed over on takeover or resume.
+/// A connection's ends, handed over once its login reply, replay and
+/// offline whispers are queued (new session, takeover or resume).
 pub(crate) struct Attach {
     pub conn: ConnTx,
     pub inbound: mpsc::Receiver<Box<Inbound>>,
+    /// The offline-whisper barrier queued on this connection: its token and
+    /// exactly the msg_ids its pong acknowledges.
+    pub offline_ack: Option<(u64, Vec<u64>)>,
+}
+
+/// Where the world leaves the newest connection for the actor. A slot
+/// rather than a mailbox message, so that any number of logins racing for
+/// one player never fill a queue: a newer attach replaces one the actor has
+/// not taken yet (whose connection the world has already kicked). Taken
+/// under a lock held for a swap, never across an await.
+struct Handoff {
+    slot: Mutex<Option<Attach>>,
+    ready: Notify,
+}
+
+impl Handoff {
+    fn take(&self) -> Option<Attach> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 /// The world's handle to a user actor. Only the world's registry holds one,
 /// so removing the player from the registry ends the actor.
-#[derive(Debug)]
 pub struct UserHandle {
     tx: mpsc::Sender<Box<UserMsg>>,
+    handoff: Arc<Handoff>,
+}
+
+impl std::fmt::Debug for UserHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserHandle").finish_non_exhaustive()
+    }
 }
 
 impl UserHandle {
+    /// Spawns the actor of a new session. It has no connection until the
+    /// world hands it one with [`UserHandle::attach`].
     pub(crate) fn spawn(
         identity: Identity,
-        conn: ConnTx,
-        inbound: mpsc::Receiver<Box<Inbound>>,
         world: WorldHandle,
         history: Option<HistoryHandle>,
         config: Arc<Config>,
         stats: Arc<Stats>,
     ) -> UserHandle {
         let (tx, mailbox) = mpsc::channel(USER_MAILBOX);
+        let handoff = Arc::new(Handoff {
+            slot: Mutex::new(None),
+            ready: Notify::new(),
+        });
         // The rest of the identity (name, groups) is the world's business;
         // the name only goes into the span.
         let span = info_span!("user", user = %identity.user, name = %identity.name);
         let mut actor = UserActor {
             history,
             id: identity.user,
-            conn: Some(conn),
-            inbound: Some(inbound),
+            conn: None,
+            inbound: None,
             mailbox,
+            handoff: handoff.clone(),
             world,
             config,
             stats,
@@ -108,26 +146,34 @@ impl UserHandle {
             pending: None,
             ready_at: None,
             muted_until: None,
+            offline_ack: None,
+            sends: None,
         };
-        // The actor is moved into a plain async block and `run` borrows it:
-        // an `async fn` taking `self` by value (or `#[instrument]` on one)
-        // keeps a second copy of its arguments (or of the whole inner
-        // future) in the state machine, and every idle actor would pay it.
         tokio::spawn(async move { actor.run().await }.instrument(span));
-        UserHandle { tx }
+        UserHandle { tx, handoff }
     }
 
     /// Never waits; false if the actor is gone or its mailbox is full.
     pub(crate) fn try_send(&self, msg: UserMsg) -> bool {
         self.tx.try_send(Box::new(msg)).is_ok()
     }
+
+    /// Hands the actor its connection. Never fails and never waits.
+    pub(crate) fn attach(&self, attach: Attach) {
+        *self
+            .handoff
+            .slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(attach);
+        self.handoff.ready.notify_one();
+    }
 }
 
 impl std::fmt::Debug for UserMsg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            UserMsg::Attach(a) => write!(f, "Attach({})", a.conn.id()),
             UserMsg::Mute { duration } => write!(f, "Mute({duration:?})"),
+            UserMsg::End(reason) => write!(f, "End({reason:?})"),
         }
     }
 }
@@ -138,24 +184,30 @@ struct UserActor {
     conn: Option<ConnTx>,
     inbound: Option<mpsc::Receiver<Box<Inbound>>>,
     mailbox: mpsc::Receiver<Box<UserMsg>>,
+    handoff: Arc<Handoff>,
     world: WorldHandle,
     config: Arc<Config>,
     stats: Arc<Stats>,
     mask: u32,
-    /// Chat replies waiting for the store, in request order. A player's
-    /// next requests are handled meanwhile, so one fsync does not stall
-    /// them. Only present while some are waiting, and boxed: an empty
-    /// FuturesOrdered still holds an allocation, and an inline one takes
-    /// room in the task, which every idle player would pay.
+    /// Chat replies waiting for the store, in request order, each tagged
+    /// with the connection that asked: a reply is only ever written to that
+    /// connection, and dropped once it is replaced. A player's next requests
+    /// are handled meanwhile, so one fsync does not stall them.
     pending: Option<Box<FuturesOrdered<PendingReply>>>,
     /// When each channel may be used again; allocated on the first chat
     /// line, so a player who never chats does not carry it.
     ready_at: Option<Box<[Option<Instant>; CHANNELS]>>,
     muted_until: Option<Instant>,
+    /// The offline-whisper barrier outstanding on the current connection.
+    offline_ack: Option<Box<(u64, Vec<u64>)>>,
+    /// Recent sends by client message id, for retries.
+    sends: Option<Box<RecentSends>>,
 }
 
 /// The next settled chat reply; called only while some are waiting.
-async fn next_reply(pending: &mut Option<Box<FuturesOrdered<PendingReply>>>) -> Option<Bytes> {
+async fn next_reply(
+    pending: &mut Option<Box<FuturesOrdered<PendingReply>>>,
+) -> Option<(ConnId, Bytes)> {
     pending.as_mut()?.next().await
 }
 
@@ -170,28 +222,37 @@ async fn next_request(inbound: &mut Option<mpsc::Receiver<Box<Inbound>>>) -> Opt
 impl UserActor {
     /// Every handler that awaits is boxed: the actor waits in this loop for
     /// its whole life, and its task is as large as the largest future held
-    /// across an await, so an unboxed chat or history request would make
-    /// every idle player carry that room.
+    /// across an await.
     async fn run(&mut self) {
-        Box::pin(self.deliver_offline()).await;
+        let handoff = self.handoff.clone();
         loop {
             tokio::select! {
-                msg = self.mailbox.recv() => match msg {
-                    Some(msg) => {
-                        let attached = matches!(*msg, UserMsg::Attach(_));
-                        self.control(*msg);
-                        if attached {
-                            Box::pin(self.deliver_offline()).await;
-                        }
+                msg = self.mailbox.recv() => match msg.map(|m| *m) {
+                    Some(UserMsg::Mute { duration }) => {
+                        // A duration too large for the clock is a mute
+                        // without end.
+                        self.muted_until = match duration {
+                            None => None,
+                            Some(d) => Some(Instant::now().checked_add(d).unwrap_or_else(far_future)),
+                        };
+                    }
+                    Some(UserMsg::End(reason)) => {
+                        Box::pin(self.end(reason)).await;
+                        break;
                     }
                     // The world removed this player: the session is over.
                     None => break,
                 },
-                Some(reply) = next_reply(&mut self.pending), if self.pending_len() > 0 => {
+                _ = handoff.ready.notified() => {
+                    if let Some(attach) = handoff.take() {
+                        self.attach(attach);
+                    }
+                }
+                Some((conn, reply)) = next_reply(&mut self.pending), if self.pending_len() > 0 => {
                     if self.pending_len() == 0 {
                         self.pending = None;
                     }
-                    self.reply(reply);
+                    self.reply_on(conn, reply);
                 }
                 req = next_request(&mut self.inbound), if self.pending_len() < MAX_PENDING_REPLIES => match req {
                     Some(input) => Box::pin(self.input(input)).await,
@@ -206,51 +267,27 @@ impl UserActor {
         self.pending.as_ref().map_or(0, |p| p.len())
     }
 
-    fn control(&mut self, msg: UserMsg) {
-        match msg {
-            UserMsg::Attach(Attach { conn, inbound }) => {
-                if let Some(old) = self.conn.replace(conn) {
-                    old.kick(KickReason::KickLoggedInElsewhere);
-                }
-                self.inbound = Some(inbound);
-            }
-            UserMsg::Mute { duration } => {
-                self.muted_until = duration.map(|d| Instant::now() + d);
-            }
+    /// Takes the connection the world handed over. The previous one, if
+    /// any, was already kicked by the world; replies still pending for it
+    /// are dropped when they settle.
+    fn attach(&mut self, Attach { conn, inbound, offline_ack }: Attach) {
+        self.conn = Some(conn);
+        self.inbound = Some(inbound);
+        self.offline_ack = offline_ack.map(Box::new);
+    }
+
+    /// Shutdown: every pending chat reply is answered (each settles when
+    /// its commit does), then the connection is told why it closes.
+    async fn end(&mut self, reason: KickReason) {
+        while let Some((conn, reply)) = next_reply(&mut self.pending).await {
+            self.reply_on(conn, reply);
+        }
+        if let Some(conn) = &self.conn {
+            conn.kick(reason);
         }
     }
 
-    /// Queues the whispers stored while this player was offline, oldest
-    /// first, then a barrier ping. They stay stored until the barrier's pong
-    /// proves the client read them; a crash before that delivers them again
-    /// with the same msg_ids, which clients de-duplicate.
-    async fn deliver_offline(&mut self) {
-        let (Some(history), Some(conn)) = (&self.history, &self.conn) else {
-            return;
-        };
-        let pending = match history.pending_offline(self.id.0).await {
-            Ok(pending) => pending,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read offline whispers; they stay stored");
-                return;
-            }
-        };
-        let Some(last) = pending.last().map(|m| m.msg_id) else {
-            return;
-        };
-        for m in &pending {
-            conn.deliver(
-                codec::encode(&records::notification(m)),
-                Priority::Keep,
-                &self.stats,
-            );
-        }
-        conn.barrier(Bytes::from(format!("{OFFLINE_ACK}{last}")));
-        Stats::add(&self.stats.offline_delivered, pending.len() as u64);
-    }
-
-    /// One input from the connection, unboxed here rather than in `run`:
-    /// what `run` binds across an await takes room in every idle actor.
+    /// One input from the connection.
     async fn input(&mut self, input: Box<Inbound>) {
         match *input {
             Inbound::Request(req) => self.request(req).await,
@@ -258,28 +295,45 @@ impl UserActor {
         }
     }
 
-    /// A barrier came back: the client has the offline whispers up to the
-    /// id it carries, so they can be forgotten.
+    /// A ping of ours came back. Only the barrier or receipt this
+    /// connection was actually sent counts: a forged pong changes nothing.
     async fn pong(&mut self, payload: Bytes) {
-        let Some(history) = &self.history else {
+        let Ok(text) = std::str::from_utf8(&payload) else {
             return;
         };
-        let upto = std::str::from_utf8(&payload)
-            .ok()
-            .and_then(|p| p.strip_prefix(OFFLINE_ACK))
-            .and_then(|id| id.parse::<u64>().ok());
-        if let Some(upto) = upto {
-            match history.ack_offline(self.id.0, upto).await {
-                Ok(()) => Stats::bump(&self.stats.offline_acked),
-                Err(e) => tracing::warn!(error = %e, "cannot forget delivered offline whispers"),
+        let Some(conn) = self.conn.as_ref().map(|c| c.id()) else {
+            return;
+        };
+        if let Some(token) = text
+            .strip_prefix(OFFLINE_ACK)
+            .and_then(|t| t.parse::<u64>().ok())
+        {
+            // The client has every offline whisper queued before the
+            // barrier: delete exactly those.
+            let matches = self.offline_ack.as_ref().is_some_and(|a| a.0 == token);
+            if let (true, Some(history)) = (matches, &self.history) {
+                if let Some(ack) = self.offline_ack.take() {
+                    let ids = ack.1;
+                    let n = ids.len() as u64;
+                    match history.ack_offline(self.id.0, ids).await {
+                        Ok(()) => Stats::add(&self.stats.offline_acked, n),
+                        Err(e) => tracing::warn!(error = %e, "cannot forget delivered offline whispers"),
+                    }
+                }
             }
+        } else if let Some(upto) = text
+            .strip_prefix(RECEIPT)
+            .and_then(|t| t.parse::<u64>().ok())
+        {
+            let _ = self.world.receipt(self.id, conn, upto).await;
         }
     }
 
     async fn connection_lost(&mut self) {
         self.inbound = None;
+        self.offline_ack = None;
         if let Some(conn) = self.conn.take() {
-            self.world.detached(self.id, conn.id()).await;
+            let _ = self.world.detached(self.id, conn.id()).await;
         }
     }
 
@@ -287,6 +341,20 @@ impl UserActor {
         if let Some(conn) = &self.conn {
             conn.deliver(frame, Priority::Keep, &self.stats);
         }
+    }
+
+    /// Writes a reply to the connection that asked for it, if it is still
+    /// this session's.
+    fn reply_on(&self, asked_on: ConnId, frame: Bytes) {
+        if self.conn.as_ref().is_some_and(|c| c.id() == asked_on) {
+            self.reply(frame);
+        }
+    }
+
+    fn queue_reply(&mut self, reply: PendingReply) {
+        self.pending
+            .get_or_insert_with(|| Box::new(FuturesOrdered::new()))
+            .push_back(reply);
     }
 
     async fn request(&mut self, req: ClientMsg) {
@@ -299,37 +367,45 @@ impl UserActor {
             })),
             ClientMsg::Heartbeat(m) => self.reply(heartbeat_reply(seq, &m)),
             ClientMsg::SetMask(m) => {
-                self.mask = m.mask & !UNMASKABLE;
-                self.world.set_mask(self.id, self.mask).await;
+                let mask = m.mask & !UNMASKABLE;
+                let res = match self.world.set_mask(self.id, mask).await {
+                    Ok(()) => {
+                        self.mask = mask;
+                        ResCode::ResOk
+                    }
+                    Err(gone) => gone.into(),
+                };
                 self.reply(codec::encode(&pb::ChatMessageSetMaskRep {
                     msghead: codec::head(WireMsg::ChcSetMaskRep, seq),
-                    res: ResCode::ResOk as i32,
+                    res: res as i32,
                     mask: self.mask,
                 }));
             }
             ClientMsg::Online(_) => {
-                let (online, max_online) = self.world.online().await;
-                self.reply(codec::encode(&pb::ChatMessageOnlineRep {
-                    msghead: codec::head(WireMsg::ChcOnlineRep, seq),
-                    res: ResCode::ResOk as i32,
-                    online,
-                    max_online,
-                }));
+                let rep = match self.world.online().await {
+                    Ok((online, max_online)) => pb::ChatMessageOnlineRep {
+                        msghead: codec::head(WireMsg::ChcOnlineRep, seq),
+                        res: ResCode::ResOk as i32,
+                        online,
+                        max_online,
+                    },
+                    Err(gone) => pb::ChatMessageOnlineRep {
+                        msghead: codec::head(WireMsg::ChcOnlineRep, seq),
+                        res: ResCode::from(gone) as i32,
+                        ..Default::default()
+                    },
+                };
+                self.reply(codec::encode(&rep));
             }
             ClientMsg::Chat(m) => {
+                let Some(asked_on) = self.conn.as_ref().map(|c| c.id()) else {
+                    return;
+                };
                 // Every chat reply goes through the pending queue, so replies
                 // keep request order even when an earlier line still waits
                 // for its commit.
-                let reply: PendingReply = match self.chat(m).await {
-                    Ok(accepted) => Box::pin(accepted.settle(seq)),
-                    Err((res, cooldown)) => {
-                        let rep = chat_rep(seq, res, cooldown, 0, false);
-                        Box::pin(std::future::ready(rep))
-                    }
-                };
-                self.pending
-                    .get_or_insert_with(|| Box::new(FuturesOrdered::new()))
-                    .push_back(reply);
+                let reply = self.chat_reply(m, seq).await;
+                self.queue_reply(Box::pin(async move { (asked_on, reply.await) }));
             }
             ClientMsg::History(m) => {
                 let rep = match self.history_page(&m).await {
@@ -348,6 +424,86 @@ impl UserActor {
                 self.reply(codec::encode(&rep));
             }
         }
+    }
+
+    /// A chat request's reply, still to settle: a retry of a known client
+    /// message id gets the original outcome; anything else is checked and
+    /// sent.
+    async fn chat_reply(&mut self, m: pb::ChatMessageChatReq, seq: u32) -> ReplyFuture {
+        let nonce = m.client_msg_id;
+        let slot = m.chattype.clamp(0, CHANNELS as i32 - 1) as usize;
+        if nonce != 0 {
+            self.load_sends().await;
+            if let Some(sent) = self.sends.as_ref().and_then(|s| s.get(nonce)) {
+                Stats::bump(&self.stats.chat_retries);
+                let remaining = self.cooldown_left(slot);
+                let (msg_id, offline, outcome) = (sent.msg_id, sent.offline, sent.outcome.clone());
+                return Box::pin(async move {
+                    let res = outcome.await;
+                    let id = if res == ResCode::ResOk { msg_id } else { 0 };
+                    chat_rep(seq, res, remaining, id, offline && res == ResCode::ResOk)
+                });
+            }
+        }
+        match self.chat(m).await {
+            Ok(accepted) => {
+                let (msg_id, cooldown, offline) =
+                    (accepted.msg_id, accepted.cooldown, accepted.offline.is_some());
+                let outcome: SharedOutcome = (Box::pin(accepted.settle()) as OutcomeFuture).shared();
+                if nonce != 0 {
+                    self.sends
+                        .get_or_insert_with(Default::default)
+                        .insert(nonce, msg_id, offline, outcome.clone());
+                }
+                Box::pin(async move {
+                    let res = outcome.await;
+                    if res == ResCode::ResOk {
+                        chat_rep(seq, res, cooldown, msg_id, offline)
+                    } else {
+                        chat_rep(seq, res, Duration::ZERO, 0, false)
+                    }
+                })
+            }
+            Err((res, cooldown)) => {
+                let rep = chat_rep(seq, res, cooldown, 0, false);
+                Box::pin(std::future::ready(rep))
+            }
+        }
+    }
+
+    /// After a restart the session is new, but a retry may still come: the
+    /// first send with a client message id loads the ids of the player's
+    /// latest stored lines.
+    async fn load_sends(&mut self) {
+        if self.sends.as_ref().is_some_and(|s| s.loaded) {
+            return;
+        }
+        let sends = self.sends.get_or_insert_with(Default::default);
+        sends.loaded = true;
+        let Some(history) = &self.history else {
+            return;
+        };
+        match history.recent_nonces(self.id.0, RECENT_SENDS as u32).await {
+            Ok(stored) => {
+                // Oldest first, so the newest stay when the map is full.
+                for (nonce, msg_id) in stored.into_iter().rev() {
+                    if sends.get(nonce).is_none() {
+                        let done: SharedOutcome =
+                            (Box::pin(std::future::ready(ResCode::ResOk)) as OutcomeFuture).shared();
+                        sends.insert(nonce, msg_id, false, done);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read recent client message ids"),
+        }
+    }
+
+    fn cooldown_left(&self, slot: usize) -> Duration {
+        let now = Instant::now();
+        self.ready_at
+            .as_ref()
+            .and_then(|r| r[slot])
+            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now))
     }
 
     /// One page of a conversation this player may read, newest first.
@@ -403,67 +559,134 @@ impl UserActor {
             (0, false) => Target::Name(m.targetname),
             (id, _) => Target::Id(UserId(id)),
         };
-        let line = ChatLine {
+        let mut line = ChatLine {
             from: self.id,
             channel,
             text: m.context,
             target,
+            nonce: m.client_msg_id,
         };
-        let outcome = self.world.chat(line).await.map_err(|code| (code, none))?;
+        // A whisper to someone not registered: kept for them only if the
+        // store knows them (they have logged in at least once).
+        let retry = (channel == ChatType::ChatPrivate).then(|| line.clone());
+        let outcome = match (self.world.chat(line).await, retry, &self.history) {
+            (Err(ResCode::ResTargetOffline), Some(mut retry), Some(history)) => {
+                let who = match &retry.target {
+                    Target::Id(id) => PlayerRef::Id(id.0),
+                    Target::Name(name) => PlayerRef::Name(name.clone()),
+                    _ => return Err((ResCode::ResNoSuchTarget, none)),
+                };
+                match history.find_player(who).await {
+                    Ok(Some((id, name))) => {
+                        retry.target = Target::Known(UserId(id), name);
+                        line = retry;
+                        self.world.chat(line).await
+                    }
+                    Ok(None) => Err(ResCode::ResNoSuchTarget),
+                    Err(_) => Err(ResCode::ResInternal),
+                }
+            }
+            (result, _, _) => result,
+        }
+        .map_err(|code| (code, none))?;
         // The clock starts when the world accepts the line; it lives in
         // this actor, so neither a reconnect nor a takeover resets it.
+        let ready = now.checked_add(rule.cooldown()).unwrap_or_else(far_future);
         self.ready_at
-            .get_or_insert_with(|| Box::new([None; CHANNELS]))[slot] = Some(now + rule.cooldown());
+            .get_or_insert_with(|| Box::new([None; CHANNELS]))[slot] = Some(ready);
         Ok(Accepted {
             msg_id: outcome.msg_id.0,
             cooldown: rule.cooldown(),
             durable: outcome.durable,
             offline: outcome.offline,
-            history: self.history.clone(),
-            stats: self.stats.clone(),
         })
     }
 }
 
-/// A reply still waiting for the store.
-type PendingReply = Pin<Box<dyn Future<Output = Bytes> + Send + Sync>>;
+/// A clock reading later than any real deadline (for durations too large
+/// to add to now).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365 * 30)
+}
+
+/// A reply still waiting for the store, with the connection it belongs to.
+type PendingReply = Pin<Box<dyn Future<Output = (ConnId, Bytes)> + Send + Sync>>;
+
+/// A chat reply, before it is tagged with its connection.
+type ReplyFuture = Pin<Box<dyn Future<Output = Bytes> + Send + Sync>>;
+
+/// The result of one accepted line, shared by its first reply and any
+/// retry of the same client message id.
+type OutcomeFuture = Pin<Box<dyn Future<Output = ResCode> + Send + Sync>>;
+type SharedOutcome = Shared<OutcomeFuture>;
 
 /// Most chat replies a player may have waiting for commits. Past it, the
 /// actor stops reading that player's requests until the oldest settles:
 /// backpressure onto the player's own socket.
 const MAX_PENDING_REPLIES: usize = 64;
 
+/// How many client message ids a session remembers for retries.
+const RECENT_SENDS: usize = 256;
+
+/// One remembered send.
+struct Sent {
+    msg_id: u64,
+    offline: bool,
+    outcome: SharedOutcome,
+}
+
+/// The last [`RECENT_SENDS`] sends with a client message id, oldest first.
+#[derive(Default)]
+struct RecentSends {
+    by_nonce: HashMap<u64, Sent>,
+    order: VecDeque<u64>,
+    /// Whether the store's ids were loaded (once per session).
+    loaded: bool,
+}
+
+impl RecentSends {
+    fn get(&self, nonce: u64) -> Option<&Sent> {
+        self.by_nonce.get(&nonce)
+    }
+
+    fn insert(&mut self, nonce: u64, msg_id: u64, offline: bool, outcome: SharedOutcome) {
+        if self.order.len() == RECENT_SENDS {
+            if let Some(old) = self.order.pop_front() {
+                self.by_nonce.remove(&old);
+            }
+        }
+        self.order.push_back(nonce);
+        self.by_nonce.insert(
+            nonce,
+            Sent {
+                msg_id,
+                offline,
+                outcome,
+            },
+        );
+    }
+}
+
 /// A line the world has fanned out; its reply waits until it is durable.
 struct Accepted {
     msg_id: u64,
     cooldown: Duration,
     durable: Option<oneshot::Receiver<Result<(), HistoryError>>>,
-    offline: Option<(UserId, StoredMsg)>,
-    history: Option<HistoryHandle>,
-    stats: Arc<Stats>,
+    offline: Option<oneshot::Receiver<Result<(), HistoryError>>>,
 }
 
 impl Accepted {
-    /// Waits for the store (offline whisper, then the group commit) and
-    /// builds the reply: OK only once the line is durable.
-    async fn settle(self, seq: u32) -> Bytes {
-        let refused = |code| chat_rep(seq, code, Duration::ZERO, 0, false);
-        let mut offline = false;
-        if let (Some((to, stored)), Some(history)) = (self.offline, &self.history) {
-            if let Err(e) = history.store_offline(to.0, stored).await {
-                return refused(store_code(e));
-            }
-            Stats::bump(&self.stats.offline_stored);
-            offline = true;
-        }
-        if let Some(durable) = self.durable {
-            match durable.await {
+    /// Waits for the store (the offline row, then the group commit): OK
+    /// only once the line is durable.
+    async fn settle(self) -> ResCode {
+        for rx in [self.offline, self.durable].into_iter().flatten() {
+            match rx.await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => return refused(store_code(e)),
-                Err(_) => return refused(ResCode::ResStoreFailed),
+                Ok(Err(e)) => return store_code(e),
+                Err(_) => return ResCode::ResStoreFailed,
             }
         }
-        chat_rep(seq, ResCode::ResOk, self.cooldown, self.msg_id, offline)
+        ResCode::ResOk
     }
 }
 
@@ -486,12 +709,10 @@ fn chat_rep(seq: u32, res: ResCode, cooldown: Duration, msg_id: u64, offline: bo
     })
 }
 
-/// Pong payload prefix of the offline-whisper delivery barrier.
-const OFFLINE_ACK: &str = "offline-ack:";
-
 fn store_code(e: HistoryError) -> ResCode {
     match e {
         HistoryError::InboxFull => ResCode::ResInboxFull,
+        HistoryError::SenderLimit => ResCode::ResSenderLimit,
         _ => ResCode::ResStoreFailed,
     }
 }

@@ -827,6 +827,7 @@ impl Player {
             context: text,
             targetid: target,
             targetname: String::new(),
+            client_msg_id: 0,
         });
         conn.feed(Message::Binary(req.encode())).await?;
         self.pending.push_back((seq, step, audience));

@@ -2,6 +2,7 @@
 //! talks to it through [`super::WorldHandle`].
 
 use std::collections::VecDeque;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -9,15 +10,15 @@ use bytes::Bytes;
 use guildchat_protocol::{codec, mask_bit, pb, ChatType, KickReason, MsgId as WireMsg, ResCode};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::fanout::{Audience, Fanout};
-use super::registry::{Entry, Registry};
-use super::replay::{Replay, Resume};
+use super::registry::{Entry, PendingLogin, Registry};
+use super::replay::{MaskLog, Replay, Resume};
 use super::{ChatLine, ChatOutcome, LoginArgs, Target, WeakWorld, WorldMsg};
 use crate::config::Config;
-use crate::history::{Conversation, HistoryHandle};
-use crate::ids::{MsgId, UserId};
+use crate::history::{Conversation, HistoryHandle, StoredMsg};
+use crate::ids::{ConnId, MsgId, UserId};
 use crate::net::Priority;
 use crate::records;
 use crate::stats::Stats;
@@ -98,7 +99,13 @@ impl World {
             WorldMsg::Login { args, respond_to } => {
                 let _ = respond_to.send(self.login(args));
             }
+            WorldMsg::Ready {
+                user,
+                conn,
+                offline,
+            } => self.ready(user, conn, offline),
             WorldMsg::Detached { user, conn } => self.detached(user, conn),
+            WorldMsg::Receipt { user, conn, upto } => self.receipt(user, conn, upto),
             WorldMsg::HistoryScope {
                 user,
                 channel,
@@ -116,7 +123,12 @@ impl World {
                 mask,
                 respond_to,
             } => {
+                let now = self.last_msg_id;
                 if let Some(entry) = self.registry.get_mut(user) {
+                    let bit = mask_bit(ChatType::ChatWorld);
+                    if (entry.mask ^ mask) & bit != 0 {
+                        entry.world_masked.set(mask & bit != 0, now);
+                    }
                     entry.mask = mask;
                 }
                 let _ = respond_to.send(());
@@ -149,7 +161,7 @@ impl World {
                 let found = self
                     .registry
                     .get(user)
-                    .is_some_and(|e| e.user.try_send(UserMsg::Mute { duration }));
+                    .is_some_and(|e| e.actor.try_send(UserMsg::Mute { duration }));
                 let _ = respond_to.send(found);
             }
             WorldMsg::Kick {
@@ -157,21 +169,10 @@ impl World {
                 reason,
                 respond_to,
             } => {
-                let found = match self.registry.get_mut(user) {
-                    // A kicked player does not linger: the session ends
-                    // when the connection does (or now, if it has none).
-                    Some(entry) => {
-                        entry.kicked = true;
-                        match &entry.conn {
-                            Some(conn) => conn.kick(reason),
-                            None => {
-                                self.registry.remove(user);
-                            }
-                        }
-                        true
-                    }
-                    None => false,
-                };
+                // The session ends now, not when the connection does, so a
+                // fast reconnect starts a new session instead of resuming
+                // this one.
+                let found = self.end_session(user, Some(reason));
                 let _ = respond_to.send(found);
             }
             WorldMsg::Announce { text, respond_to } => {
@@ -190,7 +191,7 @@ impl World {
                     // the receiver is dropped.
                     drop(records::append(
                         history,
-                        records::stored(&notify, Conversation::System),
+                        records::stored(&notify, Conversation::System, 0),
                     ));
                 }
                 self.fanout.deliver(
@@ -206,11 +207,20 @@ impl World {
             WorldMsg::Shutdown { respond_to } => {
                 self.shutting_down = true;
                 let entries = self.registry.drain();
-                info!(players = entries.len(), "kicking every player for shutdown");
-                for (_, entry) in entries {
-                    if let Some(conn) = &entry.conn {
-                        conn.kick(KickReason::KickShutdown);
+                info!(players = entries.len(), "ending every session for shutdown");
+                for (user, mut entry) in entries {
+                    if let Some(pending) = &entry.pending {
+                        pending.conn.kick(KickReason::KickShutdown);
                     }
+                    // The actor answers its pending chat replies first, then
+                    // kicks its connection; if it cannot be told, the world
+                    // kicks it now.
+                    if let Some(conn) = &entry.conn {
+                        if !entry.actor.try_send(UserMsg::End(KickReason::KickShutdown)) {
+                            conn.kick(KickReason::KickShutdown);
+                        }
+                    }
+                    self.spill(user, &mut entry);
                 }
                 self.publish_gauges();
                 let _ = respond_to.send(());
@@ -218,6 +228,13 @@ impl World {
         }
     }
 
+    /// A login's first step: the connection joins the session (a new one,
+    /// or the running one on takeover and resume) as its pending login. The
+    /// token's identity applies at once; only actor state (mask, cooldown
+    /// clocks, mute) carries over. Nothing is queued on the connection yet:
+    /// [`World::ready`] does that once the player's offline whispers are
+    /// read, so the login reply is its first frame and live traffic comes
+    /// after the replay and the whispers.
     fn login(&mut self, args: LoginArgs) -> Result<(), ResCode> {
         let LoginArgs {
             identity,
@@ -230,90 +247,214 @@ impl World {
             return Err(ResCode::ResInternal);
         }
         let user = identity.user;
-        let cursor = self.last_msg_id;
-        if let Some((entry, world)) = self.registry.get_mut_with_world(user) {
-            // Takeover or resume: the running user actor keeps its state and
-            // gets the new connection's ends. The reply and the replay are
-            // queued here, before the connection is visible to fan-out, so
-            // they precede any live notification.
-            let resume = if last_msg_id > 0 {
-                let world = (entry.mask & mask_bit(ChatType::ChatWorld) == 0)
-                    .then_some((world, entry.began));
-                entry.replay.since(last_msg_id, world)
-            } else {
-                Resume::default()
-            };
-            if !entry.user.try_send(UserMsg::Attach(Attach {
-                conn: conn.clone(),
-                inbound,
-            })) {
+        let since = self.last_msg_id;
+        let resumed = self.registry.set_identity(&identity);
+        if resumed {
+            let Some(entry) = self.registry.get_mut(user) else {
                 return Err(ResCode::ResInternal);
+            };
+            // The previous device goes now. A login of it still pending is
+            // answered first, so each of many concurrent logins gets its
+            // RES_OK before it is told it was replaced.
+            if let Some(old) = entry.conn.take() {
+                old.kick(KickReason::KickLoggedInElsewhere);
             }
-            let reply = login_reply(seq, user, entry, true, cursor, &resume);
-            Stats::add(&self.stats.replayed, resume.frames.len() as u64);
-            if resume.gap {
-                Stats::bump(&self.stats.replay_gaps);
+            if let Some(old) = entry.pending.take() {
+                let reply = login_reply(old.seq, user, entry, true, since, &Resume::default());
+                let _ = old.conn.try_frame(reply);
+                old.conn.kick(KickReason::KickLoggedInElsewhere);
             }
-            let _ = conn.try_frame(reply);
-            for frame in resume.frames {
-                if !conn.deliver(frame, Priority::Keep, &self.stats) {
-                    break;
+            entry.lingering = None;
+            Stats::bump(&self.stats.takeovers);
+        } else {
+            if self.registry.len() >= self.config.max_online as usize {
+                return Err(ResCode::ResServerFull);
+            }
+            let Some(world) = self.me.upgrade() else {
+                return Err(ResCode::ResInternal);
+            };
+            let actor = UserHandle::spawn(
+                identity.clone(),
+                world,
+                self.history.clone(),
+                self.config.clone(),
+                self.stats.clone(),
+            );
+            let session = &self.config.session;
+            let entry = Entry {
+                name: identity.name.clone(),
+                guild: identity.guild,
+                team: identity.team,
+                scene: identity.scene,
+                mask: 0,
+                conn: None,
+                pending: None,
+                lingering: None,
+                replay: Replay::new(session.replay_buffer, session.replay_buffer_shed()),
+                began: since,
+                world_masked: MaskLog::default(),
+                unconfirmed: VecDeque::new(),
+                receipt: None,
+                actor,
+            };
+            self.registry.insert(user, entry);
+            self.publish_gauges();
+        }
+        let conn_id = conn.id();
+        if let Some(entry) = self.registry.get_mut(user) {
+            entry.pending = Some(Box::new(PendingLogin {
+                conn,
+                inbound,
+                seq,
+                last_msg_id,
+                resumed,
+                since,
+            }));
+        }
+        Stats::bump(&self.stats.logins);
+        match &self.history {
+            Some(history) => {
+                history.record_login(user.0, &identity.name);
+                if history.may_have_offline(user.0) {
+                    // Read through the writer's queue, after every whisper
+                    // the world has already queued for this player; the
+                    // world does not wait: the answer comes back as Ready.
+                    let read = history.pending_offline(user.0);
+                    let world = self.me.clone();
+                    tokio::spawn(async move {
+                        let offline = match read.await {
+                            Ok(Ok(offline)) => offline,
+                            Ok(Err(e)) => {
+                                warn!(%user, error = %e, "cannot read offline whispers; they stay stored");
+                                Vec::new()
+                            }
+                            Err(_) => Vec::new(),
+                        };
+                        if let Some(world) = world.upgrade() {
+                            let _ = world
+                                .tell(WorldMsg::Ready {
+                                    user,
+                                    conn: conn_id,
+                                    offline,
+                                })
+                                .await;
+                        }
+                    });
+                } else {
+                    self.ready(user, conn_id, Vec::new());
                 }
             }
-            entry.conn = Some(conn);
-            entry.lingering = None;
-            entry.kicked = false;
-            Stats::bump(&self.stats.takeovers);
-            Stats::bump(&self.stats.logins);
-            info!(%user, "session resumed");
-            return Ok(());
+            None => self.ready(user, conn_id, Vec::new()),
         }
-        if self.registry.len() >= self.config.max_online as usize {
-            return Err(ResCode::ResServerFull);
-        }
-        let Some(world) = self.me.upgrade() else {
-            return Err(ResCode::ResInternal);
-        };
-        let handle = UserHandle::spawn(
-            identity.clone(),
-            conn.clone(),
-            inbound,
-            world,
-            self.history.clone(),
-            self.config.clone(),
-            self.stats.clone(),
-        );
-        let session = &self.config.session;
-        let entry = Entry {
-            name: identity.name,
-            guild: identity.guild,
-            team: identity.team,
-            scene: identity.scene,
-            mask: 0,
-            conn: Some(conn.clone()),
-            lingering: None,
-            kicked: false,
-            replay: Replay::new(session.replay_buffer, session.replay_buffer_shed()),
-            began: cursor,
-            user: handle,
-        };
-        // A resume cursor with no session to resume (it expired, or the
-        // server restarted): whatever came after it cannot be replayed.
-        let resume = Resume {
-            gap: last_msg_id > 0 && last_msg_id < cursor,
-            ..Resume::default()
-        };
-        let _ = conn.try_frame(login_reply(seq, user, &entry, false, cursor, &resume));
-        self.registry.insert(user, entry);
-        Stats::bump(&self.stats.logins);
-        self.publish_gauges();
-        debug!(%user, "login");
+        debug!(%user, resumed, "login");
         Ok(())
     }
 
+    /// A login's second step, in one go so that nothing can come between:
+    /// the login reply, then everything the client has not seen (replay and
+    /// offline whispers, merged in msg_id order, each once), then the
+    /// barrier for the whispers; then the connection becomes visible to
+    /// fan-out and the user actor gets it. A login superseded meanwhile is
+    /// ignored.
+    fn ready(&mut self, user: UserId, conn_id: ConnId, offline: Vec<StoredMsg>) {
+        let current = self.last_msg_id;
+        let Some((entry, world_ring)) = self.registry.get_mut_with_world(user) else {
+            return;
+        };
+        if entry.pending.as_ref().map(|p| p.conn.id()) != Some(conn_id) {
+            return;
+        }
+        let Some(pending) = entry.pending.take() else {
+            return;
+        };
+        let PendingLogin {
+            conn,
+            inbound,
+            seq,
+            last_msg_id,
+            resumed,
+            since,
+        } = *pending;
+        // Without a cursor, what was recorded while the login was pending is
+        // still this client's to see.
+        let after = if last_msg_id > 0 { last_msg_id } else { since };
+        let mut resume = entry
+            .replay
+            .since(after, Some((world_ring, entry.began, &entry.world_masked)));
+        // A cursor from before this session (it expired, the server
+        // restarted, or another device started it): what came between
+        // cannot be replayed.
+        if last_msg_id > 0 && last_msg_id < entry.began {
+            resume.gap = true;
+        }
+        // The cursor proves the client read every whisper up to it.
+        if last_msg_id > 0 {
+            while entry
+                .unconfirmed
+                .front()
+                .is_some_and(|m| m.msg_id <= last_msg_id)
+            {
+                entry.unconfirmed.pop_front();
+            }
+        }
+        entry.receipt = None;
+        // Offline whispers the client has (its cursor is past them) or that
+        // the replay carries are not sent twice, but all are acknowledged.
+        let mut ack = Vec::with_capacity(offline.len());
+        let replayed = resume.frames.len();
+        for m in &offline {
+            ack.push(m.msg_id);
+            let seen = last_msg_id > 0 && m.msg_id <= last_msg_id;
+            let replaying = resume
+                .frames
+                .binary_search_by_key(&m.msg_id, |(id, _)| *id)
+                .is_ok();
+            if !seen && !replaying {
+                let frame = codec::encode(&records::notification(m));
+                resume.frames.push((m.msg_id, frame));
+            }
+        }
+        let whispers = resume.frames.len() - replayed;
+        resume.frames.sort_unstable_by_key(|(id, _)| *id);
+        // Everything after the reply is newer than its cursor.
+        let cursor = resume
+            .frames
+            .first()
+            .map_or(current, |(id, _)| current.min(id - 1));
+        let reply = login_reply(seq, user, entry, resumed, cursor, &resume);
+        Stats::add(&self.stats.replayed, replayed as u64);
+        Stats::add(&self.stats.offline_delivered, whispers as u64);
+        if resume.gap {
+            Stats::bump(&self.stats.replay_gaps);
+        }
+        let _ = conn.try_frame(reply);
+        for (_, frame) in resume.frames {
+            if !conn.deliver(frame, Priority::Keep, &self.stats) {
+                break;
+            }
+        }
+        let offline_ack = if ack.is_empty() {
+            None
+        } else {
+            let token = conn_id.0;
+            conn.barrier(Bytes::from(format!("{OFFLINE_ACK}{token}")));
+            Some((token, ack))
+        };
+        entry.conn = Some(conn.clone());
+        entry.lingering = None;
+        entry.actor.attach(Attach {
+            conn,
+            inbound,
+            offline_ack,
+        });
+        if resumed {
+            debug!(%user, "session resumed");
+        }
+    }
+
     /// A user actor's connection went away. The session lingers for a
-    /// resume unless lingering is off or an operator kicked the player.
-    fn detached(&mut self, user: UserId, conn: crate::ids::ConnId) {
+    /// resume unless lingering is off.
+    fn detached(&mut self, user: UserId, conn: ConnId) {
         let Some(entry) = self.registry.get_mut(user) else {
             return;
         };
@@ -322,20 +463,70 @@ impl World {
         if entry.conn.as_ref().map(|c| c.id()) != Some(conn) {
             return;
         }
-        if entry.kicked || self.config.session.linger_ms == 0 {
-            self.registry.remove(user);
-            self.publish_gauges();
+        entry.conn = None;
+        entry.receipt = None;
+        if self.config.session.linger_ms == 0 && entry.pending.is_none() {
+            self.end_session(user, None);
             debug!(%user, "session ended");
         } else {
-            entry.conn = None;
             entry.lingering = Some(Instant::now());
             Stats::bump(&self.stats.lingering);
             debug!(%user, "lingering");
         }
     }
 
+    /// The client read every whisper up to `upto`: they need no spill.
+    /// Only the receipt this connection was sent counts, so a forged pong
+    /// cannot clear whispers it never saw.
+    fn receipt(&mut self, user: UserId, conn: ConnId, upto: u64) {
+        let Some(entry) = self.registry.get_mut(user) else {
+            return;
+        };
+        if entry.conn.as_ref().map(|c| c.id()) != Some(conn) || entry.receipt != Some(upto) {
+            return;
+        }
+        entry.receipt = None;
+        while entry.unconfirmed.front().is_some_and(|m| m.msg_id <= upto) {
+            entry.unconfirmed.pop_front();
+        }
+    }
+
+    /// Removes a session now; with `kick`, its connections are told why.
+    /// Whispers it may not have read go to the offline inbox. Dropping the
+    /// entry drops the actor's only mailbox sender: the user actor ends.
+    fn end_session(&mut self, user: UserId, kick: Option<KickReason>) -> bool {
+        let Some(mut entry) = self.registry.remove(user) else {
+            return false;
+        };
+        if let Some(reason) = kick {
+            if let Some(conn) = &entry.conn {
+                conn.kick(reason);
+            }
+            if let Some(pending) = &entry.pending {
+                pending.conn.kick(reason);
+            }
+        }
+        self.spill(user, &mut entry);
+        self.publish_gauges();
+        true
+    }
+
+    /// Stores a session's unconfirmed whispers as offline whispers (the
+    /// same msg_ids, so a client that did read them de-duplicates). Nobody
+    /// waits: their senders were answered when they were committed to
+    /// history.
+    fn spill(&self, user: UserId, entry: &mut Entry) {
+        let Some(history) = &self.history else {
+            return;
+        };
+        for m in entry.unconfirmed.drain(..) {
+            drop(history.store_offline(user.0, m));
+            Stats::bump(&self.stats.offline_spilled);
+        }
+    }
+
     fn next_msg_id(&mut self) -> MsgId {
-        self.last_msg_id = self.last_msg_id.max(now_ms() << 10) + 1;
+        self.last_msg_id = self.last_msg_id.max(now_ms() << 10).saturating_add(1);
         MsgId(self.last_msg_id)
     }
 
@@ -343,7 +534,11 @@ impl World {
         let Some(sender) = self.registry.get(line.from) else {
             return Err(ResCode::ResNotLoggedIn);
         };
-        let mut offline_target = None;
+        // Whether the whisper's target gets it live (recorded for replay and
+        // queued if connected) or stored as an offline whisper, and its name.
+        let mut store_for = None;
+        let mut live_to = None;
+        let mut target_name = String::new();
         let (audience, conversation, guild, team, scene) = match line.channel {
             ChatType::ChatNormal => (
                 Audience::Scene(sender.scene),
@@ -370,28 +565,55 @@ impl World {
             ),
             ChatType::ChatWorld => (Audience::Everyone, Conversation::World, 0, 0, 0),
             ChatType::ChatPrivate => {
-                let to = match &line.target {
-                    Target::Id(id) => *id,
-                    Target::Name(name) => self
-                        .registry
-                        .by_name(name)
-                        .ok_or(ResCode::ResNoSuchTarget)?,
+                // Not registered: with a store, the user actor asks it
+                // whether the player exists (RES_TARGET_OFFLINE here means
+                // "resolve it") and comes back with Target::Known.
+                let unregistered = if self.history.is_some() {
+                    ResCode::ResTargetOffline
+                } else {
+                    ResCode::ResNoSuchTarget
+                };
+                let (to, known) = match &line.target {
+                    Target::Id(id) => (*id, None),
+                    Target::Name(name) => (
+                        self.registry.by_name(name).ok_or(unregistered)?,
+                        None,
+                    ),
+                    Target::Known(id, name) => (*id, Some(name)),
                     Target::None => return Err(ResCode::ResNoSuchTarget),
                 };
-                // A lingering player is registered, so counts as online:
-                // the whisper goes to its replay buffer. A player who is
-                // not registered at all gets it stored for the next login.
-                if self.registry.get(to).is_none() {
-                    if self.history.is_none() {
-                        return Err(ResCode::ResTargetOffline);
+                let audience = match (self.registry.get(to), &self.history) {
+                    // A live connection, or a login about to get one: the
+                    // whisper is recorded for replay and, once queued,
+                    // tracked until the client confirms reading it.
+                    (Some(e), _) if e.conn.is_some() || e.pending.is_some() => {
+                        target_name = e.name.clone();
+                        live_to = Some(to);
+                        Audience::Whisper { from: line.from, to }
                     }
-                    offline_target = Some(to);
-                }
+                    // Lingering without a store: the replay buffer is all
+                    // there is.
+                    (Some(e), None) => {
+                        target_name = e.name.clone();
+                        Audience::Whisper { from: line.from, to }
+                    }
+                    // Lingering, or known and offline: stored now, as the
+                    // world decides, for the next login.
+                    (Some(e), Some(_)) => {
+                        target_name = e.name.clone();
+                        store_for = Some(to);
+                        Audience::User(line.from)
+                    }
+                    (None, Some(_)) if known.is_some() => {
+                        target_name = known.cloned().unwrap_or_default();
+                        store_for = Some(to);
+                        Audience::User(line.from)
+                    }
+                    (None, Some(_)) => return Err(ResCode::ResTargetOffline),
+                    (None, None) => return Err(ResCode::ResTargetOffline),
+                };
                 (
-                    Audience::Whisper {
-                        from: line.from,
-                        to,
-                    },
+                    audience,
                     Conversation::between(line.from.0, to.0),
                     0,
                     0,
@@ -401,14 +623,9 @@ impl World {
             ChatType::ChatAll => return Err(ResCode::ResNoPermission),
             ChatType::ChatNone => return Err(ResCode::ResBadRequest),
         };
-        let (target_id, target_name) = match audience {
-            Audience::Whisper { to, .. } => (
-                to.0,
-                self.registry
-                    .get(to)
-                    .map_or_else(String::new, |e| e.name.clone()),
-            ),
-            _ => (0, String::new()),
+        let target_id = match audience {
+            Audience::Whisper { to, .. } => to.0,
+            _ => store_for.map_or(0, |to| to.0),
         };
         let sender_name = sender.name.clone();
         let id = self.next_msg_id();
@@ -442,11 +659,35 @@ impl World {
             offline: None,
         };
         if let Some(history) = &self.history {
-            let stored = records::stored(&notify, conversation);
-            outcome.offline = offline_target.map(|to| (to, stored.clone()));
+            let stored = records::stored(&notify, conversation, line.nonce);
+            if let Some(to) = store_for {
+                outcome.offline = Some(history.store_offline(to.0, stored.clone()));
+                Stats::bump(&self.stats.offline_stored);
+            }
+            if let Some(to) = live_to.filter(|to| *to != line.from) {
+                self.track(to, stored.clone());
+            }
             outcome.durable = Some(records::append(history, stored));
         }
         Ok(outcome)
+    }
+
+    /// Remembers a whisper queued towards `to` until the client confirms
+    /// reading it. Past the replay buffer's size the oldest is stored as an
+    /// offline whisper at once instead: bounded memory, nothing dropped.
+    fn track(&mut self, to: UserId, whisper: StoredMsg) {
+        let cap = self.config.session.replay_buffer.max(1);
+        let Some(entry) = self.registry.get_mut(to) else {
+            return;
+        };
+        entry.unconfirmed.push_back(whisper);
+        if entry.unconfirmed.len() > cap {
+            if let (Some(oldest), Some(history)) = (entry.unconfirmed.pop_front(), &self.history)
+            {
+                drop(history.store_offline(to.0, oldest));
+                Stats::bump(&self.stats.offline_spilled);
+            }
+        }
     }
 
     /// Which stored conversation a history request may read.
@@ -492,22 +733,24 @@ impl World {
         let stall = self.config.limits.stall_timeout();
         let mut expired = Vec::new();
         let mut stale = Vec::new();
-        for (user, entry) in self.registry.entries() {
+        for (user, entry) in self.registry.entries_mut() {
             match (&entry.conn, entry.lingering) {
-                (None, Some(since)) if since.elapsed() >= linger => expired.push(*user),
+                (None, Some(since)) if entry.pending.is_none() && since.elapsed() >= linger => {
+                    expired.push(*user)
+                }
                 // A connection whose writer died without its reader
                 // noticing yet is detached here at the latest.
                 (Some(conn), _) if conn.is_gone() => stale.push((*user, conn.id())),
                 (Some(conn), _) => {
-                    conn.check_stall(stall, &self.stats);
+                    if !conn.check_stall(stall, &self.stats) {
+                        ask_receipt(entry);
+                    }
                 }
                 _ => {}
             }
         }
         for user in expired {
-            // Dropping the entry drops the actor's only mailbox sender: the
-            // user actor ends.
-            self.registry.remove(user);
+            self.end_session(user, None);
             Stats::bump(&self.stats.linger_expired);
             debug!(%user, "linger expired");
         }
@@ -543,6 +786,27 @@ impl World {
     }
 }
 
+/// Pong payload prefix of a receipt ping: the client read every whisper up
+/// to the msg_id that follows.
+pub(crate) const RECEIPT: &str = "receipt:";
+
+/// Pong payload prefix of the offline-whisper barrier; a token follows.
+pub(crate) const OFFLINE_ACK: &str = "offline-ack:";
+
+/// Asks the client to confirm the whispers queued to it so far: a ping
+/// after them, whose pong proves they were read. One at a time per
+/// connection; a full queue just tries again at the next tick.
+fn ask_receipt(entry: &mut Entry) {
+    let (Some(conn), Some(last), None) = (&entry.conn, entry.unconfirmed.back(), entry.receipt)
+    else {
+        return;
+    };
+    let upto = last.msg_id;
+    if conn.barrier(Bytes::from(format!("{RECEIPT}{upto}"))) {
+        entry.receipt = Some(upto);
+    }
+}
+
 fn login_reply(
     seq: u32,
     user: UserId,
@@ -562,7 +826,7 @@ fn login_reply(
         mask: entry.mask,
         resumed,
         last_msg_id: cursor,
-        replayed: resume.frames.len() as u32,
+        replayed: u32::try_from(resume.frames.len()).unwrap_or(u32::MAX),
         replay_gap: resume.gap,
         missed: resume.missed.min(u64::from(u32::MAX)) as u32,
     })

@@ -29,6 +29,9 @@ pub enum Audience {
         from: UserId,
         to: UserId,
     },
+    /// One player only: the sender's echo of a whisper that was stored for
+    /// its target instead of fanned out to it.
+    User(UserId),
 }
 
 /// How a channel's traffic is treated when a client falls behind.
@@ -67,8 +70,10 @@ impl Fanout for LocalFanout {
         frame: &Bytes,
         stats: &Stats,
     ) -> usize {
-        // The mask is checked here, before anything is queued or recorded,
-        // so a masked channel costs a bit test and nothing else.
+        // The mask is checked here, before anything is queued or recorded
+        // for a player, so a masked channel costs a bit test and nothing
+        // else. World chat is recorded once for everyone in the shared
+        // ring; a resume filters it by the player's mask log instead.
         let bit = mask_bit(channel);
         let priority = priority(channel);
         // World chat is the same for everyone: kept once, in the shared

@@ -21,10 +21,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
 use crate::history::{Conversation, HistoryError, HistoryHandle, StoredMsg};
-use crate::ids::{GuildId, MsgId, SceneId, TeamId, UserId};
+use crate::ids::{ConnId, GuildId, MsgId, SceneId, TeamId, UserId};
 use crate::net::ConnTx;
 use crate::stats::Stats;
 pub use actor::now_ms;
+pub(crate) use actor::{OFFLINE_ACK, RECEIPT};
 pub use fanout::{Audience, Fanout, LocalFanout};
 
 /// Capacity of the world actor's inbox. When it is full, senders (user
@@ -48,6 +49,22 @@ pub enum Target {
     None,
     Id(UserId),
     Name(String),
+    /// A player the store knows (has logged in at least once), resolved by
+    /// the user actor after the world found no such player registered: the
+    /// world may store the whisper for them as an offline whisper.
+    Known(UserId, String),
+}
+
+/// The world actor is gone: only after a bug killed it, or at the very end
+/// of shutdown. Callers answer `RES_INTERNAL` instead of panicking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("world actor stopped")]
+pub struct WorldGone;
+
+impl From<WorldGone> for ResCode {
+    fn from(_: WorldGone) -> ResCode {
+        ResCode::ResInternal
+    }
 }
 
 /// A chat line a user actor has already checked (cooldown, mute, text).
@@ -57,6 +74,9 @@ pub struct ChatLine {
     pub channel: ChatType,
     pub text: String,
     pub target: Target,
+    /// The client's message id for safe retries (0: none); kept with the
+    /// stored line.
+    pub nonce: u64,
 }
 
 /// What a chat line became.
@@ -65,9 +85,9 @@ pub struct ChatOutcome {
     /// Resolves once the line is durable (or failed to be); `None` without
     /// a history store.
     pub durable: Option<oneshot::Receiver<Result<(), HistoryError>>>,
-    /// A whisper to a player who is not registered: to store for their
-    /// next login.
-    pub offline: Option<(UserId, StoredMsg)>,
+    /// A whisper stored for a player without a live connection: resolves
+    /// once the offline row is committed (or refused).
+    pub offline: Option<oneshot::Receiver<Result<(), HistoryError>>>,
 }
 
 /// What a login request carries to the world.
@@ -87,7 +107,21 @@ enum WorldMsg {
     },
     Detached {
         user: UserId,
-        conn: crate::ids::ConnId,
+        conn: ConnId,
+    },
+    /// The offline whispers of a pending login have been read: queue the
+    /// login reply, replay and whispers, and make the connection visible.
+    Ready {
+        user: UserId,
+        conn: ConnId,
+        offline: Vec<StoredMsg>,
+    },
+    /// The client answered a receipt ping: it has read every whisper up to
+    /// `upto` that was queued before it.
+    Receipt {
+        user: UserId,
+        conn: ConnId,
+        upto: u64,
     },
     Chat {
         line: ChatLine,
@@ -174,36 +208,52 @@ impl WorldHandle {
         WeakWorld(self.tx.downgrade())
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> WorldMsg) -> T {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> WorldMsg,
+    ) -> Result<T, WorldGone> {
         let (respond_to, rx) = oneshot::channel();
         self.tx
             .send(make(respond_to))
             .await
-            .expect("world actor stopped");
-        rx.await.expect("world actor stopped")
+            .map_err(|_| WorldGone)?;
+        rx.await.map_err(|_| WorldGone)
+    }
+
+    async fn tell(&self, msg: WorldMsg) -> Result<(), WorldGone> {
+        self.tx.send(msg).await.map_err(|_| WorldGone)
     }
 
     /// Registers a player, or hands an existing session the new connection
-    /// (takeover). On success the world has already queued the login reply
-    /// as the connection's first frame.
+    /// (takeover or resume). On success the connection is the session's,
+    /// but not yet visible to fan-out: the world queues the login reply as
+    /// its first frame, then the replay and the offline whispers, and only
+    /// then lets live traffic and the user actor at it.
     pub(crate) async fn login(&self, args: LoginArgs) -> Result<(), ResCode> {
         self.ask(|respond_to| WorldMsg::Login { args, respond_to })
-            .await
+            .await?
     }
 
     /// A user actor's connection went away.
-    pub(crate) async fn detached(&self, user: UserId, conn: crate::ids::ConnId) {
-        self.tx
-            .send(WorldMsg::Detached { user, conn })
-            .await
-            .expect("world actor stopped");
+    pub(crate) async fn detached(&self, user: UserId, conn: ConnId) -> Result<(), WorldGone> {
+        self.tell(WorldMsg::Detached { user, conn }).await
+    }
+
+    /// A receipt ping came back on `conn`.
+    pub(crate) async fn receipt(
+        &self,
+        user: UserId,
+        conn: ConnId,
+        upto: u64,
+    ) -> Result<(), WorldGone> {
+        self.tell(WorldMsg::Receipt { user, conn, upto }).await
     }
 
     /// Fans a checked chat line out; returns its msg_id and, with a
     /// history store, what remains to make it durable.
     pub async fn chat(&self, line: ChatLine) -> Result<ChatOutcome, ResCode> {
         self.ask(|respond_to| WorldMsg::Chat { line, respond_to })
-            .await
+            .await?
     }
 
     /// The stored conversation `user` may read for a history request on
@@ -223,11 +273,11 @@ impl WorldHandle {
             peer,
             respond_to,
         })
-        .await
+        .await?
     }
 
     /// Updates the mask fan-out uses for this player.
-    pub async fn set_mask(&self, user: UserId, mask: u32) {
+    pub async fn set_mask(&self, user: UserId, mask: u32) -> Result<(), WorldGone> {
         self.ask(|respond_to| WorldMsg::SetMask {
             user,
             mask,
@@ -237,13 +287,13 @@ impl WorldHandle {
     }
 
     /// (players online, configured maximum)
-    pub async fn online(&self) -> (u32, u32) {
+    pub async fn online(&self) -> Result<(u32, u32), WorldGone> {
         self.ask(|respond_to| WorldMsg::Online { respond_to }).await
     }
 
     /// (frames, bytes) queued for a player's connection; `None` if the
     /// player has no connection.
-    pub async fn backlog(&self, user: UserId) -> Option<(usize, usize)> {
+    pub async fn backlog(&self, user: UserId) -> Result<Option<(usize, usize)>, WorldGone> {
         self.ask(|respond_to| WorldMsg::Backlog { user, respond_to })
             .await
     }
@@ -256,7 +306,7 @@ impl WorldHandle {
         guild: Option<GuildId>,
         team: Option<TeamId>,
         scene: Option<SceneId>,
-    ) -> bool {
+    ) -> Result<bool, WorldGone> {
         self.ask(|respond_to| WorldMsg::Regroup {
             user,
             guild,
@@ -269,7 +319,7 @@ impl WorldHandle {
 
     /// Mutes a player for `duration` (`None` lifts the mute). Returns false
     /// if the player is not online.
-    pub async fn mute(&self, user: UserId, duration: Option<Duration>) -> bool {
+    pub async fn mute(&self, user: UserId, duration: Option<Duration>) -> Result<bool, WorldGone> {
         self.ask(|respond_to| WorldMsg::Mute {
             user,
             duration,
@@ -278,9 +328,10 @@ impl WorldHandle {
         .await
     }
 
-    /// Disconnects a player with a kick notice. Returns false if the player
-    /// is not online.
-    pub async fn kick(&self, user: UserId, reason: KickReason) -> bool {
+    /// Disconnects a player with a kick notice and ends the session at once:
+    /// it does not linger, so a fast reconnect starts a new one. Returns
+    /// false if the player is not online.
+    pub async fn kick(&self, user: UserId, reason: KickReason) -> Result<bool, WorldGone> {
         self.ask(|respond_to| WorldMsg::Kick {
             user,
             reason,
@@ -290,13 +341,14 @@ impl WorldHandle {
     }
 
     /// Sends a system message (CHAT_ALL) to everyone.
-    pub async fn announce(&self, text: String) -> MsgId {
+    pub async fn announce(&self, text: String) -> Result<MsgId, WorldGone> {
         self.ask(|respond_to| WorldMsg::Announce { text, respond_to })
             .await
     }
 
-    /// Kicks every player with reason SHUTDOWN and refuses new logins.
-    pub async fn shutdown(&self) {
+    /// Refuses new logins and ends every session: each user actor answers
+    /// its pending chat replies, then its connection gets the SHUTDOWN kick.
+    pub async fn shutdown(&self) -> Result<(), WorldGone> {
         self.ask(|respond_to| WorldMsg::Shutdown { respond_to })
             .await
     }

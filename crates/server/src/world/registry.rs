@@ -4,15 +4,18 @@
 //! Plain data owned by the world actor; it has no lock because only that
 //! actor ever touches it. It never sends anything itself.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::fanout::Audience;
-use super::replay::{Replay, Ring};
+use super::replay::{MaskLog, Replay, Ring};
+use super::Identity;
+use crate::history::StoredMsg;
 use crate::ids::{GuildId, SceneId, TeamId, UserId};
 use crate::net::ConnTx;
-use crate::user::UserHandle;
+use crate::user::{Inbound, UserHandle};
 
 /// One registered player.
 #[derive(Debug)]
@@ -24,20 +27,50 @@ pub struct Entry {
     /// Channels this player does not want (a mirror of the user actor's
     /// mask, so fan-out can skip them without a hop through the actor).
     pub mask: u32,
-    /// The connection notifications go to; `None` while lingering.
+    /// The connection notifications go to: set only once it is visible to
+    /// fan-out, after its login reply, replay and offline whispers were
+    /// queued. `None` while lingering or while a login is pending.
     pub conn: Option<ConnTx>,
+    /// A login whose offline whispers are still being read: its connection
+    /// belongs to the session but sees no live traffic yet.
+    pub pending: Option<Box<PendingLogin>>,
     /// Since when the player has had no connection (lingering).
     pub lingering: Option<Instant>,
-    /// An operator kicked this player: do not linger.
-    pub kicked: bool,
     /// Recent notifications, for resume.
     pub replay: Replay,
     /// The last msg_id assigned before this session began: older lines in
     /// the shared world ring were never this session's.
     pub began: u64,
+    /// When world chat was masked during the session (filters the shared
+    /// world ring on resume).
+    pub world_masked: MaskLog,
+    /// Whispers queued towards this player's connection that the client has
+    /// not yet confirmed reading (a pong to a receipt ping, or a resume
+    /// cursor past them). When the session ends they go to the offline
+    /// inbox, so a whisper lost with a cut connection is not lost for good.
+    pub unconfirmed: VecDeque<StoredMsg>,
+    /// The msg_id the outstanding receipt ping covers.
+    pub receipt: Option<u64>,
     /// The user actor's mailbox. The registry holds the only sender, so
     /// removing the entry ends the actor.
-    pub user: UserHandle,
+    pub actor: UserHandle,
+}
+
+/// A login the world has accepted but not yet made visible.
+#[derive(Debug)]
+pub struct PendingLogin {
+    pub conn: ConnTx,
+    pub inbound: mpsc::Receiver<Box<Inbound>>,
+    /// The login request's seq, echoed in the reply.
+    pub seq: u32,
+    /// The request's resume cursor (0: none).
+    pub last_msg_id: u64,
+    /// Whether the login found a session (takeover or resume).
+    pub resumed: bool,
+    /// The last msg_id assigned when the login arrived: without a cursor,
+    /// what was recorded after it is replayed, so nothing sent while the
+    /// login was pending is lost.
+    pub since: u64,
 }
 
 /// Membership index of one kind of group.
@@ -123,6 +156,28 @@ impl Registry {
         self.names.get(name).copied()
     }
 
+    /// Applies a login token's identity to a registered player: name
+    /// (and the name index), guild, team and scene.
+    pub fn set_identity(&mut self, identity: &Identity) -> bool {
+        let user = identity.user;
+        let Some(entry) = self.users.get_mut(&user) else {
+            return false;
+        };
+        if entry.name != identity.name {
+            if self.names.get(&entry.name) == Some(&user) {
+                self.names.remove(&entry.name);
+            }
+            entry.name = identity.name.clone();
+            self.names.insert(identity.name.clone(), user);
+        }
+        self.regroup(
+            user,
+            Some(identity.guild),
+            Some(identity.team),
+            Some(identity.scene),
+        )
+    }
+
     pub fn insert(&mut self, user: UserId, entry: Entry) {
         // Names are unique per game; should two players claim one, the
         // newest login owns it until it leaves.
@@ -186,6 +241,10 @@ impl Registry {
         self.users.iter()
     }
 
+    pub fn entries_mut(&mut self) -> impl Iterator<Item = (&UserId, &mut Entry)> {
+        self.users.iter_mut()
+    }
+
     /// Calls `f` on every member of an audience. Fan-out goes through here
     /// so it can record into each recipient's replay buffer.
     pub fn visit(&mut self, audience: &Audience, mut f: impl FnMut(&mut Entry)) {
@@ -216,6 +275,7 @@ impl Registry {
                     one(from);
                 }
             }
+            Audience::User(user) => one(user),
         }
     }
 

@@ -106,7 +106,8 @@ impl Ring {
 /// some could not be kept.
 #[derive(Debug, Default)]
 pub struct Resume {
-    pub frames: Vec<Bytes>,
+    /// `(msg_id, frame)`, in msg_id order.
+    pub frames: Vec<(u64, Bytes)>,
     pub gap: bool,
     /// Frames pushed out of the rings that had a gap (see the proto's
     /// `missed`).
@@ -165,21 +166,27 @@ impl Replay {
     }
 
     /// Everything newer than `after`, merged in msg_id order. `world` is
-    /// the shared world ring with the msg_id this session began at: only
-    /// what was broadcast during the session is its to replay (`None` when
-    /// the player masks world chat).
-    pub fn since(&self, after: u64, world: Option<(&Ring, u64)>) -> Resume {
+    /// the shared world ring with the msg_id this session began at (only
+    /// what was broadcast during the session is its to replay) and the
+    /// msg_id ranges during which the player masked world chat: a line is
+    /// replayed exactly when it passed the mask the player had when it was
+    /// sent.
+    pub fn since(&self, after: u64, world: Option<(&Ring, u64, &MaskLog)>) -> Resume {
         let mut rings = Vec::with_capacity(3);
         if let Some(own) = &self.rings {
-            rings.extend([(&own.keep, after), (&own.shed, after)]);
+            rings.extend([(&own.keep, after, None), (&own.shed, after, None)]);
         }
-        if let Some((ring, began)) = world {
-            rings.push((ring, after.max(began)));
+        if let Some((ring, began, masked)) = world {
+            rings.push((ring, after.max(began), Some(masked)));
         }
         let mut entries: Vec<&(u64, Bytes)> = Vec::new();
         let mut resume = Resume::default();
-        for (ring, cursor) in rings {
-            entries.extend(ring.entries.range(ring.start(cursor)..));
+        for (ring, cursor, masked) in rings {
+            let fresh = ring.entries.range(ring.start(cursor)..);
+            match masked {
+                Some(masked) => entries.extend(fresh.filter(|(id, _)| !masked.covers(*id))),
+                None => entries.extend(fresh),
+            }
             if ring.has_gap(cursor) {
                 resume.gap = true;
                 resume.missed += ring.missed_after(cursor);
@@ -188,8 +195,51 @@ impl Replay {
         // Each ring is in order already; a resume is rare and at most a few
         // hundred entries, so a sort is the simplest correct merge.
         entries.sort_unstable_by_key(|(id, _)| *id);
-        resume.frames = entries.into_iter().map(|(_, f)| f.clone()).collect();
+        resume.frames = entries.into_iter().cloned().collect();
         resume
+    }
+}
+
+/// Most masked spans a [`MaskLog`] keeps; past it the two oldest merge, so
+/// a player who toggles the mask that often may miss a few world lines on
+/// resume (world chat is sheddable anyway), never get a masked one.
+const MASK_SPANS: usize = 8;
+
+/// When a player masked world chat during the session, as msg_id spans
+/// `(from, to]`: the shared world ring is filtered by it on resume, so a
+/// line sent while the mask was off is replayed even if the player masks
+/// world chat later, and the other way round.
+#[derive(Debug, Default)]
+pub struct MaskLog {
+    spans: Vec<(u64, u64)>,
+}
+
+impl MaskLog {
+    /// The mask changed after msg_id `now` was assigned.
+    pub fn set(&mut self, masked: bool, now: u64) {
+        let open = self.spans.last().is_some_and(|(_, to)| *to == u64::MAX);
+        match (masked, open) {
+            (true, false) => {
+                if self.spans.len() == MASK_SPANS {
+                    let (from, _) = self.spans.remove(0);
+                    self.spans[0].0 = from;
+                }
+                self.spans.push((now, u64::MAX));
+            }
+            (false, true) => {
+                if let Some(last) = self.spans.last_mut() {
+                    last.1 = now;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the line `msg_id` was sent while world chat was masked.
+    pub fn covers(&self, msg_id: u64) -> bool {
+        self.spans
+            .iter()
+            .any(|(from, to)| msg_id > *from && msg_id <= *to)
     }
 }
 
@@ -204,7 +254,10 @@ mod tests {
     fn ids(r: &Resume) -> Vec<u64> {
         r.frames
             .iter()
-            .map(|f| std::str::from_utf8(f).unwrap().parse().unwrap())
+            .map(|(id, f)| {
+                assert_eq!(std::str::from_utf8(f).unwrap().parse::<u64>().unwrap(), *id);
+                *id
+            })
             .collect()
     }
 
@@ -266,7 +319,7 @@ mod tests {
         let f = Bytes::from(vec![7u8; 64]);
         r.record(1, f.clone(), Priority::Keep);
         let out = r.since(0, None);
-        assert_eq!(out.frames[0].as_ptr(), f.as_ptr());
+        assert_eq!(out.frames[0].1.as_ptr(), f.as_ptr());
     }
 
     #[test]
@@ -280,19 +333,46 @@ mod tests {
         world.push(4, frame(4));
         r.record(5, frame(5), Priority::Sheddable);
         world.push(6, frame(6));
-        let all = r.since(0, Some((&world, 2)));
+        let open = MaskLog::default();
+        let all = r.since(0, Some((&world, 2, &open)));
         assert_eq!((ids(&all), all.gap), (vec![3, 4, 5, 6], false));
-        assert_eq!(ids(&r.since(4, Some((&world, 2)))), vec![5, 6]);
+        assert_eq!(ids(&r.since(4, Some((&world, 2, &open)))), vec![5, 6]);
         // World chat masked: none of it.
         assert_eq!(ids(&r.since(0, None)), vec![3, 5]);
         // The world ring overflows: a gap only for cursors it passed.
         for id in 7..=10 {
             world.push(id, frame(id));
         }
-        let behind = r.since(4, Some((&world, 2)));
+        let behind = r.since(4, Some((&world, 2, &open)));
         assert_eq!(ids(&behind), vec![5, 7, 8, 9, 10]);
         assert_eq!((behind.gap, behind.missed), (true, 1));
-        assert!(!r.since(6, Some((&world, 2))).gap);
+        assert!(!r.since(6, Some((&world, 2, &open))).gap);
+    }
+
+    #[test]
+    fn world_lines_replay_by_the_mask_in_force_when_they_were_sent() {
+        let mut world = Ring::new(16);
+        let r = Replay::new(4, 4);
+        let mut log = MaskLog::default();
+        world.push(1, frame(1));
+        log.set(true, 1);
+        world.push(2, frame(2));
+        world.push(3, frame(3));
+        log.set(false, 3);
+        world.push(4, frame(4));
+        log.set(true, 4);
+        world.push(5, frame(5));
+        // Masked now, yet 1 and 4 were sent while the mask was off.
+        assert_eq!(ids(&r.since(0, Some((&world, 0, &log)))), vec![1, 4]);
+        log.set(false, 5);
+        world.push(6, frame(6));
+        assert_eq!(ids(&r.since(0, Some((&world, 0, &log)))), vec![1, 4, 6]);
+        // Many toggles keep a bounded log and never replay a masked line.
+        for id in 7..40 {
+            log.set(id % 2 == 0, id);
+        }
+        assert!(log.spans.len() <= MASK_SPANS);
+        assert!(log.covers(2) && log.covers(5));
     }
 
     #[test]
