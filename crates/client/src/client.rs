@@ -241,7 +241,8 @@ impl Client {
     /// Sends a heartbeat and waits for its reply, returning whatever else
     /// arrived first. Because the server handles a connection's frames in
     /// order, the reply also proves everything sent before it (pongs
-    /// included) was processed.
+    /// included) was handled; a chat reply still waiting for its commit may
+    /// come after it.
     pub async fn heartbeat(&mut self) -> Result<Vec<ServerMsg>, ClientError> {
         let seq = self.next_seq();
         self.send(&ClientMsg::Heartbeat(pb::ChatMessageHeartbeatReq {

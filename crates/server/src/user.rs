@@ -434,6 +434,15 @@ impl UserActor {
         let slot = m.chattype.clamp(0, CHANNELS as i32 - 1) as usize;
         if nonce != 0 {
             self.load_sends().await;
+            // A send that failed was not stored: its retry is a new send.
+            if let Some(sends) = &mut self.sends {
+                if sends
+                    .get(nonce)
+                    .is_some_and(|s| s.outcome.peek().is_some_and(|r| *r != ResCode::ResOk))
+                {
+                    sends.forget(nonce);
+                }
+            }
             if let Some(sent) = self.sends.as_ref().and_then(|s| s.get(nonce)) {
                 Stats::bump(&self.stats.chat_retries);
                 let remaining = self.cooldown_left(slot);
@@ -589,9 +598,13 @@ impl UserActor {
             (result, _, _) => result,
         }
         .map_err(|code| (code, none))?;
-        // The clock starts when the world accepts the line; it lives in
-        // this actor, so neither a reconnect nor a takeover resets it.
-        let ready = now.checked_add(rule.cooldown()).unwrap_or_else(far_future);
+        // The clock starts when the world has accepted the line (read after
+        // the world's answer, so backpressure cannot squeeze two lines into
+        // one cooldown); it lives in this actor, so neither a reconnect nor
+        // a takeover resets it.
+        let ready = Instant::now()
+            .checked_add(rule.cooldown())
+            .unwrap_or_else(far_future);
         self.ready_at
             .get_or_insert_with(|| Box::new([None; CHANNELS]))[slot] = Some(ready);
         Ok(Accepted {
@@ -647,6 +660,12 @@ struct RecentSends {
 impl RecentSends {
     fn get(&self, nonce: u64) -> Option<&Sent> {
         self.by_nonce.get(&nonce)
+    }
+
+    fn forget(&mut self, nonce: u64) {
+        if self.by_nonce.remove(&nonce).is_some() {
+            self.order.retain(|n| *n != nonce);
+        }
     }
 
     fn insert(&mut self, nonce: u64, msg_id: u64, offline: bool, outcome: SharedOutcome) {

@@ -260,7 +260,7 @@ impl World {
                 old.kick(KickReason::KickLoggedInElsewhere);
             }
             if let Some(old) = entry.pending.take() {
-                let reply = login_reply(old.seq, user, entry, true, since, &Resume::default());
+                let reply = login_reply(old.seq, user, entry, true, since, 0, &Resume::default());
                 let _ = old.conn.try_frame(reply);
                 old.conn.kick(KickReason::KickLoggedInElsewhere);
             }
@@ -401,7 +401,7 @@ impl World {
         // Offline whispers the client has (its cursor is past them) or that
         // the replay carries are not sent twice, but all are acknowledged.
         let mut ack = Vec::with_capacity(offline.len());
-        let replayed = resume.frames.len();
+        let mut whispers = Vec::new();
         for m in &offline {
             ack.push(m.msg_id);
             let seen = last_msg_id > 0 && m.msg_id <= last_msg_id;
@@ -410,20 +410,21 @@ impl World {
                 .binary_search_by_key(&m.msg_id, |(id, _)| *id)
                 .is_ok();
             if !seen && !replaying {
-                let frame = codec::encode(&records::notification(m));
-                resume.frames.push((m.msg_id, frame));
+                whispers.push((m.msg_id, codec::encode(&records::notification(m))));
             }
         }
-        let whispers = resume.frames.len() - replayed;
+        let replayed = resume.frames.len();
+        let delivered = whispers.len();
+        resume.frames.extend(whispers);
         resume.frames.sort_unstable_by_key(|(id, _)| *id);
         // Everything after the reply is newer than its cursor.
         let cursor = resume
             .frames
             .first()
             .map_or(current, |(id, _)| current.min(id - 1));
-        let reply = login_reply(seq, user, entry, resumed, cursor, &resume);
+        let reply = login_reply(seq, user, entry, resumed, cursor, replayed, &resume);
         Stats::add(&self.stats.replayed, replayed as u64);
-        Stats::add(&self.stats.offline_delivered, whispers as u64);
+        Stats::add(&self.stats.offline_delivered, delivered as u64);
         if resume.gap {
             Stats::bump(&self.stats.replay_gaps);
         }
@@ -609,8 +610,7 @@ impl World {
                         store_for = Some(to);
                         Audience::User(line.from)
                     }
-                    (None, Some(_)) => return Err(ResCode::ResTargetOffline),
-                    (None, None) => return Err(ResCode::ResTargetOffline),
+                    (None, _) => return Err(ResCode::ResTargetOffline),
                 };
                 (
                     audience,
@@ -742,7 +742,8 @@ impl World {
                 // noticing yet is detached here at the latest.
                 (Some(conn), _) if conn.is_gone() => stale.push((*user, conn.id())),
                 (Some(conn), _) => {
-                    if !conn.check_stall(stall, &self.stats) {
+                    let stalled = conn.check_stall(stall, &self.stats);
+                    if !stalled {
                         ask_receipt(entry);
                     }
                 }
@@ -813,6 +814,7 @@ fn login_reply(
     entry: &Entry,
     resumed: bool,
     cursor: u64,
+    replayed: usize,
     resume: &Resume,
 ) -> Bytes {
     codec::encode(&pb::ChatMessageLoginRep {
@@ -826,7 +828,7 @@ fn login_reply(
         mask: entry.mask,
         resumed,
         last_msg_id: cursor,
-        replayed: u32::try_from(resume.frames.len()).unwrap_or(u32::MAX),
+        replayed: u32::try_from(replayed).unwrap_or(u32::MAX),
         replay_gap: resume.gap,
         missed: resume.missed.min(u64::from(u32::MAX)) as u32,
     })

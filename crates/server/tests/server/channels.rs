@@ -133,7 +133,7 @@ async fn masked_channels_are_not_delivered_but_whispers_and_system_are() {
     check_audience(&mut c, 2, ChatType::ChatWorld, "world", (0, ""), &[0, 1, 2]).await;
     check_audience(&mut c, 1, ChatType::ChatNormal, "scene 2", (0, ""), &[1]).await;
     check_audience(&mut c, 0, ChatType::ChatPrivate, "psst", (4, ""), &[0, 3]).await;
-    server.world.announce("maintenance soon".into()).await;
+    server.world.announce("maintenance soon".into()).await.unwrap();
     for client in c.iter_mut() {
         let n = next_chat(client).await;
         assert_eq!(

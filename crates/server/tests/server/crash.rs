@@ -89,6 +89,12 @@ async fn acknowledged_messages_survive_kill_9() {
     let first = ServerProcess::start(dir.path());
     let sender_token = token(dir.path(), 1, "sender", 10);
     let mut sender = login(&first.url, &sender_token).await;
+    // Player 2 has logged in once (whispers to players never seen are
+    // refused), and is away for the rest of the stream.
+    login(&first.url, &token(dir.path(), 2, "two", 0))
+        .await
+        .close()
+        .await;
 
     // Stream guild lines and whispers to player 2 (who is offline), keeping
     // every msg_id the server acknowledged.
@@ -179,4 +185,36 @@ async fn acknowledged_messages_survive_kill_9() {
         "no whisper redelivered"
     );
     third.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_kill_9_is_answered_and_not_delivered_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = ServerProcess::start(dir.path());
+    let sender = token(dir.path(), 1, "sender", 10);
+    let mut c = login(&first.url, &sender).await;
+    c.send_chat_with_id(ChatType::ChatGuild, "exactly once", 0, "", 42)
+        .await
+        .unwrap();
+    let rep = next_chat_rep(&mut c).await;
+    assert_eq!(rep.res, ResCode::ResOk as i32);
+    first.kill9();
+
+    // The client never saw the reply (as far as it knows) and retries.
+    let second = ServerProcess::start(dir.path());
+    let mut listener = login(&second.url, &token(dir.path(), 3, "listener", 10)).await;
+    let mut c = login(&second.url, &sender).await;
+    c.send_chat_with_id(ChatType::ChatGuild, "exactly once", 0, "", 42)
+        .await
+        .unwrap();
+    let retry = next_chat_rep(&mut c).await;
+    assert_eq!(
+        (retry.res, retry.msg_id),
+        (ResCode::ResOk as i32, rep.msg_id),
+        "the original result and msg_id"
+    );
+    assert_silent(&mut listener).await;
+    let history = all_pages(&mut listener, ChatType::ChatGuild, 0, 100).await;
+    assert_eq!(history, vec![rep.msg_id], "stored once");
+    second.kill9();
 }

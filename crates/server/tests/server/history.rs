@@ -151,6 +151,14 @@ async fn offline_whispers_arrive_at_next_login_once() {
         c.session.linger_ms = 0;
     })
     .await;
+    // Nine has logged in once, so the store knows the player.
+    server.login(9, "nine", 0, 0, 0).await.close().await;
+    for _ in 0..200 {
+        if server.world.online().await.unwrap().0 == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let mut a = server.login(1, "alice", 0, 0, 0).await;
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -158,18 +166,17 @@ async fn offline_whispers_arrive_at_next_login_once() {
         assert_eq!((rep.res, rep.offline), (ResCode::ResOk as i32, true));
         ids.push(rep.msg_id);
     }
-    // By name, an offline player is unknown.
-    a.send_chat(ChatType::ChatPrivate, "x", 0, "nine")
+    // By name too: the store knows the name.
+    a.send_chat(ChatType::ChatPrivate, "by name", 0, "nine")
         .await
         .unwrap();
-    assert_eq!(
-        next_chat_rep(&mut a).await.res,
-        ResCode::ResNoSuchTarget as i32
-    );
+    let rep = next_chat_rep(&mut a).await;
+    assert_eq!((rep.res, rep.offline), (ResCode::ResOk as i32, true));
+    ids.push(rep.msg_id);
 
     let mut nine = server.login(9, "nine", 0, 0, 0).await;
     let mut got = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..4 {
         let n = next_chat(&mut nine).await;
         assert_eq!((n.chattype, n.senderid), (ChatType::ChatPrivate as i32, 1));
         got.push(n.msg_id);
@@ -180,10 +187,10 @@ async fn offline_whispers_arrive_at_next_login_once() {
     // reply proves the server processed that pong.
     assert!(nine.heartbeat().await.unwrap().is_empty());
     assert!(nine.heartbeat().await.unwrap().is_empty());
-    assert_eq!(server.stats.offline_acked.load(Ordering::Relaxed), 1);
+    assert_eq!(server.stats.offline_acked.load(Ordering::Relaxed), 4);
     nine.close().await;
     for _ in 0..200 {
-        if server.world.online().await.0 == 1 {
+        if server.world.online().await.unwrap().0 == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -7,6 +7,7 @@ mod common;
 mod crash;
 mod history;
 mod login;
+mod promises;
 mod resume;
 mod robustness;
 mod sessions;
