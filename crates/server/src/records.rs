@@ -24,6 +24,7 @@ pub fn stored(n: &pb::ChatMessageNotifyChat, conversation: Conversation) -> Stor
         scene_id: n.sceneid,
         target_id: n.targetid,
         target_name: n.targetname.clone(),
+        nonce: 0,
     }
 }
 

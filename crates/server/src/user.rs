@@ -228,7 +228,11 @@ impl UserActor {
         let (Some(history), Some(conn)) = (&self.history, &self.conn) else {
             return;
         };
-        let pending = match history.pending_offline(self.id.0).await {
+        let pending = match history
+            .pending_offline(self.id.0)
+            .await
+            .unwrap_or(Err(HistoryError::Unavailable))
+        {
             Ok(pending) => pending,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read offline whispers; they stay stored");
@@ -269,7 +273,7 @@ impl UserActor {
             .and_then(|p| p.strip_prefix(OFFLINE_ACK))
             .and_then(|id| id.parse::<u64>().ok());
         if let Some(upto) = upto {
-            match history.ack_offline(self.id.0, upto).await {
+            match history.ack_offline_through(self.id.0, upto).await {
                 Ok(()) => Stats::bump(&self.stats.offline_acked),
                 Err(e) => tracing::warn!(error = %e, "cannot forget delivered offline whispers"),
             }
@@ -450,7 +454,11 @@ impl Accepted {
         let refused = |code| chat_rep(seq, code, Duration::ZERO, 0, false);
         let mut offline = false;
         if let (Some((to, stored)), Some(history)) = (self.offline, &self.history) {
-            if let Err(e) = history.store_offline(to.0, stored).await {
+            if let Err(e) = history
+                .store_offline(to.0, stored)
+                .await
+                .unwrap_or(Err(HistoryError::Unavailable))
+            {
                 return refused(store_code(e));
             }
             Stats::bump(&self.stats.offline_stored);

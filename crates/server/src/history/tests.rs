@@ -1,7 +1,6 @@
 //! Tests of the store through its public handle, on a real SQLite file in a
 //! temporary directory.
 
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::oneshot;
@@ -40,6 +39,7 @@ fn msg(conversation: Conversation, msg_id: u64) -> StoredMsg {
         } else {
             "Bob".into()
         },
+        nonce: 0,
     }
 }
 
@@ -63,15 +63,31 @@ fn ids(page: &[StoredMsg]) -> Vec<u64> {
 }
 
 /// Waits (without blocking the runtime) for the store's threads to end.
-async fn joined(threads: [JoinHandle<()>; 2], within: Duration) -> bool {
+async fn joined(threads: HistoryThreads, within: Duration) -> bool {
     let deadline = Instant::now() + within;
-    while threads.iter().any(|t| !t.is_finished()) {
+    while !threads.is_finished() {
         if Instant::now() >= deadline {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    threads.into_iter().all(|t| t.join().is_ok())
+    threads.join();
+    true
+}
+
+/// Stores an offline whisper and waits for the outcome.
+async fn store(h: &HistoryHandle, to: u64, m: StoredMsg) -> Result<(), HistoryError> {
+    h.store_offline(to, m)
+        .await
+        .unwrap_or(Err(HistoryError::Unavailable))
+}
+
+/// The whispers waiting for `user`.
+async fn pending(h: &HistoryHandle, user: u64) -> Vec<StoredMsg> {
+    h.pending_offline(user)
+        .await
+        .expect("writer answered")
+        .expect("pending read")
 }
 
 #[test]
@@ -189,7 +205,7 @@ async fn reopening_keeps_messages_and_the_high_water_mark() {
         ..HistoryConfig::default()
     };
     let (h, high_water, threads) =
-        HistoryHandle::start(dir.path(), config.clone()).expect("open store");
+        HistoryHandle::open(dir.path(), config.clone()).expect("open store");
     assert_eq!(high_water, 0, "a new store has handed out no ids");
     append_all(&h, (1..=5).map(|id| msg(Conversation::Team(3), id))).await;
     // An id used by a conversation that is not stored still counts: a
@@ -198,7 +214,7 @@ async fn reopening_keeps_messages_and_the_high_water_mark() {
     drop(h);
     assert!(joined(threads, Duration::from_secs(10)).await);
 
-    let (h, high_water) = HistoryHandle::open(dir.path(), config).expect("reopen store");
+    let (h, high_water, _) = HistoryHandle::open(dir.path(), config).expect("reopen store");
     assert_eq!(high_water, 9);
     let (page, more) = h.page(Conversation::Team(3), 0, 10).await.expect("page");
     assert_eq!(ids(&page), [5, 4, 3, 2, 1]);
@@ -222,35 +238,28 @@ async fn offline_whispers_wait_until_acknowledged() {
         .map(|id| msg(Conversation::between(42, bob), id))
         .into();
     for w in &whispers {
-        h.store_offline(bob, w.clone()).await.expect("stored");
+        store(&h, bob, w.clone()).await.expect("stored");
     }
-    h.store_offline(carol, msg(Conversation::between(42, carol), 13))
+    store(&h, carol, msg(Conversation::between(42, carol), 13))
         .await
         .expect("another player's inbox is separate");
 
-    assert_eq!(h.pending_offline(bob).await.expect("pending"), whispers);
+    assert_eq!(pending(&h, bob).await, whispers);
     assert_eq!(
-        h.store_offline(bob, msg(Conversation::between(42, bob), 14))
-            .await,
+        store(&h, bob, msg(Conversation::between(42, bob), 14)).await,
         Err(HistoryError::InboxFull)
     );
 
-    h.ack_offline(bob, 11).await.expect("acked");
-    assert_eq!(
-        h.pending_offline(bob).await.expect("pending"),
-        [whispers[2].clone()]
-    );
+    h.ack_offline(bob, vec![10, 11]).await.expect("acked");
+    assert_eq!(pending(&h, bob).await, [whispers[2].clone()]);
     // Room again after the ack; acking twice is harmless.
-    h.store_offline(bob, msg(Conversation::between(42, bob), 15))
+    store(&h, bob, msg(Conversation::between(42, bob), 15))
         .await
         .expect("stored");
-    h.ack_offline(bob, 11).await.expect("acked again");
-    assert_eq!(
-        ids(&h.pending_offline(bob).await.expect("pending")),
-        [12, 15]
-    );
-    assert_eq!(ids(&h.pending_offline(carol).await.expect("pending")), [13]);
-    assert_eq!(h.pending_offline(99).await.expect("pending"), []);
+    h.ack_offline(bob, vec![10, 11]).await.expect("acked again");
+    assert_eq!(ids(&pending(&h, bob).await), [12, 15]);
+    assert_eq!(ids(&pending(&h, carol).await), [13]);
+    assert_eq!(pending(&h, 99).await, []);
     assert_eq!(h.stats().offline_stored, 5);
 }
 
@@ -261,38 +270,38 @@ async fn only_players_with_waiting_whispers_cost_a_read() {
         max_offline_whispers: 1,
         ..HistoryConfig::default()
     };
-    let (h, _, threads) = HistoryHandle::start(dir.path(), config.clone()).expect("open store");
+    let (h, _, threads) = HistoryHandle::open(dir.path(), config.clone()).expect("open store");
     let whisper = |to, id| msg(Conversation::between(42, to), id);
-    assert_eq!(h.pending_offline(7).await.expect("pending"), []);
+    assert_eq!(pending(&h, 7).await, []);
     assert_eq!(
         h.stats().offline_reads,
         0,
         "no whisper ever stored: no read"
     );
 
-    h.store_offline(7, whisper(7, 10)).await.expect("stored");
+    store(&h, 7, whisper(7, 10)).await.expect("stored");
     assert_eq!(
-        h.store_offline(7, whisper(7, 11)).await,
+        store(&h, 7, whisper(7, 11)).await,
         Err(HistoryError::InboxFull)
     );
-    assert_eq!(ids(&h.pending_offline(7).await.expect("pending")), [10]);
-    assert_eq!(h.pending_offline(8).await.expect("pending"), []);
+    assert_eq!(ids(&pending(&h, 7).await), [10]);
+    assert_eq!(pending(&h, 8).await, []);
     assert_eq!(h.stats().offline_reads, 1);
 
     // Delivered and acknowledged: no more reads for that player, and a new
     // whisper is found again.
-    h.ack_offline(7, 10).await.expect("acked");
-    assert_eq!(h.pending_offline(7).await.expect("pending"), []);
+    h.ack_offline(7, vec![10]).await.expect("acked");
+    assert_eq!(pending(&h, 7).await, []);
     assert_eq!(h.stats().offline_reads, 1);
-    h.store_offline(7, whisper(7, 12)).await.expect("stored");
-    assert_eq!(ids(&h.pending_offline(7).await.expect("pending")), [12]);
+    store(&h, 7, whisper(7, 12)).await.expect("stored");
+    assert_eq!(ids(&pending(&h, 7).await), [12]);
 
     // After a restart the waiting whispers are known from the file.
     drop(h);
     assert!(joined(threads, Duration::from_secs(10)).await);
     let h = open(dir.path(), config);
-    assert_eq!(ids(&h.pending_offline(7).await.expect("pending")), [12]);
-    assert_eq!(h.pending_offline(8).await.expect("pending"), []);
+    assert_eq!(ids(&pending(&h, 7).await), [12]);
+    assert_eq!(pending(&h, 8).await, []);
     assert_eq!(h.stats().offline_reads, 1);
 }
 
@@ -318,10 +327,7 @@ async fn a_failed_write_is_reported_and_the_writer_recovers() {
             Err(HistoryError::WriteFailed)
         );
     }
-    assert_eq!(
-        h.store_offline(5, big(41)).await,
-        Err(HistoryError::WriteFailed)
-    );
+    assert_eq!(store(&h, 5, big(41)).await, Err(HistoryError::WriteFailed));
     assert!(h.stats().failed_commits >= 1);
     // Nothing of the failed batches is visible.
     let (page, _) = h.page(conv, 0, 100).await.expect("reads still work");
@@ -421,7 +427,7 @@ async fn unpersisted_conversations_never_touch_the_disk() {
 async fn dropping_the_last_handle_flushes_and_stops_the_threads() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (h, _, threads) =
-        HistoryHandle::start(dir.path(), HistoryConfig::default()).expect("open store");
+        HistoryHandle::open(dir.path(), HistoryConfig::default()).expect("open store");
     let clone = h.clone();
     let waiters: Vec<oneshot::Receiver<_>> = (1..=100)
         .map(|id| clone.append(msg(Conversation::System, id)).expect("queued"))
@@ -436,7 +442,7 @@ async fn dropping_the_last_handle_flushes_and_stops_the_threads() {
         joined(threads, Duration::from_secs(10)).await,
         "history threads still running after the last handle dropped"
     );
-    let (h, high_water) =
+    let (h, high_water, _) =
         HistoryHandle::open(dir.path(), HistoryConfig::default()).expect("reopen store");
     assert_eq!(high_water, 100);
     let (page, _) = h.page(Conversation::System, 0, 100).await.expect("page");
@@ -454,4 +460,48 @@ async fn open_rejects_invalid_settings() {
         HistoryHandle::open(dir.path(), config),
         Err(OpenError::Config(_))
     ));
+}
+
+#[tokio::test]
+async fn a_dead_writer_fires_the_died_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (h, _, threads) =
+        HistoryHandle::open(dir.path(), HistoryConfig::default()).expect("open store");
+    let died = h.died();
+    assert!(h.is_healthy());
+    append_all(&h, [msg(Conversation::System, 1)]).await;
+
+    h.crash_writer();
+    tokio::time::timeout(Duration::from_secs(10), died.cancelled())
+        .await
+        .expect("the died token fires when the writer panics");
+    assert!(!h.is_healthy());
+    // Every later write is refused at once rather than left waiting.
+    assert!(matches!(
+        h.append(msg(Conversation::System, 2)),
+        Err(HistoryError::Unavailable)
+    ));
+    assert_eq!(
+        store(&h, 7, msg(Conversation::between(42, 7), 3)).await,
+        Err(HistoryError::Unavailable)
+    );
+    // The reader is unaffected; the threads still end once the handle goes.
+    drop(h);
+    assert!(joined(threads, Duration::from_secs(10)).await);
+}
+
+#[tokio::test]
+async fn a_normal_shutdown_is_not_a_death() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (h, _, threads) =
+        HistoryHandle::open(dir.path(), HistoryConfig::default()).expect("open store");
+    let died = h.died();
+    let waiter = h.append(msg(Conversation::System, 1)).expect("queued");
+    drop(h);
+    // `join` blocks; the writer commits what was queued before it ends.
+    tokio::task::spawn_blocking(move || threads.join())
+        .await
+        .expect("join");
+    assert_eq!(waiter.await, Ok(Ok(())));
+    assert!(!died.is_cancelled());
 }
