@@ -44,6 +44,7 @@ fn msg(conversation: Conversation, msg_id: u64) -> StoredMsg {
         scene_id: 0,
         target_id: 0,
         target_name: String::new(),
+        nonce: 0,
     }
 }
 
@@ -61,7 +62,8 @@ impl Store {
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
         let dir = tempfile::tempdir_in(base).expect("temporary directory");
-        let (handle, _) = HistoryHandle::open(dir.path(), config).expect("open history store");
+        let (handle, _, _threads) =
+            HistoryHandle::open(dir.path(), config).expect("open history store");
         Store {
             handle,
             next_id: 1,

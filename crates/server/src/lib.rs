@@ -77,7 +77,7 @@ impl Server {
         let auth = auth::Authenticator::from_config(&config)?;
         let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
         let (history, first_msg_id) = if config.history.enabled {
-            let (handle, high_water) =
+            let (handle, high_water, _threads) =
                 history::HistoryHandle::open(&config.data_dir, config.history.clone())
                     .map_err(ServerError::History)?;
             (Some(handle), high_water)
@@ -131,7 +131,7 @@ impl Server {
         // kicked by the world.
         ctx.shutdown.cancel();
         let _ = accept.await;
-        ctx.world.shutdown().await;
+        let _ = ctx.world.shutdown().await;
         tracker.close();
         let grace = ctx.config.limits.shutdown_grace();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {

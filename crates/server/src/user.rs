@@ -160,11 +160,7 @@ impl UserHandle {
 
     /// Hands the actor its connection. Never fails and never waits.
     pub(crate) fn attach(&self, attach: Attach) {
-        *self
-            .handoff
-            .slot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(attach);
+        *self.handoff.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(attach);
         self.handoff.ready.notify_one();
     }
 }
@@ -231,10 +227,8 @@ impl UserActor {
                     Some(UserMsg::Mute { duration }) => {
                         // A duration too large for the clock is a mute
                         // without end.
-                        self.muted_until = match duration {
-                            None => None,
-                            Some(d) => Some(Instant::now().checked_add(d).unwrap_or_else(far_future)),
-                        };
+                        self.muted_until = duration
+                            .map(|d| Instant::now().checked_add(d).unwrap_or_else(far_future));
                     }
                     Some(UserMsg::End(reason)) => {
                         Box::pin(self.end(reason)).await;
@@ -270,7 +264,14 @@ impl UserActor {
     /// Takes the connection the world handed over. The previous one, if
     /// any, was already kicked by the world; replies still pending for it
     /// are dropped when they settle.
-    fn attach(&mut self, Attach { conn, inbound, offline_ack }: Attach) {
+    fn attach(
+        &mut self,
+        Attach {
+            conn,
+            inbound,
+            offline_ack,
+        }: Attach,
+    ) {
         self.conn = Some(conn);
         self.inbound = Some(inbound);
         self.offline_ack = offline_ack.map(Box::new);
@@ -317,7 +318,9 @@ impl UserActor {
                     let n = ids.len() as u64;
                     match history.ack_offline(self.id.0, ids).await {
                         Ok(()) => Stats::add(&self.stats.offline_acked, n),
-                        Err(e) => tracing::warn!(error = %e, "cannot forget delivered offline whispers"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot forget delivered offline whispers")
+                        }
                     }
                 }
             }
@@ -456,13 +459,20 @@ impl UserActor {
         }
         match self.chat(m).await {
             Ok(accepted) => {
-                let (msg_id, cooldown, offline) =
-                    (accepted.msg_id, accepted.cooldown, accepted.offline.is_some());
-                let outcome: SharedOutcome = (Box::pin(accepted.settle()) as OutcomeFuture).shared();
+                let (msg_id, cooldown, offline) = (
+                    accepted.msg_id,
+                    accepted.cooldown,
+                    accepted.offline.is_some(),
+                );
+                let outcome: SharedOutcome =
+                    (Box::pin(accepted.settle()) as OutcomeFuture).shared();
                 if nonce != 0 {
-                    self.sends
-                        .get_or_insert_with(Default::default)
-                        .insert(nonce, msg_id, offline, outcome.clone());
+                    self.sends.get_or_insert_with(Default::default).insert(
+                        nonce,
+                        msg_id,
+                        offline,
+                        outcome.clone(),
+                    );
                 }
                 Box::pin(async move {
                     let res = outcome.await;
@@ -497,8 +507,9 @@ impl UserActor {
                 // Oldest first, so the newest stay when the map is full.
                 for (nonce, msg_id) in stored.into_iter().rev() {
                     if sends.get(nonce).is_none() {
-                        let done: SharedOutcome =
-                            (Box::pin(std::future::ready(ResCode::ResOk)) as OutcomeFuture).shared();
+                        let done: SharedOutcome = (Box::pin(std::future::ready(ResCode::ResOk))
+                            as OutcomeFuture)
+                            .shared();
                         sends.insert(nonce, msg_id, false, done);
                     }
                 }

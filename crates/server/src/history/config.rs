@@ -1,6 +1,6 @@
 //! The `[history]` settings: how often the writer commits, how much of each
 //! kind of conversation is kept, and how many whispers wait for an offline
-//! player.
+//! player, from how many senders, and for how long.
 //!
 //! Pure data plus its validation: nothing here opens the database or
 //! starts a thread.
@@ -44,6 +44,16 @@ pub struct HistoryConfig {
     /// Most whispers stored for one offline player; more are refused with
     /// [`HistoryError::InboxFull`](super::HistoryError::InboxFull).
     pub max_offline_whispers: u32,
+    /// Days an undelivered offline whisper waits before retention deletes
+    /// it; 0 = never. Without a limit, whispers to ids that never log in
+    /// would stay on disk forever.
+    pub offline_ttl_days: u32,
+    /// Most undelivered whispers one sender may have waiting, over all
+    /// recipients; more are refused with
+    /// [`HistoryError::SenderLimit`](super::HistoryError::SenderLimit).
+    /// `max_offline_whispers` bounds one inbox; this bounds what one account
+    /// can make the server keep by whispering to arbitrary ids.
+    pub max_offline_per_sender: u32,
 }
 
 /// How much of one kind of conversation is kept. A zero limit means "no
@@ -124,6 +134,8 @@ impl Default for HistoryConfig {
             system: Retention::PRIVATE,
             max_page: 100,
             max_offline_whispers: 200,
+            offline_ttl_days: 30,
+            max_offline_per_sender: 100,
         }
     }
 }
@@ -138,6 +150,13 @@ const MAX_BATCH_LIMIT: usize = 65_536;
 
 /// Largest accepted `max_page`: one page must fit in a single frame.
 const MAX_PAGE_LIMIT: u32 = 1000;
+
+/// Largest accepted `offline_ttl_days` other than 0: ten years is already
+/// "never" in practice, so anything above it is surely a typo for 0 or for
+/// a number of hours.
+const MAX_OFFLINE_TTL_DAYS: u32 = 3650;
+
+pub(super) const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 
 impl HistoryConfig {
     /// Checks the settings; the error names the offending key.
@@ -163,6 +182,14 @@ impl HistoryConfig {
         if self.max_offline_whispers == 0 {
             return Err("history.max_offline_whispers must be at least 1".into());
         }
+        if self.max_offline_per_sender == 0 {
+            return Err("history.max_offline_per_sender must be at least 1".into());
+        }
+        if self.offline_ttl_days > MAX_OFFLINE_TTL_DAYS {
+            return Err(format!(
+                "history.offline_ttl_days must be at most {MAX_OFFLINE_TTL_DAYS} (0 = never expire)"
+            ));
+        }
         Ok(())
     }
 
@@ -176,6 +203,13 @@ impl HistoryConfig {
             Conversation::Scene(_) => &self.scene,
             Conversation::Whisper { .. } => &self.private,
         }
+    }
+
+    /// The oldest `time_ms` an offline whisper may have and still count as
+    /// waiting at `now_ms`; `None` when whispers never expire.
+    pub(super) fn offline_cutoff_ms(&self, now_ms: u64) -> Option<u64> {
+        (self.offline_ttl_days > 0)
+            .then(|| now_ms.saturating_sub(u64::from(self.offline_ttl_days) * DAY_MS))
     }
 
     /// Every kind of conversation with its retention, for the pruner.
@@ -205,6 +239,8 @@ mod tests {
         assert_eq!(c.retention(&Conversation::Scene(3)).keep_days, 1);
         assert_eq!(c.retention(&Conversation::between(9, 2)).keep_count, 10_000);
         assert_eq!(c.retention(&Conversation::System).keep_days, 30);
+        assert_eq!(c.offline_ttl_days, 30);
+        assert_eq!(c.max_offline_per_sender, 100);
     }
 
     #[test]
@@ -216,6 +252,8 @@ mod tests {
         .expect("valid history config");
         assert_eq!(c.max_page, 50);
         assert_eq!(c.synchronous, Synchronous::Normal);
+        // Keys added with schema v2 default when an older file omits them.
+        assert_eq!(c.offline_ttl_days, 30);
         assert!(!c.world.persist);
         assert!(c.guild.persist);
 
@@ -248,6 +286,14 @@ mod tests {
                 prune_interval_secs: 0,
                 ..HistoryConfig::default()
             },
+            HistoryConfig {
+                max_offline_per_sender: 0,
+                ..HistoryConfig::default()
+            },
+            HistoryConfig {
+                offline_ttl_days: 100_000,
+                ..HistoryConfig::default()
+            },
         ];
         let keys = [
             "max_batch",
@@ -255,6 +301,8 @@ mod tests {
             "max_page",
             "max_offline_whispers",
             "prune_interval_secs",
+            "max_offline_per_sender",
+            "offline_ttl_days",
         ];
         for (config, key) in bad.iter().zip(keys) {
             let err = config.validate().expect_err(key);

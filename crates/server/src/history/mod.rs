@@ -1,23 +1,34 @@
-//! The history store: durable chat history and offline whispers in one
-//! embedded SQLite file (`<data_dir>/history.sqlite3`, WAL mode).
+//! The history store: durable chat history, offline whispers and the
+//! players who have ever logged in, in one embedded SQLite file
+//! (`<data_dir>/history.sqlite3`, WAL mode, readable by its owner only).
 //!
 //! It owns the database file and the two threads that touch it: a writer
 //! that group-commits every write (one transaction, one fsync, for whatever
-//! queued up in the last few milliseconds) and a reader that serves history
-//! pages and pending whispers from a second, read-only connection. Callers
-//! only see [`HistoryHandle`], a cloneable handle over two bounded queues.
+//! queued up in the last few milliseconds) and also answers offline-whisper
+//! reads, in queue order, so that a read sees every store queued before it;
+//! and a reader that serves history pages, player look-ups and recent
+//! nonces from a second, read-only connection. Callers only see
+//! [`HistoryHandle`], a cloneable handle over two bounded queues, and
+//! [`HistoryThreads`], which joins the threads at shutdown. Either thread
+//! dying (a panic, or its loop ending while handles remain) is logged once
+//! and reported through [`HistoryHandle::died`].
 //!
 //! It must never block the async runtime: no SQLite call runs on a runtime
-//! thread, [`HistoryHandle::append`] never waits (a full queue is an error
-//! the caller sees at once), and nothing here knows about sockets, players
-//! or the world's state. It never decides *what* is stored: the world picks
-//! the [`Conversation`] and the message id.
+//! thread, and every call the world actor makes on its hot path
+//! ([`HistoryHandle::append`], [`store_offline`](HistoryHandle::store_offline),
+//! [`pending_offline`](HistoryHandle::pending_offline),
+//! [`record_login`](HistoryHandle::record_login)) never waits: a full queue
+//! is an error the caller sees at once. Nothing here knows about sockets,
+//! sessions or the world's state. It never decides *what* is stored or to
+//! whom: the world picks the [`Conversation`], the message id and whether a
+//! recipient is offline.
 //!
 //! # Layout
 //! - [`config`]: [`HistoryConfig`] and per-conversation [`Retention`].
-//! - `writer`: the writer thread (group commit, pruning).
-//! - `reader`: the reader thread (pages, pending whispers).
-//! - `sqlite`: the schema and every SQL statement; synchronous code only.
+//! - `writer`: the writer thread (group commit, offline reads, pruning).
+//! - `reader`: the reader thread (pages, players, nonces).
+//! - `sqlite`: the schema, its migrations, the file's permissions and
+//!   every SQL statement; synchronous code only.
 
 pub mod config;
 mod reader;
@@ -27,20 +38,24 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{self as std_mpsc, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 pub use config::{HistoryConfig, Retention, Synchronous};
 use reader::{ReadCmd, READ_QUEUE};
 use sqlite::{Db, WriteOp};
-use writer::{Command, Control, Write, WRITE_QUEUE};
+use writer::{Command, Control, PendingRead, Write, WRITE_QUEUE};
 
 /// A conversation whose messages are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -88,6 +103,10 @@ pub struct StoredMsg {
     pub scene_id: u64,
     pub target_id: u64,
     pub target_name: String,
+    /// The client's own id for this send, 0 if it gave none. Stored so that
+    /// a send retried after a restart can be answered with its original
+    /// msg_id ([`HistoryHandle::recent_nonces`]).
+    pub nonce: u64,
 }
 
 /// Why a store request failed. Each maps to one result code for clients.
@@ -104,6 +123,10 @@ pub enum HistoryError {
     /// The offline player already has `max_offline_whispers` waiting.
     #[error("too many offline whispers pending")]
     InboxFull,
+    /// The sender already has `max_offline_per_sender` whispers waiting,
+    /// over all recipients.
+    #[error("this sender already has max_offline_per_sender whispers waiting")]
+    SenderLimit,
 }
 
 /// Why the store could not be opened.
@@ -113,6 +136,11 @@ pub enum OpenError {
     Config(String),
     #[error("cannot create history directory {path}: {source}")]
     Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create or inspect history database file {path}: {source}")]
+    File {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -144,13 +172,19 @@ pub struct HistoryStats {
     pub offline_stored: u64,
     /// Write batches that failed; every write in them got `WriteFailed`.
     pub failed_commits: u64,
-    /// Writes refused with `Unavailable` because the writer's queue was full.
+    /// Writes and offline reads refused with `Unavailable` because the
+    /// writer's queue was full.
     pub queue_full: u64,
     /// Messages deleted by retention.
     pub pruned: u64,
+    /// Undelivered offline whispers deleted by `offline_ttl_days`.
+    pub offline_expired: u64,
     /// Reads of a player's offline whispers that went to the database
     /// (players known to have none are answered without one).
     pub offline_reads: u64,
+    /// Logins not recorded in `players`: the writer's queue was full or
+    /// their batch failed.
+    pub players_dropped: u64,
 }
 
 /// The live counters behind [`HistoryStats`].
@@ -162,7 +196,9 @@ struct Counters {
     failed_commits: AtomicU64,
     queue_full: AtomicU64,
     pruned: AtomicU64,
+    offline_expired: AtomicU64,
     offline_reads: AtomicU64,
+    players_dropped: AtomicU64,
 }
 
 /// What the handles and the threads share. Holds no channel end, so the
@@ -176,20 +212,25 @@ struct Shared {
     /// that is not persisted.
     high_seen: AtomicU64,
     inboxes: Inboxes,
+    /// Cancelled when either thread dies; never by a normal shutdown.
+    died: CancellationToken,
 }
 
 /// Which players may have offline whispers waiting, so that the login of
 /// everyone else (nearly everyone) skips the store. Per player it counts
-/// whispers stored or on their way, minus those deleted after delivery:
-/// incremented before a store is queued, decremented only for a store that
-/// failed or for rows an acknowledgement actually deleted. So it can be
-/// too high (a duplicate store, retention), which costs one needless read,
-/// but never too low, which would hide waiting whispers.
+/// whispers stored or on their way, minus those known to be gone:
+/// incremented before a store is queued; decremented for a store that
+/// failed, was refused or was a duplicate, and for rows an acknowledgement
+/// or the expiry actually deleted. So it can be too high (a writer that died
+/// holding a store), which costs one needless read, but never too low,
+/// which would hide waiting whispers.
 #[derive(Default)]
 struct Inboxes(Mutex<HashMap<u64, u32>>);
 
 impl Inboxes {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
+        // A panic while holding the lock cannot leave the map half-updated
+        // (each update is one entry), so a poisoned lock is still usable.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -200,7 +241,7 @@ impl Inboxes {
     fn forget(&self, user: u64, n: usize) {
         let mut map = self.lock();
         if let Some(count) = map.get_mut(&user) {
-            *count = count.saturating_sub(n as u32);
+            *count = count.saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
             if *count == 0 {
                 map.remove(&user);
             }
@@ -212,11 +253,24 @@ impl Inboxes {
     }
 }
 
+/// A player to look up in the store's record of logins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlayerRef {
+    Id(u64),
+    /// The exact name a player last logged in with.
+    Name(String),
+}
+
 /// The store, as seen by the rest of the server. Cheap to clone; the
 /// threads stop once every clone is dropped, after committing what was
 /// already queued.
 #[derive(Clone)]
 pub struct HistoryHandle {
+    /// Alive while any handle is: a thread whose queue ends while this is
+    /// still held stopped for some other reason, and reports it. Declared
+    /// first so that it drops before the queue ends below: by the time a
+    /// thread sees its queue closed, the last handle's token is gone.
+    _alive: Arc<()>,
     writes: std_mpsc::SyncSender<Command>,
     reads: mpsc::Sender<ReadCmd>,
     shared: Arc<Shared>,
@@ -225,33 +279,102 @@ pub struct HistoryHandle {
 impl fmt::Debug for HistoryHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HistoryHandle")
+            .field("healthy", &self.is_healthy())
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
 }
 
+/// The store's two threads, for a shutdown that waits for them. Dropping
+/// it detaches them: they still end on their own once every handle is
+/// gone.
+#[derive(Debug)]
+pub struct HistoryThreads {
+    writer: JoinHandle<()>,
+    reader: JoinHandle<()>,
+}
+
+impl HistoryThreads {
+    /// Blocks until both threads have ended. Call it after dropping every
+    /// [`HistoryHandle`] (otherwise it waits forever), from a thread that
+    /// may block; the writer first commits everything that was queued.
+    pub fn join(self) {
+        // The threads catch their own panics (see `supervise`), so a join
+        // error cannot happen; there is nothing more to report if it did.
+        let _ = self.writer.join();
+        let _ = self.reader.join();
+    }
+
+    #[cfg(test)]
+    fn is_finished(&self) -> bool {
+        self.writer.is_finished() && self.reader.is_finished()
+    }
+}
+
+/// Runs a store thread's loop, turning its death into one error log and a
+/// cancelled [`Shared::died`]. A loop that ends because every handle is
+/// gone is a normal shutdown and reports nothing.
+fn supervise(thread: &'static str, shared: &Shared, handles: &Weak<()>, body: impl FnOnce()) {
+    let why = match panic::catch_unwind(AssertUnwindSafe(body)) {
+        Err(payload) => format!("panicked: {}", panic_message(payload.as_ref())),
+        Ok(()) if handles.strong_count() > 0 => "stopped while handles still use it".to_owned(),
+        Ok(()) => return,
+    };
+    // Its waiters were dropped with it and see `Unavailable`; new requests
+    // are refused the same way. The server decides whether that is fatal.
+    tracing::error!(thread, why = %why, "history store thread died; the store is unavailable");
+    shared.died.cancel();
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "(non-string panic payload)"
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Creates the data directory (and missing parents) readable by the owner
+/// only: it holds every private whisper. An existing directory is left as
+/// it is; the operator chose its mode.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// A receiver already holding `value`, for answers known without the
+/// store's threads.
+fn ready<T>(value: T) -> oneshot::Receiver<T> {
+    let (tx, rx) = oneshot::channel();
+    let _ = tx.send(value);
+    rx
+}
+
 impl HistoryHandle {
-    /// Opens (creating) the database in `dir` and spawns its threads.
-    /// Returns the handle and the highest msg_id ever handed to the store (0
-    /// if none), so the caller can keep msg_ids increasing across restarts.
+    /// Opens (creating, or upgrading an older schema) the database in `dir`
+    /// and spawns its threads. Returns the handle, the highest msg_id ever
+    /// handed to the store (0 if none), so the caller can keep msg_ids
+    /// increasing across restarts, and the threads to join at shutdown.
     ///
     /// Does blocking file I/O: call it at start-up, not from a busy runtime
     /// thread.
-    pub fn open(dir: &Path, config: HistoryConfig) -> Result<(HistoryHandle, u64), OpenError> {
-        // The threads are detached: they end on their own when the last
-        // handle drops.
-        let (handle, high_water, _threads) = HistoryHandle::start(dir, config)?;
-        Ok((handle, high_water))
-    }
-
-    /// [`open`](Self::open), also returning the writer and reader threads so
-    /// tests can watch them end.
-    fn start(
+    pub fn open(
         dir: &Path,
         config: HistoryConfig,
-    ) -> Result<(HistoryHandle, u64, [JoinHandle<()>; 2]), OpenError> {
+    ) -> Result<(HistoryHandle, u64, HistoryThreads), OpenError> {
         config.validate().map_err(OpenError::Config)?;
-        std::fs::create_dir_all(dir).map_err(|source| OpenError::Dir {
+        create_private_dir(dir).map_err(|source| OpenError::Dir {
             path: dir.to_path_buf(),
             source,
         })?;
@@ -272,20 +395,30 @@ impl HistoryHandle {
             counters: Counters::default(),
             high_seen: AtomicU64::new(high_water),
             inboxes: Inboxes(Mutex::new(waiting.into_iter().collect())),
+            died: CancellationToken::new(),
         });
+        let alive = Arc::new(());
         let (writes, write_rx) = std_mpsc::sync_channel(WRITE_QUEUE);
         let (reads, read_rx) = mpsc::channel(READ_QUEUE);
         // If the second spawn fails, returning drops `writes`, which stops
-        // the first thread.
-        let writer = writer::spawn(writer_db, write_rx, shared.clone(), high_water)
+        // the first thread (and `alive` first, so it stops quietly).
+        let writer = writer::spawn(
+            writer_db,
+            write_rx,
+            shared.clone(),
+            high_water,
+            Arc::downgrade(&alive),
+        )
+        .map_err(OpenError::Spawn)?;
+        let reader = reader::spawn(reader_db, read_rx, shared.clone(), Arc::downgrade(&alive))
             .map_err(OpenError::Spawn)?;
-        let reader = reader::spawn(reader_db, read_rx).map_err(OpenError::Spawn)?;
         let handle = HistoryHandle {
+            _alive: alive,
             writes,
             reads,
             shared,
         };
-        Ok((handle, high_water, [writer, reader]))
+        Ok((handle, high_water, HistoryThreads { writer, reader }))
     }
 
     /// Queues a message for the next group commit. The receiver resolves
@@ -306,7 +439,7 @@ impl HistoryHandle {
             let _ = respond_to.send(Ok(()));
             return Ok(rx);
         }
-        self.send_write(WriteOp::Append(msg), respond_to)?;
+        self.send_write(WriteOp::Append(msg), Some(respond_to))?;
         Ok(rx)
     }
 
@@ -333,62 +466,165 @@ impl HistoryHandle {
         rx.await.map_err(|_| HistoryError::Unavailable)?
     }
 
-    /// Stores a whisper for a player who is not online. Resolves once it is
-    /// committed; `Err(InboxFull)` if the player already has
-    /// `max_offline_whispers` waiting. Stored whatever the `private`
-    /// retention says: this is delivery, not history.
-    pub async fn store_offline(&self, to_user: u64, msg: StoredMsg) -> Result<(), HistoryError> {
+    /// Stores a whisper for a player who is not online. Call it at the
+    /// moment that is decided: the whisper counts as waiting from this call
+    /// on, so a [`pending_offline`](Self::pending_offline) issued after it
+    /// returns always finds it (or its refusal).
+    ///
+    /// The receiver resolves once the whisper is committed (`Ok`, also when
+    /// that whisper was already waiting), or with `InboxFull` (the
+    /// recipient has `max_offline_whispers` waiting), `SenderLimit` (the
+    /// sender has `max_offline_per_sender` waiting), `WriteFailed`, or at
+    /// once with `Unavailable` when the queue is full or the writer is gone.
+    /// Expired whispers count toward neither limit. Stored whatever the
+    /// `private` retention says: this is delivery, not history.
+    ///
+    /// Never waits: the world actor calls this on its hot path.
+    pub fn store_offline(
+        &self,
+        to_user: u64,
+        msg: StoredMsg,
+    ) -> oneshot::Receiver<Result<(), HistoryError>> {
         self.shared.high_seen.fetch_max(msg.msg_id, Relaxed);
-        // Counted before it is queued, so a login never misses it.
+        // Counted before it is queued, so a login that checks after this
+        // call never skips the read; the writer undoes it if the store does
+        // not add a row.
         self.shared.inboxes.add(to_user);
         let (respond_to, rx) = oneshot::channel();
-        let result = match self.send_write(WriteOp::StoreOffline { to_user, msg }, respond_to) {
-            Ok(()) => rx.await.unwrap_or(Err(HistoryError::Unavailable)),
-            Err(e) => Err(e),
-        };
-        if result.is_err() {
-            self.shared.inboxes.forget(to_user, 1);
+        match self.send_write(WriteOp::StoreOffline { to_user, msg }, Some(respond_to)) {
+            Ok(()) => rx,
+            Err(e) => {
+                self.shared.inboxes.forget(to_user, 1);
+                ready(Err(e))
+            }
         }
-        result
     }
 
-    /// The whispers waiting for `user`, oldest first (at most
-    /// `max_offline_whispers`). They stay stored until acknowledged.
-    pub async fn pending_offline(&self, user: u64) -> Result<Vec<StoredMsg>, HistoryError> {
-        if !self.shared.inboxes.may_have(user) {
-            return Ok(Vec::new());
+    /// Whether `user` may have offline whispers waiting; `false` is certain.
+    /// In memory, no I/O.
+    pub fn may_have_offline(&self, user: u64) -> bool {
+        self.shared.inboxes.may_have(user)
+    }
+
+    /// The whispers waiting for `user`, oldest first by msg_id, at most
+    /// `max_offline_whispers`, leaving out those past `offline_ttl_days`.
+    /// They stay stored until acknowledged with
+    /// [`ack_offline`](Self::ack_offline).
+    ///
+    /// The read joins the writer's queue and is answered once every write
+    /// queued before it has committed, so it sees every
+    /// [`store_offline`](Self::store_offline) called before it, and none
+    /// called after. A player with none waiting is answered at once without
+    /// I/O. Never waits: a full queue resolves at once with `Unavailable`.
+    pub fn pending_offline(
+        &self,
+        user: u64,
+    ) -> oneshot::Receiver<Result<Vec<StoredMsg>, HistoryError>> {
+        if !self.may_have_offline(user) {
+            return ready(Ok(Vec::new()));
         }
         self.shared.counters.offline_reads.fetch_add(1, Relaxed);
         let (respond_to, rx) = oneshot::channel();
-        self.read(ReadCmd::Pending {
+        match self.send(Command::PendingOffline(PendingRead { user, respond_to })) {
+            Ok(()) => rx,
+            Err(e) => ready(Err(e)),
+        }
+    }
+
+    /// The client has these whispers of `user` (the msg_ids it was sent):
+    /// delete exactly them, and nothing stored since. Deliver, ack, then
+    /// delete gives exactly-once delivery as far as clients can tell: a
+    /// crash in between re-delivers the same msg_ids, which clients
+    /// de-duplicate. Ids that are not waiting are ignored.
+    pub async fn ack_offline(&self, user: u64, ids: Vec<u64>) -> Result<(), HistoryError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.write(WriteOp::AckOffline { user, ids }).await
+    }
+
+    /// Deletes every waiting whisper of `user` with msg_id <= `up_to`.
+    ///
+    /// The acknowledgement the user actor still sends until it acks exact
+    /// ids: it also deletes a whisper with a lower id that was stored after
+    /// the delivery it acknowledges, which then is never delivered. Prefer
+    /// [`ack_offline`](Self::ack_offline).
+    pub async fn ack_offline_through(&self, user: u64, up_to: u64) -> Result<(), HistoryError> {
+        self.write(WriteOp::AckOfflineThrough { user, up_to }).await
+    }
+
+    /// Records that `user` logged in now under `name`, for
+    /// [`find_player`](Self::find_player). Best effort and never waits: a
+    /// full queue drops it (counted in `players_dropped`).
+    pub fn record_login(&self, user: u64, name: &str) {
+        self.record_login_at(user, name, now_ms());
+    }
+
+    fn record_login_at(&self, user: u64, name: &str, time_ms: u64) {
+        let op = WriteOp::RecordLogin {
             user,
-            limit: self.shared.config.max_offline_whispers,
+            name: name.to_owned(),
+            time_ms,
+        };
+        let write = Command::Write(Write {
+            op,
+            respond_to: None,
+        });
+        if self.writes.try_send(write).is_err() {
+            self.shared.counters.players_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Whether a player has ever logged in (as recorded by
+    /// [`record_login`](Self::record_login)), with their id and last name.
+    /// By name: the most recent login under exactly that name. Reads the
+    /// committed state, so a login recorded moments ago may not show yet.
+    pub async fn find_player(&self, who: PlayerRef) -> Result<Option<(u64, String)>, HistoryError> {
+        let (respond_to, rx) = oneshot::channel();
+        self.read(ReadCmd::FindPlayer { who, respond_to }).await?;
+        rx.await.map_err(|_| HistoryError::Unavailable)?
+    }
+
+    /// `(nonce, msg_id)` of `sender`'s newest `limit` stored messages that
+    /// carry a nonce (history and offline whispers), newest first: after a
+    /// restart, a retried send is answered with its original msg_id.
+    pub async fn recent_nonces(
+        &self,
+        sender: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, u64)>, HistoryError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (respond_to, rx) = oneshot::channel();
+        self.read(ReadCmd::RecentNonces {
+            sender,
+            limit,
             respond_to,
         })
         .await?;
         rx.await.map_err(|_| HistoryError::Unavailable)?
     }
 
-    /// The client has everything up to and including `up_to_msg_id`: delete
-    /// those pending whispers. Deliver, ack, then delete gives exactly-once
-    /// delivery as far as clients can tell: a crash in between re-delivers
-    /// the same msg_ids, which clients de-duplicate.
-    pub async fn ack_offline(&self, user: u64, up_to_msg_id: u64) -> Result<(), HistoryError> {
-        let (respond_to, rx) = oneshot::channel();
-        let op = WriteOp::AckOffline {
-            user,
-            up_to: up_to_msg_id,
-        };
-        self.send_write(op, respond_to)?;
-        rx.await.map_err(|_| HistoryError::Unavailable)?
-    }
-
     /// Applies retention now instead of at the next prune tick (operators,
-    /// tests). Returns how many messages were deleted.
+    /// tests). Returns how many history messages were deleted; expired
+    /// offline whispers are counted in `offline_expired`.
     pub async fn prune_now(&self) -> Result<u64, HistoryError> {
         let (respond_to, rx) = oneshot::channel();
         self.send(Command::Control(Control::Prune { respond_to }))?;
         rx.await.map_err(|_| HistoryError::Unavailable)?
+    }
+
+    /// Cancelled once either store thread has died (a panic, or its loop
+    /// ended while handles remain); from then on every request fails with
+    /// `Unavailable`. Never cancelled by a normal shutdown.
+    pub fn died(&self) -> CancellationToken {
+        self.shared.died.clone()
+    }
+
+    /// Whether both store threads are still running.
+    pub fn is_healthy(&self) -> bool {
+        !self.shared.died.is_cancelled()
     }
 
     /// The store's counters.
@@ -401,7 +637,9 @@ impl HistoryHandle {
             failed_commits: c.failed_commits.load(Relaxed),
             queue_full: c.queue_full.load(Relaxed),
             pruned: c.pruned.load(Relaxed),
+            offline_expired: c.offline_expired.load(Relaxed),
             offline_reads: c.offline_reads.load(Relaxed),
+            players_dropped: c.players_dropped.load(Relaxed),
         }
     }
 
@@ -417,17 +655,31 @@ impl HistoryHandle {
             .expect("page limit applied");
     }
 
+    /// Makes the writer thread panic once it reaches this command.
+    #[cfg(test)]
+    fn crash_writer(&self) {
+        self.send(Command::Control(Control::Panic))
+            .expect("writer queue has room in tests");
+    }
+
+    /// Queues `op` and waits for its commit.
+    async fn write(&self, op: WriteOp) -> Result<(), HistoryError> {
+        let (respond_to, rx) = oneshot::channel();
+        self.send_write(op, Some(respond_to))?;
+        rx.await.map_err(|_| HistoryError::Unavailable)?
+    }
+
     fn send_write(
         &self,
         op: WriteOp,
-        respond_to: oneshot::Sender<Result<(), HistoryError>>,
+        respond_to: Option<oneshot::Sender<Result<(), HistoryError>>>,
     ) -> Result<(), HistoryError> {
         self.send(Command::Write(Write { op, respond_to }))
     }
 
-    /// Every write goes through here: the writer's queue is a std channel
-    /// (its thread needs `recv_timeout` to gather a batch), so async callers
-    /// must not wait on it and a full queue is reported instead.
+    /// Every command to the writer goes through here: its queue is a std
+    /// channel (its thread needs `recv_timeout` to gather a batch), so async
+    /// callers must not wait on it and a full queue is reported instead.
     fn send(&self, cmd: Command) -> Result<(), HistoryError> {
         match self.writes.try_send(cmd) {
             Ok(()) => Ok(()),
@@ -439,8 +691,8 @@ impl HistoryHandle {
         }
     }
 
-    /// Reads may wait for room: a page request is one player's, and waiting
-    /// slows only that player's actor.
+    /// Reads may wait for room: a page or look-up is one player's request,
+    /// and waiting slows only that player's actor.
     async fn read(&self, cmd: ReadCmd) -> Result<(), HistoryError> {
         self.reads
             .send(cmd)

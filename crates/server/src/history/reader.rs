@@ -1,19 +1,22 @@
-//! The reader thread: history pages and pending offline whispers.
+//! The reader thread: history pages, player look-ups and recent nonces.
 //!
 //! It owns a second, read-only connection. Under WAL a reader sees the last
 //! committed state and neither waits for nor delays the writer, so a player
 //! scrolling back never holds up the commits that acknowledge everyone's
 //! chat, and a page is never stuck behind a batch's fsync. Because a write's
-//! future resolves only after its commit, a read issued after it always
-//! sees it. This thread never writes and never runs on the async runtime.
+//! future resolves only after its commit, a read issued after it resolved
+//! always sees it; a read racing a write still in flight may not, which is
+//! why offline whispers are read by the writer instead. This thread never
+//! writes and never runs on the async runtime.
 
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use super::sqlite::Db;
-use super::{Conversation, HistoryError, StoredMsg};
+use super::{supervise, Conversation, HistoryError, PlayerRef, Shared, StoredMsg};
 
 /// Capacity of the reader's queue. Reads are player requests, already
 /// rate-limited upstream; when the queue is full a caller waits for room,
@@ -30,18 +33,28 @@ pub(super) enum ReadCmd {
         limit: u32,
         respond_to: oneshot::Sender<Result<Page, HistoryError>>,
     },
-    Pending {
-        user: u64,
+    FindPlayer {
+        who: PlayerRef,
+        respond_to: oneshot::Sender<Result<Option<(u64, String)>, HistoryError>>,
+    },
+    RecentNonces {
+        sender: u64,
         limit: u32,
-        respond_to: oneshot::Sender<Result<Vec<StoredMsg>, HistoryError>>,
+        respond_to: oneshot::Sender<Result<Vec<(u64, u64)>, HistoryError>>,
     },
 }
 
-/// Spawns the reader thread; it ends when every handle has dropped.
-pub(super) fn spawn(db: Db, rx: mpsc::Receiver<ReadCmd>) -> std::io::Result<JoinHandle<()>> {
+/// Spawns the reader thread; it ends when every handle has dropped, and
+/// `handles` tells its supervisor whether an end was that.
+pub(super) fn spawn(
+    db: Db,
+    rx: mpsc::Receiver<ReadCmd>,
+    shared: Arc<Shared>,
+    handles: Weak<()>,
+) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("history-reader".into())
-        .spawn(move || run(db, rx))
+        .spawn(move || supervise("history-reader", &shared, &handles, move || run(db, rx)))
 }
 
 fn run(db: Db, mut rx: mpsc::Receiver<ReadCmd>) {
@@ -62,13 +75,20 @@ fn run(db: Db, mut rx: mpsc::Receiver<ReadCmd>) {
                 });
                 let _ = respond_to.send(result);
             }
-            ReadCmd::Pending {
-                user,
+            ReadCmd::FindPlayer { who, respond_to } => {
+                let result = db.find_player(&who).map_err(|e| {
+                    warn!(error = %e, ?who, "player look-up failed");
+                    HistoryError::Unavailable
+                });
+                let _ = respond_to.send(result);
+            }
+            ReadCmd::RecentNonces {
+                sender,
                 limit,
                 respond_to,
             } => {
-                let result = db.pending_offline(user, limit).map_err(|e| {
-                    warn!(error = %e, user, "offline whisper read failed");
+                let result = db.recent_nonces(sender, limit).map_err(|e| {
+                    warn!(error = %e, sender, "recent nonce read failed");
                     HistoryError::Unavailable
                 });
                 let _ = respond_to.send(result);

@@ -1,32 +1,53 @@
 //! The schema and every SQL statement of the history store.
 //!
 //! Synchronous code over one `rusqlite::Connection`. It owns the table
-//! layout and how ids are encoded; it never sees a channel or an async
-//! runtime, and it runs only on the store's own writer and reader threads.
+//! layout, its migrations, the database file's permissions and how ids are
+//! encoded; it never sees a channel or an async runtime, and it runs only on
+//! the store's own writer and reader threads (and once at open).
 //!
-//! Layout: `messages` is keyed by (conversation, msg_id) without a rowid,
-//! so a page is one range scan of the primary key; `messages_by_age` lets
-//! age-based retention delete by range instead of scanning; `offline` is
-//! keyed by (recipient, msg_id); `meta` holds the msg_id high-water mark.
+//! Layout (schema version 2):
+//! - `messages` is keyed by (conversation, msg_id) without a rowid, so a
+//!   page is one range scan of the primary key; `messages_by_age` lets
+//!   age-based retention delete by range instead of scanning;
+//!   `messages_by_nonce`, a partial index over the rows that carry a client
+//!   nonce, finds a sender's newest nonces without touching the others.
+//! - `offline` is keyed by (recipient, msg_id); `offline_by_sender` counts
+//!   one sender's waiting whispers for the per-sender cap, and
+//!   `offline_by_age` finds the expired ones.
+//! - `players` holds every player who has logged in at least once, with the
+//!   name and time of the last login; `players_by_name` resolves a name to
+//!   its most recent holder.
+//! - `meta` holds the msg_id high-water mark.
+//!
+//! Both message tables carry `nonce`, the client's id for a send (0 = none).
 
 use std::path::Path;
 use std::time::Duration;
 
 use rusqlite::types::Type;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
+use tracing::{info, warn};
 
-use super::config::{HistoryConfig, Synchronous};
-use super::{Conversation, HistoryError, OpenError, StoredMsg};
+use super::config::{HistoryConfig, Synchronous, DAY_MS};
+use super::{Conversation, HistoryError, OpenError, PlayerRef, StoredMsg};
 
 /// The database file inside the data directory.
 pub(super) const FILE_NAME: &str = "history.sqlite3";
 
-/// `PRAGMA user_version` of the schema below. A database with a higher
-/// version was written by a newer server and is refused rather than
-/// misread.
-const SCHEMA_VERSION: i64 = 1;
+/// `PRAGMA user_version` of the schema [`MIGRATIONS`] builds. A database
+/// with a higher version was written by a newer server and is refused
+/// rather than misread.
+pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-const SCHEMA: &str = "
+/// `MIGRATIONS[v]` takes a database from version `v` to `v + 1`; a new file
+/// (version 0) runs them all. Each is on disk in some deployment: never edit
+/// one, append a new one. They run in a single transaction with the version
+/// bump, so a crash mid-upgrade leaves the old version intact.
+const MIGRATIONS: [&str; 2] = [
+    // 1: messages, offline whispers, the high-water mark. `IF NOT EXISTS`
+    // because a version-0 file may already hold them (a crash between the
+    // tables and the version bump, before migrations were transactional).
+    "
 CREATE TABLE IF NOT EXISTS messages (
     conv_kind   INTEGER NOT NULL,
     conv_id     INTEGER NOT NULL,
@@ -67,7 +88,23 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT    PRIMARY KEY NOT NULL,
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
-";
+",
+    // 2: client nonces, known players, and the indexes behind the offline
+    // caps and expiry. Existing rows get nonce 0 ("none").
+    "
+ALTER TABLE messages ADD COLUMN nonce INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE offline ADD COLUMN nonce INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX messages_by_nonce ON messages (sender_id, msg_id) WHERE nonce != 0;
+CREATE INDEX offline_by_sender ON offline (sender_id);
+CREATE INDEX offline_by_age ON offline (time_ms);
+CREATE TABLE players (
+    user_id       INTEGER PRIMARY KEY,
+    name          TEXT    NOT NULL,
+    last_login_ms INTEGER NOT NULL
+);
+CREATE INDEX players_by_name ON players (name, last_login_ms);
+",
+];
 
 /// The columns every read selects, in the order [`read_msg`] expects.
 /// Both tables have them under the same names. A macro rather than a const
@@ -75,7 +112,7 @@ CREATE TABLE IF NOT EXISTS meta (
 macro_rules! msg_columns {
     () => {
         "conv_kind, conv_id, conv_id2, msg_id, chattype, sender_id, sender_name, text, \
-         time_ms, guild_id, team_id, scene_id, target_id, target_name"
+         time_ms, guild_id, team_id, scene_id, target_id, target_name, nonce"
     };
 }
 
@@ -87,7 +124,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// file behind.
 const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
-const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+/// Most expired offline whispers one prune deletes. A prune runs on the
+/// writer thread between batches, so after a long downtime a single
+/// unbounded DELETE would hold every commit behind it; when a chunk comes
+/// back full the writer prunes again right after its next batch.
+const OFFLINE_PRUNE_CHUNK: i64 = 5000;
 
 /// The kind of a conversation, as stored in `conv_kind`. The numbers are
 /// on disk: never reuse or renumber them.
@@ -172,6 +213,7 @@ fn read_msg(row: &Row<'_>) -> rusqlite::Result<StoredMsg> {
         scene_id: unsql(row.get(11)?),
         target_id: unsql(row.get(12)?),
         target_name: row.get(13)?,
+        nonce: unsql(row.get(14)?),
     })
 }
 
@@ -179,8 +221,135 @@ fn read_msg(row: &Row<'_>) -> rusqlite::Result<StoredMsg> {
 #[derive(Debug)]
 pub(super) enum WriteOp {
     Append(StoredMsg),
-    StoreOffline { to_user: u64, msg: StoredMsg },
-    AckOffline { user: u64, up_to: u64 },
+    StoreOffline {
+        to_user: u64,
+        msg: StoredMsg,
+    },
+    /// Deletes exactly these whispers of `user`.
+    AckOffline {
+        user: u64,
+        ids: Vec<u64>,
+    },
+    /// Deletes every whisper of `user` up to `up_to`: the old ack, kept only
+    /// until the user actor acknowledges exact ids.
+    AckOfflineThrough {
+        user: u64,
+        up_to: u64,
+    },
+    RecordLogin {
+        user: u64,
+        name: String,
+        time_ms: u64,
+    },
+}
+
+/// What refuses an offline whisper, fixed for one batch.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct OfflineLimits {
+    pub(super) per_inbox: u32,
+    pub(super) per_sender: u32,
+    /// Whispers older than this have expired and no longer count (`None`:
+    /// they never expire).
+    pub(super) cutoff_ms: Option<u64>,
+}
+
+/// `time_ms >= cutoff` as an SQL bound that every row passes when there is
+/// no cutoff.
+fn sql_cutoff(cutoff_ms: Option<u64>) -> i64 {
+    cutoff_ms.map_or(i64::MIN, sql_bound)
+}
+
+/// What one prune deleted.
+#[derive(Debug, Default)]
+pub(super) struct Pruned {
+    /// History messages.
+    pub(super) messages: u64,
+    /// The recipient of each expired whisper deleted, once per whisper, so
+    /// the caller can lower the inbox counts by exactly that much.
+    pub(super) expired_for: Vec<u64>,
+    /// The expiry stopped at its chunk size: more expired whispers remain.
+    pub(super) more_expired: bool,
+}
+
+/// Creates the database file readable by its owner only, or warns about an
+/// existing one that others can read: it holds every private whisper.
+/// SQLite gives the `-wal` and `-shm` files the database file's mode, so
+/// creating this one right covers all three.
+fn prepare_file(path: &Path) -> Result<(), OpenError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file_error = |source| OpenError::File {
+            path: path.to_path_buf(),
+            source,
+        };
+        // An empty file is a valid empty database to SQLite.
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(file_error(e)),
+        }
+        if let Some(mode) = loose_mode(path).map_err(file_error)? {
+            warn!(
+                path = %path.display(),
+                mode = format_args!("{mode:o}"),
+                "history database is readable by group or others and holds private whispers; \
+                 chmod 600 it (and its -wal and -shm files)"
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// The permission bits of `path` if group or others have any of them.
+#[cfg(unix)]
+pub(super) fn loose_mode(path: &Path) -> std::io::Result<Option<u32>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    Ok((mode & 0o077 != 0).then_some(mode))
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`] in one transaction.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OpenError> {
+    let database = |source| OpenError::Database {
+        path: path.to_path_buf(),
+        source,
+    };
+    // IMMEDIATE: the version read and the upgrade are one unit even if an
+    // operator's shell has the file open.
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(database)?;
+    let version: i64 = tx
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(database)?;
+    if version > SCHEMA_VERSION {
+        return Err(OpenError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            known: SCHEMA_VERSION,
+        });
+    }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    for migration in &MIGRATIONS[usize::try_from(version.max(0)).unwrap_or(0)..] {
+        tx.execute_batch(migration).map_err(database)?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(database)?;
+    tx.commit().map_err(database)?;
+    if version > 0 {
+        info!(path = %path.display(), from = version, to = SCHEMA_VERSION, "history database upgraded");
+    }
+    Ok(())
 }
 
 /// One connection to the history database.
@@ -189,7 +358,8 @@ pub(super) struct Db {
 }
 
 impl Db {
-    /// The writer's connection: creates the file and schema, WAL mode.
+    /// The writer's connection: creates the file (owner-only) and the
+    /// schema, upgrades an older schema, WAL mode.
     pub(super) fn open_writer(
         path: &Path,
         sync: Synchronous,
@@ -199,7 +369,8 @@ impl Db {
             path: path.to_path_buf(),
             source,
         };
-        let conn = Connection::open(path).map_err(database)?;
+        prepare_file(path)?;
+        let mut conn = Connection::open(path).map_err(database)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(database)?;
         // WAL: a commit appends to one file (one fsync with FULL) instead
         // of journal + database, and readers on the other connection are
@@ -219,20 +390,7 @@ impl Db {
             .map_err(database)?;
         conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
             .map_err(database)?;
-
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |row| row.get(0))
-            .map_err(database)?;
-        if version > SCHEMA_VERSION {
-            return Err(OpenError::TooNew {
-                path: path.to_path_buf(),
-                found: version,
-                known: SCHEMA_VERSION,
-            });
-        }
-        conn.execute_batch(SCHEMA).map_err(database)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(database)?;
+        migrate(&mut conn, path)?;
         if max_db_bytes > 0 {
             // A size cap: past it SQLite fails writes with SQLITE_FULL,
             // exactly as a full disk would, and the same error path
@@ -294,17 +452,18 @@ impl Db {
     }
 
     /// Applies `ops` in one transaction, with the high-water mark. On `Ok`
-    /// everything is committed and each op has its own outcome (only
-    /// `StoreOffline` can be refused, with `InboxFull`, which writes
-    /// nothing; an `AckOffline` reports how many whispers it deleted). On
-    /// `Err` nothing is.
+    /// everything is committed and each op has its own outcome: a
+    /// `StoreOffline` is `Ok(1)` when stored, `Ok(0)` when that whisper was
+    /// already waiting, or refused (`InboxFull`, `SenderLimit`) writing
+    /// nothing; an ack reports how many whispers it deleted. On `Err`
+    /// nothing is.
     ///
     /// Re-appending a message already stored is a no-op, not an error, so
     /// one duplicate cannot fail the other writes of its batch.
     pub(super) fn write_batch<'a>(
         &mut self,
         ops: impl IntoIterator<Item = &'a WriteOp>,
-        max_offline: u32,
+        limits: OfflineLimits,
         high_water: u64,
     ) -> rusqlite::Result<Vec<Result<usize, HistoryError>>> {
         // IMMEDIATE takes the write lock now, so a lock conflict (another
@@ -320,19 +479,33 @@ impl Db {
                     Ok(0)
                 }
                 WriteOp::StoreOffline { to_user, msg } => {
-                    let waiting: i64 = tx
-                        .prepare_cached("SELECT COUNT(*) FROM offline WHERE to_user = ?1")?
-                        .query_row([sql(*to_user)], |row| row.get(0))?;
-                    if waiting >= i64::from(max_offline) {
-                        Err(HistoryError::InboxFull)
-                    } else {
-                        insert_offline(&tx, *to_user, msg)?;
-                        Ok(0)
-                    }
+                    store_offline(&tx, *to_user, msg, limits)?
                 }
-                WriteOp::AckOffline { user, up_to } => Ok(tx
+                WriteOp::AckOffline { user, ids } => {
+                    let mut delete = tx
+                        .prepare_cached("DELETE FROM offline WHERE to_user = ?1 AND msg_id = ?2")?;
+                    let mut deleted = 0;
+                    for id in ids {
+                        deleted += delete.execute([sql(*user), sql(*id)])?;
+                    }
+                    Ok(deleted)
+                }
+                WriteOp::AckOfflineThrough { user, up_to } => Ok(tx
                     .prepare_cached("DELETE FROM offline WHERE to_user = ?1 AND msg_id <= ?2")?
                     .execute([sql(*user), sql_bound(*up_to)])?),
+                WriteOp::RecordLogin {
+                    user,
+                    name,
+                    time_ms,
+                } => {
+                    tx.prepare_cached(
+                        "INSERT INTO players (user_id, name, last_login_ms) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (user_id) DO UPDATE
+                         SET name = excluded.name, last_login_ms = excluded.last_login_ms",
+                    )?
+                    .execute(params![sql(*user), name, sql(*time_ms)])?;
+                    Ok(0)
+                }
             };
             outcomes.push(outcome);
         }
@@ -373,7 +546,9 @@ impl Db {
         Ok((page, more))
     }
 
-    /// How many whispers wait for each player who has any.
+    /// How many whispers wait for each player who has any, expired or not:
+    /// the inbox counts start from every row a later prune or ack may
+    /// delete, so subtracting those deletions can never take them too low.
     pub(super) fn offline_counts(&self) -> rusqlite::Result<Vec<(u64, u32)>> {
         let mut stmt = self
             .conn
@@ -384,35 +559,88 @@ impl Db {
         rows.collect()
     }
 
-    /// The whispers waiting for `user`, oldest first, at most `limit`.
+    /// The whispers waiting for `user`, oldest first, at most `limit`,
+    /// leaving out those older than `cutoff_ms`.
     pub(super) fn pending_offline(
         &self,
         user: u64,
         limit: u32,
+        cutoff_ms: Option<u64>,
     ) -> rusqlite::Result<Vec<StoredMsg>> {
         let mut stmt = self.conn.prepare_cached(concat!(
             "SELECT ",
             msg_columns!(),
-            " FROM offline WHERE to_user = ?1 ORDER BY msg_id LIMIT ?2"
+            " FROM offline WHERE to_user = ?1 AND time_ms >= ?2 ORDER BY msg_id LIMIT ?3"
         ))?;
-        let rows = stmt.query_map(params![sql(user), i64::from(limit)], read_msg)?;
+        let rows = stmt.query_map(
+            params![sql(user), sql_cutoff(cutoff_ms), i64::from(limit)],
+            read_msg,
+        )?;
+        rows.collect()
+    }
+
+    /// A player who has logged in at least once, by id or by the exact name
+    /// of their last login (the most recent such login when several
+    /// players have used that name).
+    pub(super) fn find_player(&self, who: &PlayerRef) -> rusqlite::Result<Option<(u64, String)>> {
+        let row = |row: &Row<'_>| Ok((unsql(row.get(0)?), row.get(1)?));
+        match who {
+            PlayerRef::Id(id) => self
+                .conn
+                .prepare_cached("SELECT user_id, name FROM players WHERE user_id = ?1")?
+                .query_row([sql(*id)], row)
+                .optional(),
+            PlayerRef::Name(name) => self
+                .conn
+                .prepare_cached(
+                    "SELECT user_id, name FROM players WHERE name = ?1
+                     ORDER BY last_login_ms DESC, user_id DESC LIMIT 1",
+                )?
+                .query_row([name], row)
+                .optional(),
+        }
+    }
+
+    /// `(nonce, msg_id)` of the newest `limit` messages `sender` stored with
+    /// a nonce, newest first. Offline whispers count too: with an
+    /// unpersisted `private` retention they are the only copy. Each half is
+    /// limited before the union so neither walks more than `limit` index
+    /// entries.
+    pub(super) fn recent_nonces(
+        &self,
+        sender: u64,
+        limit: u32,
+    ) -> rusqlite::Result<Vec<(u64, u64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT nonce, msg_id FROM (
+                 SELECT nonce, msg_id FROM messages
+                 WHERE sender_id = ?1 AND nonce != 0 ORDER BY msg_id DESC LIMIT ?2)
+             UNION
+             SELECT nonce, msg_id FROM (
+                 SELECT nonce, msg_id FROM offline
+                 WHERE sender_id = ?1 AND nonce != 0 ORDER BY msg_id DESC LIMIT ?2)
+             ORDER BY msg_id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![sql(sender), i64::from(limit)], |row| {
+            Ok((unsql(row.get(0)?), unsql(row.get(1)?)))
+        })?;
         rows.collect()
     }
 
     /// Deletes what retention no longer keeps, in one transaction: by count
     /// in each of `grown` (the conversations written since the last prune,
-    /// the only ones that can have gone over), by age in every kind.
-    /// Returns how many messages were deleted.
+    /// the only ones that can have gone over), by age in every kind, and up
+    /// to [`OFFLINE_PRUNE_CHUNK`] offline whispers past `offline_ttl_days`.
     pub(super) fn prune<'a>(
         &mut self,
         grown: impl IntoIterator<Item = &'a Conversation>,
         config: &HistoryConfig,
         now_ms: u64,
-    ) -> rusqlite::Result<u64> {
+    ) -> rusqlite::Result<Pruned> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut deleted = 0;
+        let mut pruned = Pruned::default();
         for conv in grown {
             let keep = config.retention(conv).keep_count;
             if keep == 0 {
@@ -422,27 +650,42 @@ impl Db {
             // The subquery finds the oldest message to keep (NULL when there
             // are fewer than `keep`, which deletes nothing); it walks `keep`
             // index entries, never the whole conversation.
-            deleted += tx
-                .prepare_cached(
+            pruned.messages +=
+                tx.prepare_cached(
                     "DELETE FROM messages
                      WHERE conv_kind = ?1 AND conv_id = ?2 AND conv_id2 = ?3 AND msg_id < (
                          SELECT msg_id FROM messages
                          WHERE conv_kind = ?1 AND conv_id = ?2 AND conv_id2 = ?3
                          ORDER BY msg_id DESC LIMIT 1 OFFSET ?4)",
                 )?
-                .execute(params![kind, id, id2, i64::from(keep) - 1])?;
+                .execute(params![kind, id, id2, i64::from(keep) - 1])? as u64;
         }
         for (kind, retention) in config.kinds() {
             if retention.keep_days == 0 {
                 continue;
             }
             let cutoff = now_ms.saturating_sub(u64::from(retention.keep_days) * DAY_MS);
-            deleted += tx
-                .prepare_cached("DELETE FROM messages WHERE conv_kind = ?1 AND time_ms < ?2")?
-                .execute(params![kind as i64, sql_bound(cutoff)])?;
+            pruned.messages +=
+                tx.prepare_cached("DELETE FROM messages WHERE conv_kind = ?1 AND time_ms < ?2")?
+                    .execute(params![kind as i64, sql_bound(cutoff)])? as u64;
+        }
+        if let Some(cutoff) = config.offline_cutoff_ms(now_ms) {
+            // RETURNING names each deleted whisper's recipient, so the inbox
+            // counts drop by exactly what was deleted.
+            let mut stmt = tx.prepare_cached(
+                "DELETE FROM offline WHERE (to_user, msg_id) IN (
+                     SELECT to_user, msg_id FROM offline WHERE time_ms < ?1 LIMIT ?2)
+                 RETURNING to_user",
+            )?;
+            pruned.expired_for = stmt
+                .query_map(params![sql_bound(cutoff), OFFLINE_PRUNE_CHUNK], |row| {
+                    row.get::<_, i64>(0).map(unsql)
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            pruned.more_expired = pruned.expired_for.len() as i64 >= OFFLINE_PRUNE_CHUNK;
         }
         tx.commit()?;
-        Ok(deleted as u64)
+        Ok(pruned)
     }
 
     /// Test hook simulating a full disk, chosen because it works as root
@@ -468,7 +711,7 @@ fn insert_message(conn: &Connection, m: &StoredMsg) -> rusqlite::Result<()> {
     conn.prepare_cached(concat!(
         "INSERT OR IGNORE INTO messages (",
         msg_columns!(),
-        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
     ))?
     .execute(params![
         kind,
@@ -485,8 +728,42 @@ fn insert_message(conn: &Connection, m: &StoredMsg) -> rusqlite::Result<()> {
         sql(m.scene_id),
         sql(m.target_id),
         m.target_name,
+        sql(m.nonce),
     ])?;
     Ok(())
+}
+
+/// One offline store inside a batch's transaction: a no-op if that whisper
+/// is already waiting (a retried store must not be refused by the inbox it
+/// already fills), else refused when the recipient's inbox or the sender's
+/// quota is full, counting only unexpired whispers.
+fn store_offline(
+    tx: &Connection,
+    to_user: u64,
+    msg: &StoredMsg,
+    limits: OfflineLimits,
+) -> rusqlite::Result<Result<usize, HistoryError>> {
+    let exists = tx
+        .prepare_cached("SELECT 1 FROM offline WHERE to_user = ?1 AND msg_id = ?2")?
+        .exists([sql(to_user), sql(msg.msg_id)])?;
+    if exists {
+        return Ok(Ok(0));
+    }
+    let cutoff = sql_cutoff(limits.cutoff_ms);
+    let in_inbox: i64 = tx
+        .prepare_cached("SELECT COUNT(*) FROM offline WHERE to_user = ?1 AND time_ms >= ?2")?
+        .query_row([sql(to_user), cutoff], |row| row.get(0))?;
+    if in_inbox >= i64::from(limits.per_inbox) {
+        return Ok(Err(HistoryError::InboxFull));
+    }
+    let from_sender: i64 = tx
+        .prepare_cached("SELECT COUNT(*) FROM offline WHERE sender_id = ?1 AND time_ms >= ?2")?
+        .query_row([sql(msg.sender_id), cutoff], |row| row.get(0))?;
+    if from_sender >= i64::from(limits.per_sender) {
+        return Ok(Err(HistoryError::SenderLimit));
+    }
+    insert_offline(tx, to_user, msg)?;
+    Ok(Ok(1))
 }
 
 fn insert_offline(conn: &Connection, to_user: u64, m: &StoredMsg) -> rusqlite::Result<()> {
@@ -494,7 +771,7 @@ fn insert_offline(conn: &Connection, to_user: u64, m: &StoredMsg) -> rusqlite::R
     conn.prepare_cached(concat!(
         "INSERT OR IGNORE INTO offline (to_user, ",
         msg_columns!(),
-        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
     ))?
     .execute(params![
         sql(to_user),
@@ -512,6 +789,7 @@ fn insert_offline(conn: &Connection, to_user: u64, m: &StoredMsg) -> rusqlite::R
         sql(m.scene_id),
         sql(m.target_id),
         m.target_name,
+        sql(m.nonce),
     ])?;
     Ok(())
 }

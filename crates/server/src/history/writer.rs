@@ -1,43 +1,59 @@
 //! The writer thread: the only code that writes to the history database.
 //!
 //! It owns the read-write connection, batches queued writes into group
-//! commits, and applies retention on a timer. It runs on a dedicated OS
-//! thread because every SQLite call blocks; it must never run on (or wait
-//! for) the async runtime, and it never answers a waiter before that
-//! waiter's transaction has committed or failed.
+//! commits, answers offline-whisper reads in queue order, and applies
+//! retention on a timer. It runs on a dedicated OS thread because every
+//! SQLite call blocks; it must never run on (or wait for) the async
+//! runtime, and it never answers a waiter before that waiter's transaction
+//! has committed or failed.
+//!
+//! An offline read is answered after the batch holding every write queued
+//! before it has committed, and before any write queued after it joins a
+//! batch: a login sees exactly the whispers stored before it asked.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-use super::sqlite::{Db, WriteOp};
-use super::{Conversation, HistoryError, Shared};
+use super::sqlite::{Db, OfflineLimits, WriteOp};
+use super::{now_ms, supervise, Conversation, HistoryError, Shared, StoredMsg};
 
-/// Capacity of the writer's queue. When it is full the store is not keeping
-/// up with the disk: new writes are refused at once with
-/// [`HistoryError::Unavailable`] (and counted in `queue_full`) rather than
-/// queued, because the world actor must never wait on the disk. At the
-/// default 512 writes per commit this is 16 commits of backlog.
+/// Capacity of the writer's queue, shared by writes and offline reads. When
+/// it is full the store is not keeping up with the disk: new commands are
+/// refused at once with [`HistoryError::Unavailable`] (and counted in
+/// `queue_full`; a login record is dropped and counted in
+/// `players_dropped`) rather than queued, because the world actor must
+/// never wait on the disk. At the default 512 writes per commit this is 16
+/// commits of backlog.
 pub(super) const WRITE_QUEUE: usize = 8192;
 
 /// What the handles ask of the writer.
 pub(super) enum Command {
     /// Joins the next group commit.
     Write(Write),
+    /// Answered once every write queued before it has committed.
+    PendingOffline(PendingRead),
     /// Runs on its own, after the batch being gathered has committed.
     Control(Control),
 }
 
-/// A write and its waiter, answered once its transaction is over.
+/// A write and its waiter, answered once its transaction is over. A write
+/// nobody waits for (a login record) has no waiter.
 pub(super) struct Write {
     pub(super) op: WriteOp,
-    pub(super) respond_to: oneshot::Sender<Result<(), HistoryError>>,
+    pub(super) respond_to: Option<oneshot::Sender<Result<(), HistoryError>>>,
+}
+
+/// A read of one player's waiting whispers.
+pub(super) struct PendingRead {
+    pub(super) user: u64,
+    pub(super) respond_to: oneshot::Sender<Result<Vec<StoredMsg>, HistoryError>>,
 }
 
 pub(super) enum Control {
@@ -51,15 +67,20 @@ pub(super) enum Control {
         full: bool,
         respond_to: oneshot::Sender<Result<(), String>>,
     },
+    /// Test hook: panic on the writer thread.
+    #[cfg(test)]
+    Panic,
 }
 
 /// Spawns the writer thread. It ends when every handle has dropped, after
-/// committing what was still queued.
+/// committing what was still queued; `handles` tells its supervisor whether
+/// an end was that.
 pub(super) fn spawn(
     db: Db,
     rx: Receiver<Command>,
     shared: Arc<Shared>,
     high_water: u64,
+    handles: Weak<()>,
 ) -> std::io::Result<JoinHandle<()>> {
     let config = &shared.config;
     let writer = Writer {
@@ -72,11 +93,12 @@ pub(super) fn spawn(
         grown: HashSet::new(),
         high_water_written: high_water,
         failing: false,
-        shared,
+        carried: None,
+        shared: shared.clone(),
     };
     std::thread::Builder::new()
         .name("history-writer".into())
-        .spawn(move || writer.run())
+        .spawn(move || supervise("history-writer", &shared, &handles, move || writer.run()))
 }
 
 struct Writer {
@@ -97,11 +119,17 @@ struct Writer {
     /// Whether the last write batch failed, so a full disk logs once when
     /// it starts and once when it ends, not once per batch.
     failing: bool,
+    /// A command taken from the queue that must wait for the next round: a
+    /// write that arrived after offline reads must not join their batch.
+    carried: Option<Command>,
 }
 
 /// What gathering a batch ended with.
 struct Gathered {
     batch: Vec<Write>,
+    /// Offline reads queued after every write of `batch` (and before any
+    /// write not in it), answered once it has committed.
+    reads: Vec<PendingRead>,
     /// A control command that arrived while gathering; it runs after the
     /// batch so that commands still take effect in queue order.
     control: Option<Control>,
@@ -113,19 +141,25 @@ impl Writer {
     fn run(mut self) {
         debug!("history writer started");
         loop {
-            let until_prune = self.next_prune.saturating_duration_since(Instant::now());
-            let first = match self.rx.recv_timeout(until_prune) {
-                Ok(cmd) => cmd,
-                Err(RecvTimeoutError::Timeout) => {
-                    let _ = self.prune();
-                    continue;
+            let first = match self.carried.take() {
+                Some(cmd) => cmd,
+                None => {
+                    let until_prune = self.next_prune.saturating_duration_since(Instant::now());
+                    match self.rx.recv_timeout(until_prune) {
+                        Ok(cmd) => cmd,
+                        Err(RecvTimeoutError::Timeout) => {
+                            let _ = self.prune();
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
                 }
-                Err(RecvTimeoutError::Disconnected) => break,
             };
             let gathered = self.gather(first);
             if !gathered.batch.is_empty() {
                 self.commit(gathered.batch);
             }
+            self.answer_reads(gathered.reads);
             if let Some(control) = gathered.control {
                 self.control(control);
             }
@@ -144,10 +178,13 @@ impl Writer {
 
     /// Collects a batch starting with `first`: everything already queued
     /// joins at once, then stragglers until `flush_interval` after the first
-    /// or until `max_batch`.
-    fn gather(&self, first: Command) -> Gathered {
+    /// or until `max_batch` commands. Once an offline read has joined, only
+    /// more reads may: the first write or control after it is carried to
+    /// the next round, so each read sees exactly what was queued before it.
+    fn gather(&mut self, first: Command) -> Gathered {
         let mut gathered = Gathered {
             batch: Vec::new(),
+            reads: Vec::new(),
             control: None,
             closed: false,
         };
@@ -155,13 +192,18 @@ impl Writer {
         let mut next = first;
         loop {
             match next {
+                Command::PendingOffline(read) => gathered.reads.push(read),
+                cmd if !gathered.reads.is_empty() => {
+                    self.carried = Some(cmd);
+                    return gathered;
+                }
                 Command::Write(write) => gathered.batch.push(write),
                 Command::Control(control) => {
                     gathered.control = Some(control);
                     return gathered;
                 }
             }
-            if gathered.batch.len() >= self.max_batch {
+            if gathered.batch.len() + gathered.reads.len() >= self.max_batch {
                 return gathered;
             }
             next = match self.rx.try_recv() {
@@ -191,14 +233,18 @@ impl Writer {
     /// Writes `batch` in one transaction, then answers every waiter.
     fn commit(&mut self, batch: Vec<Write>) {
         let shared = &self.shared;
+        let config = &shared.config;
         // Read before the transaction: every write in the batch raised it
         // before it was queued.
         let high_water = shared.high_seen.load(Relaxed);
-        let result = self.db.write_batch(
-            batch.iter().map(|w| &w.op),
-            shared.config.max_offline_whispers,
-            high_water,
-        );
+        let limits = OfflineLimits {
+            per_inbox: config.max_offline_whispers,
+            per_sender: config.max_offline_per_sender,
+            cutoff_ms: config.offline_cutoff_ms(now_ms()),
+        };
+        let result = self
+            .db
+            .write_batch(batch.iter().map(|w| &w.op), limits, high_water);
         let counters = &shared.counters;
         match result {
             Ok(outcomes) => {
@@ -214,17 +260,26 @@ impl Writer {
                             counters.messages.fetch_add(1, Relaxed);
                             self.grown.insert(msg.conversation);
                         }
-                        WriteOp::StoreOffline { .. } if outcome.is_ok() => {
-                            counters.offline_stored.fetch_add(1, Relaxed);
-                        }
-                        WriteOp::AckOffline { user, .. } => {
+                        WriteOp::StoreOffline { to_user, .. } => match outcome {
+                            Ok(1) => {
+                                counters.offline_stored.fetch_add(1, Relaxed);
+                            }
+                            // Refused, or already waiting (and counted by
+                            // the store that put it there): this store
+                            // added no row, so take back its count.
+                            _ => shared.inboxes.forget(*to_user, 1),
+                        },
+                        WriteOp::AckOffline { user, .. }
+                        | WriteOp::AckOfflineThrough { user, .. } => {
                             if let Ok(deleted) = outcome {
                                 shared.inboxes.forget(*user, deleted);
                             }
                         }
-                        _ => {}
+                        WriteOp::RecordLogin { .. } => {}
                     }
-                    let _ = write.respond_to.send(outcome.map(|_| ()));
+                    if let Some(respond_to) = write.respond_to {
+                        let _ = respond_to.send(outcome.map(|_| ()));
+                    }
                 }
             }
             Err(e) => {
@@ -239,9 +294,41 @@ impl Writer {
                     self.failing = true;
                 }
                 for write in batch {
-                    let _ = write.respond_to.send(Err(HistoryError::WriteFailed));
+                    match &write.op {
+                        WriteOp::StoreOffline { to_user, .. } => {
+                            shared.inboxes.forget(*to_user, 1);
+                        }
+                        WriteOp::RecordLogin { .. } => {
+                            counters.players_dropped.fetch_add(1, Relaxed);
+                        }
+                        _ => {}
+                    }
+                    if let Some(respond_to) = write.respond_to {
+                        let _ = respond_to.send(Err(HistoryError::WriteFailed));
+                    }
                 }
             }
+        }
+    }
+
+    /// Answers offline reads from the committed state. Runs after the batch
+    /// of the writes queued before them, so nothing they must see is still
+    /// in flight.
+    fn answer_reads(&self, reads: Vec<PendingRead>) {
+        if reads.is_empty() {
+            return;
+        }
+        let config = &self.shared.config;
+        let cutoff = config.offline_cutoff_ms(now_ms());
+        for read in reads {
+            let result = self
+                .db
+                .pending_offline(read.user, config.max_offline_whispers, cutoff)
+                .map_err(|e| {
+                    warn!(error = %e, user = read.user, "offline whisper read failed");
+                    HistoryError::Unavailable
+                });
+            let _ = read.respond_to.send(result);
         }
     }
 
@@ -254,26 +341,41 @@ impl Writer {
             Control::LimitPages { full, respond_to } => {
                 let _ = respond_to.send(self.db.limit_pages(full).map_err(|e| e.to_string()));
             }
+            #[cfg(test)]
+            Control::Panic => panic!("history writer crash requested by a test"),
         }
     }
 
     /// Applies retention and schedules the next prune. On failure the grown
-    /// set is kept, so the next prune retries it.
+    /// set is kept, so the next prune retries it. Returns how many history
+    /// messages were deleted.
     fn prune(&mut self) -> Result<u64, HistoryError> {
         self.next_prune = Instant::now() + self.prune_interval;
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        match self.db.prune(&self.grown, &self.shared.config, now_ms) {
-            Ok(deleted) => {
+        match self.db.prune(&self.grown, &self.shared.config, now_ms()) {
+            Ok(pruned) => {
                 self.grown.clear();
-                let counters = &self.shared.counters;
+                let shared = &self.shared;
+                let counters = &shared.counters;
                 counters.commits.fetch_add(1, Relaxed);
-                counters.pruned.fetch_add(deleted, Relaxed);
-                if deleted > 0 {
-                    debug!(deleted, "history pruned");
+                counters.pruned.fetch_add(pruned.messages, Relaxed);
+                let expired = pruned.expired_for.len() as u64;
+                counters.offline_expired.fetch_add(expired, Relaxed);
+                let mut per_user: HashMap<u64, usize> = HashMap::new();
+                for user in pruned.expired_for {
+                    *per_user.entry(user).or_default() += 1;
                 }
-                Ok(deleted)
+                for (user, n) in per_user {
+                    shared.inboxes.forget(user, n);
+                }
+                if pruned.more_expired {
+                    // Go on right after the next batch instead of in one
+                    // long transaction that would hold every commit.
+                    self.next_prune = Instant::now();
+                }
+                if pruned.messages > 0 || expired > 0 {
+                    debug!(messages = pruned.messages, expired, "history pruned");
+                }
+                Ok(pruned.messages)
             }
             Err(e) => {
                 warn!(error = %e, "history prune failed; retrying at the next interval");

@@ -222,6 +222,10 @@ impl World {
                     }
                     self.spill(user, &mut entry);
                 }
+                // The world's store handle goes now: once the user actors
+                // have answered their replies and ended, nothing holds the
+                // store open and its threads can finish and be joined.
+                self.history = None;
                 self.publish_gauges();
                 let _ = respond_to.send(());
             }
@@ -576,10 +580,7 @@ impl World {
                 };
                 let (to, known) = match &line.target {
                     Target::Id(id) => (*id, None),
-                    Target::Name(name) => (
-                        self.registry.by_name(name).ok_or(unregistered)?,
-                        None,
-                    ),
+                    Target::Name(name) => (self.registry.by_name(name).ok_or(unregistered)?, None),
                     Target::Known(id, name) => (*id, Some(name)),
                     Target::None => return Err(ResCode::ResNoSuchTarget),
                 };
@@ -590,13 +591,19 @@ impl World {
                     (Some(e), _) if e.conn.is_some() || e.pending.is_some() => {
                         target_name = e.name.clone();
                         live_to = Some(to);
-                        Audience::Whisper { from: line.from, to }
+                        Audience::Whisper {
+                            from: line.from,
+                            to,
+                        }
                     }
                     // Lingering without a store: the replay buffer is all
                     // there is.
                     (Some(e), None) => {
                         target_name = e.name.clone();
-                        Audience::Whisper { from: line.from, to }
+                        Audience::Whisper {
+                            from: line.from,
+                            to,
+                        }
                     }
                     // Lingering, or known and offline: stored now, as the
                     // world decides, for the next login.
@@ -612,13 +619,7 @@ impl World {
                     }
                     (None, _) => return Err(ResCode::ResTargetOffline),
                 };
-                (
-                    audience,
-                    Conversation::between(line.from.0, to.0),
-                    0,
-                    0,
-                    0,
-                )
+                (audience, Conversation::between(line.from.0, to.0), 0, 0, 0)
             }
             ChatType::ChatAll => return Err(ResCode::ResNoPermission),
             ChatType::ChatNone => return Err(ResCode::ResBadRequest),
@@ -658,7 +659,7 @@ impl World {
             durable: None,
             offline: None,
         };
-        if let Some(history) = &self.history {
+        if let Some(history) = self.history.clone() {
             let stored = records::stored(&notify, conversation, line.nonce);
             if let Some(to) = store_for {
                 outcome.offline = Some(history.store_offline(to.0, stored.clone()));
@@ -667,7 +668,7 @@ impl World {
             if let Some(to) = live_to.filter(|to| *to != line.from) {
                 self.track(to, stored.clone());
             }
-            outcome.durable = Some(records::append(history, stored));
+            outcome.durable = Some(records::append(&history, stored));
         }
         Ok(outcome)
     }
@@ -682,8 +683,7 @@ impl World {
         };
         entry.unconfirmed.push_back(whisper);
         if entry.unconfirmed.len() > cap {
-            if let (Some(oldest), Some(history)) = (entry.unconfirmed.pop_front(), &self.history)
-            {
+            if let (Some(oldest), Some(history)) = (entry.unconfirmed.pop_front(), &self.history) {
                 drop(history.store_offline(to.0, oldest));
                 Stats::bump(&self.stats.offline_spilled);
             }

@@ -133,7 +133,11 @@ async fn masked_channels_are_not_delivered_but_whispers_and_system_are() {
     check_audience(&mut c, 2, ChatType::ChatWorld, "world", (0, ""), &[0, 1, 2]).await;
     check_audience(&mut c, 1, ChatType::ChatNormal, "scene 2", (0, ""), &[1]).await;
     check_audience(&mut c, 0, ChatType::ChatPrivate, "psst", (4, ""), &[0, 3]).await;
-    server.world.announce("maintenance soon".into()).await.unwrap();
+    server
+        .world
+        .announce("maintenance soon".into())
+        .await
+        .unwrap();
     for client in c.iter_mut() {
         let n = next_chat(client).await;
         assert_eq!(
@@ -246,21 +250,19 @@ async fn muted_players_cannot_chat_until_the_mute_ends() {
     let server = TestServer::start_timed(|_| {}).await;
     let mut a = server.login(1, "alice", 10, 0, 0).await;
     let mut b = server.login(2, "bob", 10, 0, 0).await;
-    assert!(
-        server
-            .world
-            .mute(
-                guildchat_server::ids::UserId(1),
-                Some(Duration::from_secs(20))
-            )
-            .await
-    );
-    assert!(
-        !server
-            .world
-            .mute(guildchat_server::ids::UserId(99), None)
-            .await
-    );
+    assert!(server
+        .world
+        .mute(
+            guildchat_server::ids::UserId(1),
+            Some(Duration::from_secs(20))
+        )
+        .await
+        .unwrap());
+    assert!(!server
+        .world
+        .mute(guildchat_server::ids::UserId(99), None)
+        .await
+        .unwrap());
     assert_eq!(
         say(&mut a, ChatType::ChatGuild, "hey").await.res,
         ResCode::ResMuted as i32
@@ -281,12 +283,11 @@ async fn regroup_moves_players_between_guilds_and_scenes() {
     let server = TestServer::start().await;
     let mut c = four(&server).await;
     // dave joins guild 10 and moves to scene 1.
-    assert!(
-        server
-            .world
-            .regroup(UserId(4), Some(GuildId(10)), None, Some(SceneId(1)))
-            .await
-    );
+    assert!(server
+        .world
+        .regroup(UserId(4), Some(GuildId(10)), None, Some(SceneId(1)))
+        .await
+        .unwrap());
     check_audience(
         &mut c,
         0,

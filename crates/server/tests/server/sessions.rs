@@ -74,8 +74,16 @@ async fn server_full_refuses_new_players_but_not_takeovers() {
 async fn operator_kick_closes_with_its_code_and_frees_the_slot() {
     let server = TestServer::start().await;
     let mut a = server.login(1, "alice", 0, 0, 0).await;
-    assert!(server.world.kick(UserId(1), KickReason::KickOperator).await.unwrap());
-    assert!(!server.world.kick(UserId(2), KickReason::KickOperator).await.unwrap());
+    assert!(server
+        .world
+        .kick(UserId(1), KickReason::KickOperator)
+        .await
+        .unwrap());
+    assert!(!server
+        .world
+        .kick(UserId(2), KickReason::KickOperator)
+        .await
+        .unwrap());
     let (code, kick) = expect_close(&mut a).await;
     assert_eq!(
         (code, kick),
