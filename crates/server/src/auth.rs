@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use guildchat_auth::{KeyRing, TokenError, Verifier};
 use guildchat_protocol::{limits::MAX_NAME_CHARS, pb, ResCode};
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::config::Config;
 use crate::ids::{GuildId, SceneId, TeamId, UserId};
@@ -66,6 +66,13 @@ pub fn load_or_create_keys(config: &Config) -> Result<(KeyRing, bool), KeysError
         path: shown.clone(),
         source,
     })?;
+    if let Some(mode) = loose_mode(&path) {
+        warn!(
+            path = %shown,
+            mode = format!("{mode:o}"),
+            "key ring is readable by group or others: it may hold shared secrets; chmod 600 it"
+        );
+    }
     let ring = KeyRing::from_toml_str(&text).map_err(|source| KeysError::Invalid {
         path: shown,
         source,
@@ -73,10 +80,37 @@ pub fn load_or_create_keys(config: &Config) -> Result<(KeyRing, bool), KeysError
     Ok((ring, false))
 }
 
-/// Writes a secret file readable by its owner only.
+/// The permission bits of a file that group or others may access, if so
+/// (unix only; elsewhere nothing is checked).
+fn loose_mode(path: &Path) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then_some(mode)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// Writes a secret file readable by its owner only. A parent directory it
+/// has to create is made accessible to its owner only (0700), so the
+/// secret's name and its neighbours are private too.
 pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                builder.mode(0o700);
+            }
+            builder.create(dir)?;
+        }
     }
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -99,7 +133,7 @@ impl Authenticator {
         }
         let (ring, generated) = load_or_create_keys(config)?;
         if generated {
-            info!(path = %config.keys_file().display(), "generated development keys (one AES key, one Ed25519 key pair)");
+            warn!(path = %config.keys_file().display(), "generated DEVELOPMENT keys (one AES key, one Ed25519 key pair): tokens from a real logic server will fail; set auth.keys_file in production");
         }
         let verifier = Verifier::new(&ring, &config.auth.audience, config.auth.leeway_secs)
             .map_err(|source| KeysError::Invalid {
@@ -155,5 +189,46 @@ fn token_code(e: TokenError) -> ResCode {
     match e {
         TokenError::Expired | TokenError::NotYetValid => ResCode::ResTokenExpired,
         _ => ResCode::ResBadToken,
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn write_private_makes_owner_only_file_and_new_dirs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a/b/keys.toml");
+        write_private(&path, "x").unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&tmp.path().join("a/b")), 0o700);
+        assert_eq!(mode(&tmp.path().join("a")), 0o700);
+        assert_eq!(loose_mode(&path), None);
+        // An existing directory keeps its mode.
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        write_private(&tmp.path().join("other.toml"), "y").unwrap();
+        assert_eq!(mode(tmp.path()), 0o755);
+    }
+
+    #[test]
+    fn group_or_world_access_is_noticed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("keys.toml");
+        std::fs::write(&path, "x").unwrap();
+        for (bits, loose) in [
+            (0o600, None),
+            (0o640, Some(0o640)),
+            (0o604, Some(0o604)),
+            (0o400, None),
+        ] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(bits)).unwrap();
+            assert_eq!(loose_mode(&path), loose, "{bits:o}");
+        }
     }
 }

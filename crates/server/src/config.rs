@@ -43,7 +43,7 @@ fn invalid(key: &'static str, why: impl Into<String>) -> ConfigError {
 pub struct Config {
     /// Websocket listen address.
     pub listen: SocketAddr,
-    /// Where keys (and later history) live.
+    /// Where keys and the history database live.
     pub data_dir: PathBuf,
     /// Listen backlog handed to `listen(2)`; raise it (and
     /// `net.core.somaxconn`) for login storms.
@@ -147,8 +147,10 @@ impl Default for LimitsConfig {
             login_timeout_ms: 5_000,
             ping_interval_ms: 15_000,
             idle_timeout_ms: 45_000,
-            outbound_queue: 512,
-            outbound_bytes: 256 * 1024,
+            // Both sized so that a full resume replay fits with the default
+            // session and history settings (see `Config::replay_bound`).
+            outbound_queue: 1024,
+            outbound_bytes: 1024 * 1024,
             stall_timeout_ms: 10_000,
             socket_send_buffer: 64 * 1024,
             bad_frame_limit: 8,
@@ -224,8 +226,7 @@ impl SessionConfig {
 }
 
 /// Rules of one chat channel.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Copy)]
 pub struct ChannelRule {
     /// Minimum time between two messages of one player on this channel.
     pub cooldown_ms: u64,
@@ -247,8 +248,11 @@ impl ChannelRule {
 }
 
 /// Per-channel rules. The system channel has none: clients cannot send on it.
+/// Each key of a `[chat.<channel>]` table is optional; a missing one keeps
+/// that channel's default (the defaults differ per channel, so serde's
+/// per-field `default` cannot express them).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(from = "ChatTables")]
 pub struct ChatConfig {
     /// CHAT_NORMAL, the scene channel.
     pub scene: ChannelRule,
@@ -270,7 +274,62 @@ impl Default for ChatConfig {
     }
 }
 
+/// `[chat.<channel>]` as written: any key may be left out.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RuleTable {
+    cooldown_ms: Option<u64>,
+    max_chars: Option<usize>,
+}
+
+impl RuleTable {
+    fn over(self, default: ChannelRule) -> ChannelRule {
+        ChannelRule {
+            cooldown_ms: self.cooldown_ms.unwrap_or(default.cooldown_ms),
+            max_chars: self.max_chars.unwrap_or(default.max_chars),
+        }
+    }
+}
+
+/// `[chat]` as written: any channel may be left out.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ChatTables {
+    scene: RuleTable,
+    guild: RuleTable,
+    world: RuleTable,
+    private: RuleTable,
+    team: RuleTable,
+}
+
+impl From<ChatTables> for ChatConfig {
+    fn from(t: ChatTables) -> Self {
+        let d = ChatConfig::default();
+        ChatConfig {
+            scene: t.scene.over(d.scene),
+            guild: t.guild.over(d.guild),
+            world: t.world.over(d.world),
+            private: t.private.over(d.private),
+            team: t.team.over(d.team),
+        }
+    }
+}
+
 impl ChatConfig {
+    /// The longest text any channel accepts, in characters.
+    pub fn max_chars(&self) -> usize {
+        [
+            self.scene.max_chars,
+            self.guild.max_chars,
+            self.world.max_chars,
+            self.private.max_chars,
+            self.team.max_chars,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+    }
+
     /// The rule of a channel a client may send on; `None` for the system
     /// channel and NONE.
     pub fn rule(&self, channel: ChatType) -> Option<&ChannelRule> {
@@ -310,9 +369,49 @@ impl Config {
         Ok(config)
     }
 
+    /// The queue a full resume replay needs, as (frames, bytes): the login
+    /// reply, a full private ring, a full scene ring and the shared world
+    /// ring, and (with history) every offline whisper that may wait, each
+    /// counted at the largest notification a client can cause.
+    pub fn replay_bound(&self) -> (usize, usize) {
+        let offline = if self.history.enabled {
+            self.history.max_offline_whispers as usize
+        } else {
+            0
+        };
+        let frames = 1usize
+            .saturating_add(self.session.replay_buffer)
+            .saturating_add(self.session.replay_buffer_shed().saturating_mul(2))
+            .saturating_add(offline);
+        let bytes = frames.saturating_mul(max_notify_bytes(self.chat.max_chars()));
+        (frames, bytes)
+    }
+
     /// Checks cross-field rules that serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
+        let timers: [(&'static str, u64); 6] = [
+            ("limits.login_timeout_ms", l.login_timeout_ms),
+            ("limits.ping_interval_ms", l.ping_interval_ms),
+            ("limits.idle_timeout_ms", l.idle_timeout_ms),
+            ("limits.stall_timeout_ms", l.stall_timeout_ms),
+            ("limits.shutdown_grace_ms", l.shutdown_grace_ms),
+            ("session.linger_ms", self.session.linger_ms),
+        ];
+        for (key, ms) in timers {
+            if ms > MAX_TIMER_MS {
+                return Err(invalid(
+                    key,
+                    format!("must be at most {MAX_TIMER_MS} (24 hours)"),
+                ));
+            }
+        }
+        if self.auth.leeway_secs > MAX_LEEWAY_SECS {
+            return Err(invalid(
+                "auth.leeway_secs",
+                format!("must be at most {MAX_LEEWAY_SECS}: it extends every token's life"),
+            ));
+        }
         if l.login_timeout_ms == 0 {
             return Err(invalid("limits.login_timeout_ms", "must be > 0"));
         }
@@ -352,13 +451,6 @@ impl Config {
         if !(1..=65_536).contains(&self.session.replay_buffer) {
             return Err(invalid("session.replay_buffer", "must be in 1..=65536"));
         }
-        if self.session.replay_buffer + 2 * self.session.replay_buffer_shed() + 8 > l.outbound_queue
-        {
-            return Err(invalid(
-                "session.replay_buffer",
-                "a full replay (replay_buffer plus a quarter of it for scene and another for world chat) must fit in limits.outbound_queue",
-            ));
-        }
         self.history
             .validate()
             .map_err(|why| invalid("history", why))?;
@@ -389,6 +481,32 @@ impl Config {
                 ));
             }
         }
+        // A resume queues its whole replay at once; if it did not fit, the
+        // resuming client would be cut as a slow consumer by its own replay,
+        // and again on every retry.
+        let (frames, bytes) = self.replay_bound();
+        let need_frames = frames.saturating_add(REPLAY_HEADROOM_FRAMES);
+        if l.outbound_queue < need_frames {
+            return Err(invalid(
+                "limits.outbound_queue",
+                format!(
+                    "must be at least {need_frames}: a full resume replay is {frames} frames \
+                     (1 + session.replay_buffer + 2 x a quarter of it + history.max_offline_whispers), \
+                     plus {REPLAY_HEADROOM_FRAMES} for live traffic"
+                ),
+            ));
+        }
+        if l.outbound_bytes < bytes {
+            return Err(invalid(
+                "limits.outbound_bytes",
+                format!(
+                    "must be at least {bytes}: a full resume replay is {frames} frames \
+                     (session.replay_buffer, history.max_offline_whispers) of up to {} bytes \
+                     (the largest chat.*.max_chars)",
+                    max_notify_bytes(self.chat.max_chars())
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -403,6 +521,31 @@ impl Config {
 
 /// Longest username accepted, re-exported for the login path.
 pub const MAX_NAME: usize = MAX_NAME_CHARS;
+
+/// Upper bound of every timer setting (24 hours): far above any sensible
+/// value, and low enough that `Instant + Duration` can never overflow (a
+/// panic on every connection) nor any sum of them, such as
+/// [`Config::replay_max_age`].
+pub const MAX_TIMER_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Upper bound of `auth.leeway_secs`: clock skew beyond five minutes is a
+/// broken clock, and the leeway lets every token live that much longer.
+pub const MAX_LEEWAY_SECS: u64 = 300;
+
+/// Frames kept free beyond a full replay, for the live traffic that can
+/// arrive while it drains.
+const REPLAY_HEADROOM_FRAMES: usize = 64;
+
+/// The largest encoded notification a client can cause on channels whose
+/// longest text is `max_chars`: up to 4 UTF-8 bytes per character of the
+/// text and of two names (sender and whisper target), plus 128 bytes for
+/// the head, ids, times and field tags.
+pub fn max_notify_bytes(max_chars: usize) -> usize {
+    max_chars
+        .saturating_mul(4)
+        .saturating_add(2 * MAX_NAME_CHARS * 4)
+        .saturating_add(128)
+}
 
 #[cfg(test)]
 mod tests {
@@ -438,7 +581,11 @@ mod tests {
                 "[chat.world]\ncooldown_ms = 1\nmax_chars = 0",
                 "chat.world.max_chars",
             ),
-            ("[chat.world]\ncooldown_ms = 1", "max_chars"),
+            ("[chat.world]\nwhat = 1", "what"),
+            (
+                "[limits]\nidle_timeout_ms = 86400001",
+                "limits.idle_timeout_ms",
+            ),
             ("max_online = 0", "max_online"),
             ("[auth]\naudience = \"\"", "auth.audience"),
             ("listen = \"not an address\"", "listen"),
@@ -452,13 +599,88 @@ mod tests {
     #[test]
     fn overrides_apply() {
         let c = parse(
-            "max_online = 5\n[chat.world]\ncooldown_ms = 3000\nmax_chars = 50\n[limits]\noutbound_queue = 400",
+            "max_online = 5\n[chat.world]\ncooldown_ms = 3000\nmax_chars = 50\n[limits]\noutbound_queue = 700",
         )
         .unwrap();
         assert_eq!(c.max_online, 5);
         assert_eq!(c.chat.world.cooldown(), Duration::from_secs(3));
         assert_eq!(c.chat.rule(ChatType::ChatWorld).unwrap().max_chars, 50);
         assert!(c.chat.rule(ChatType::ChatAll).is_none());
-        assert_eq!(c.limits.outbound_queue, 400);
+        assert_eq!(c.limits.outbound_queue, 700);
+    }
+
+    #[test]
+    fn a_partial_chat_table_keeps_the_channel_defaults() {
+        let c = parse("[chat.world]\ncooldown_ms = 1\n[chat.guild]\nmax_chars = 50").unwrap();
+        assert_eq!(c.chat.world.cooldown_ms, 1);
+        assert_eq!(c.chat.world.max_chars, 200);
+        assert_eq!(c.chat.guild.cooldown_ms, 1_000);
+        assert_eq!(c.chat.guild.max_chars, 50);
+        assert_eq!(c.chat.scene.cooldown_ms, 1_000);
+    }
+
+    #[test]
+    fn timers_and_leeway_are_bounded() {
+        let keys = [
+            ("limits", "login_timeout_ms"),
+            ("limits", "ping_interval_ms"),
+            ("limits", "idle_timeout_ms"),
+            ("limits", "stall_timeout_ms"),
+            ("limits", "shutdown_grace_ms"),
+            ("session", "linger_ms"),
+        ];
+        for (table, key) in keys {
+            let at = format!("[{table}]\n{key} = {MAX_TIMER_MS}");
+            // idle must stay above ping, so a day of ping needs a longer idle
+            // than allowed: the ping key is refused on its own merits below.
+            if key != "ping_interval_ms" {
+                parse(&at).unwrap_or_else(|e| panic!("{at:?}: {e}"));
+            }
+            let over = format!("[{table}]\n{key} = {}", MAX_TIMER_MS + 1);
+            let err = parse(&over).unwrap_err();
+            assert!(err.contains(&format!("{table}.{key}")), "{over:?}: {err}");
+            let huge = format!("[{table}]\n{key} = {}", i64::MAX);
+            assert!(parse(&huge).is_err(), "{huge:?}");
+        }
+        parse("[auth]\nleeway_secs = 300").unwrap();
+        let err = parse("[auth]\nleeway_secs = 301").unwrap_err();
+        assert!(err.contains("auth.leeway_secs"), "{err}");
+    }
+
+    #[test]
+    fn the_defaults_fit_a_full_replay() {
+        let c = Config::default();
+        let (frames, bytes) = c.replay_bound();
+        // 1 + 256 + 2 x 64 + 200 offline whispers, of 200 chars at most.
+        assert_eq!(frames, 585);
+        assert_eq!(max_notify_bytes(200), 1184);
+        assert_eq!(bytes, 585 * 1184);
+        assert!(c.limits.outbound_queue >= frames + 64);
+        assert!(c.limits.outbound_bytes >= bytes);
+        // Without history there are no offline whispers to replay.
+        let mut c = c;
+        c.history.enabled = false;
+        assert_eq!(c.replay_bound().0, 385);
+    }
+
+    #[test]
+    fn a_replay_that_does_not_fit_the_queue_is_refused() {
+        // The old defaults: 512 frames are too few for 585 + 64.
+        let err = parse("[limits]\noutbound_queue = 512").unwrap_err();
+        assert!(err.contains("limits.outbound_queue"), "{err}");
+        assert!(err.contains("649"), "{err}");
+        // 256 KiB cannot hold 585 frames of 1184 bytes.
+        let err = parse("[limits]\noutbound_bytes = 262144").unwrap_err();
+        assert!(err.contains("limits.outbound_bytes"), "{err}");
+        // Longer texts need more bytes: 1000 chars are 4384-byte frames.
+        let err = parse("[chat.private]\nmax_chars = 1000").unwrap_err();
+        assert!(err.contains("limits.outbound_bytes"), "{err}");
+        parse("[chat.private]\nmax_chars = 1000\n[limits]\noutbound_bytes = 2564640").unwrap();
+        // A bigger replay buffer needs a bigger queue; fewer offline
+        // whispers need less.
+        let err = parse("[session]\nreplay_buffer = 1024").unwrap_err();
+        assert!(err.contains("limits.outbound_queue"), "{err}");
+        parse("[history]\nmax_offline_whispers = 10\n[limits]\noutbound_queue = 460\noutbound_bytes = 467680")
+            .unwrap();
     }
 }

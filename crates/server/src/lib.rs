@@ -45,7 +45,7 @@ use net::conn::ConnCtx;
 use stats::Stats;
 use world::{LocalFanout, WorldHandle};
 
-/// Why the server could not start.
+/// Why the server could not start, or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
@@ -61,6 +61,10 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The history writer or reader thread ended while the server ran:
+    /// nothing more can be stored or acknowledged.
+    #[error("the history store stopped while the server was running; restart to recover")]
+    HistoryDied,
 }
 
 /// A configured server, not yet accepting.
@@ -115,8 +119,13 @@ impl Server {
 
     /// Accepts connections until `shutdown` is cancelled, then kicks every
     /// player with reason SHUTDOWN and waits (up to the configured grace)
-    /// for connections to flush and close.
-    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
+    /// for connections to flush and close. An error means the server could
+    /// not go on (see [`ServerError::HistoryDied`]).
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServerError> {
         let tracker = TaskTracker::new();
         let ctx = self.ctx.clone();
         let accept = tokio::spawn(net::listener::accept_loop(
@@ -140,6 +149,7 @@ impl Server {
                 "connections still open after the shutdown grace"
             );
         }
+        Ok(())
     }
 }
 
@@ -164,6 +174,5 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    Server::new(config)?.run(listener, shutdown).await;
-    Ok(())
+    Server::new(config)?.run(listener, shutdown).await
 }

@@ -145,13 +145,18 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("`{s}`: expected a number followed by s, m, h or d"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
+    let per = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
         _ => return Err(format!("`{s}`: unknown unit `{unit}` (use s, m, h or d)")),
     };
+    // Checked: the token's `exp` is now + ttl as an i64 of seconds.
+    let secs = n
+        .checked_mul(per)
+        .filter(|&secs| i64::try_from(secs).is_ok())
+        .ok_or_else(|| format!("`{s}`: too long"))?;
     if secs == 0 {
         return Err("ttl must be positive".into());
     }
@@ -189,7 +194,10 @@ fn mint(
     let claims = Claims {
         user_id: user,
         name: name.to_owned(),
-        exp: now + ttl.as_secs() as i64,
+        exp: i64::try_from(ttl.as_secs())
+            .ok()
+            .and_then(|ttl| now.checked_add(ttl))
+            .context("ttl too long")?,
         guild,
         team,
         scene,
@@ -225,9 +233,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.insecure_dev_auth {
         config.auth.insecure_dev_auth = true;
     }
-    let listener = guildchat_server::bind(config.listen, config.backlog)?;
-    let addr = listener.local_addr()?;
+    // The store (WAL recovery) and the keys first: a listener bound before
+    // would let early clients queue in the backlog and time out meanwhile.
+    let (listen, backlog) = (config.listen, config.backlog);
     let server = Server::new(config)?;
+    let listener = guildchat_server::bind(listen, backlog)?;
+    let addr = listener.local_addr()?;
     info!(%addr, "guildchat listening (websocket)");
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
@@ -235,7 +246,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         wait_for_signal().await;
         signal.cancel();
     });
-    server.run(listener, shutdown).await;
+    // An error here makes `main` return it, so the process exits non-zero.
+    server.run(listener, shutdown).await?;
     info!("bye");
     Ok(())
 }
@@ -355,5 +367,15 @@ mod tests {
         assert!(parse_ttl("0s").is_err());
         assert!(parse_ttl("5y").is_err());
         assert!(parse_ttl("m").is_err());
+        assert_eq!(parse_ttl("1d"), Ok(Duration::from_secs(86_400)));
+    }
+
+    #[test]
+    fn an_overflowing_ttl_is_an_error() {
+        assert!(parse_ttl("18446744073709551615d").is_err());
+        assert!(parse_ttl("213503982334601d").is_err());
+        assert!(parse_ttl("99999999999999999999").is_err());
+        // Fits u64 seconds but not the i64 of a token's `exp`.
+        assert!(parse_ttl(&format!("{}", u64::MAX)).is_err());
     }
 }

@@ -2,7 +2,10 @@
 //! slow-consumer policy.
 //!
 //! It wraps the connection's bounded frame queue, a byte count of what is
-//! queued, and a kill switch. Queuing never waits. When a client falls
+//! queued, and a kill switch. Queuing never waits. Every frame enters the
+//! queue through [`ConnTx::try_frame`], which counts its bytes, and only a
+//! [`Counted`] frame can be queued, so the writer takes off exactly what was
+//! counted. When a client falls
 //! behind, world and scene notifications are shed first (counted, and the
 //! client is told how many); anything else that cannot be queued, or a queue
 //! that has not drained for `stall_timeout`, makes it a slow consumer, which
@@ -32,7 +35,7 @@ use crate::stats::Stats;
 #[derive(Debug)]
 pub enum Outbound {
     /// Write one encoded message as a binary frame.
-    Frame(Bytes),
+    Frame(Counted),
     /// Anything else: a ping, a close, a wake-up.
     Control(Box<Control>),
 }
@@ -54,6 +57,30 @@ pub enum Control {
 impl Outbound {
     fn control(control: Control) -> Self {
         Outbound::Control(Box::new(control))
+    }
+}
+
+/// A frame whose bytes have been added to its connection's queued count.
+/// Only [`ConnTx::try_frame`] makes one, so a frame cannot reach the queue
+/// uncounted, and the writer subtracts [`Counted::len`] for each.
+#[derive(Debug)]
+pub struct Counted(Bytes);
+
+impl Counted {
+    /// The bytes counted for this frame.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never true for a frame worth queuing; here because clippy asks for
+    /// it beside `len`.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The encoded message, for the socket.
+    pub fn into_bytes(self) -> Bytes {
+        self.0
     }
 }
 
@@ -122,10 +149,37 @@ impl Shared {
         })
     }
 
-    /// The writer reports progress: `n` bytes left the queue.
+    /// The writer reports progress: `n` counted bytes left the queue.
     pub(crate) fn drained(&self, n: usize) {
-        self.queued_bytes.fetch_sub(n, Ordering::AcqRel);
+        self.unqueue(n);
         self.drains.fetch_add(1, Ordering::Release);
+    }
+
+    /// Takes `n` counted bytes off the queued count. Saturating: the count
+    /// is exact by construction (see [`Counted`]), but a wrap would leave the
+    /// connection looking congested forever, so it must not be possible.
+    pub(crate) fn unqueue(&self, n: usize) {
+        let _ = self
+            .queued_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                Some(q.saturating_sub(n))
+            });
+    }
+
+    /// Counts a dropped sheddable frame, for the next shed notice and the
+    /// total. Saturating: a client that never reads decides how often this
+    /// runs, and a wrapped count would tell it it missed nothing.
+    fn shed_one(&self) {
+        let _ = self
+            .shed_pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_add(1))
+            });
+        let _ = self
+            .shed_total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_add(1))
+            });
     }
 
     /// Called once per world tick: how long the queue has been non-empty
@@ -146,7 +200,7 @@ impl Shared {
             }
             since => since,
         };
-        Duration::from_millis(now - since)
+        Duration::from_millis(now.saturating_sub(since))
     }
 
     /// The notice to write before the close frame, if any, and the code.
@@ -218,18 +272,31 @@ impl ConnTx {
         self.id
     }
 
-    /// Queues one frame without waiting, within the byte bound.
+    /// Queues one frame without waiting, within the byte bound: the only
+    /// way a frame enters the queue. Its bytes are counted before it is
+    /// sent, so that several senders (world, user actor, reader) cannot
+    /// together pass the bound, and taken back if it cannot be queued.
     pub fn try_frame(&self, frame: Bytes) -> Result<(), SendError> {
         let len = frame.len();
-        let before = self.shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
-        if before + len > self.max_bytes && before > 0 {
-            self.shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+        let max = self.max_bytes;
+        let counted =
+            self.shared
+                .queued_bytes
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |before| {
+                    // An empty queue takes any one frame, so a frame larger
+                    // than the bound is not refused forever.
+                    match before.checked_add(len) {
+                        Some(after) if after <= max || before == 0 => Some(after),
+                        _ => None,
+                    }
+                });
+        if counted.is_err() {
             return Err(SendError::Full);
         }
-        match self.frames.try_send(Outbound::Frame(frame)) {
+        match self.frames.try_send(Outbound::Frame(Counted(frame))) {
             Ok(()) => Ok(()),
             Err(e) => {
-                self.shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                self.shared.unqueue(len);
                 match e {
                     mpsc::error::TrySendError::Full(_) => Err(SendError::Full),
                     mpsc::error::TrySendError::Closed(_) => Err(SendError::Closed),
@@ -250,8 +317,7 @@ impl ConnTx {
     /// whether the frame was queued.
     pub fn deliver(&self, frame: Bytes, priority: Priority, stats: &Stats) -> bool {
         if priority == Priority::Sheddable && self.congested() {
-            self.shared.shed_pending.fetch_add(1, Ordering::AcqRel);
-            self.shared.shed_total.fetch_add(1, Ordering::AcqRel);
+            self.shared.shed_one();
             Stats::bump(&stats.shed);
             return false;
         }
@@ -268,23 +334,24 @@ impl ConnTx {
     /// Queues a delivery barrier: a ping whose pong comes back to the user
     /// actor as [`crate::user::Inbound::Pong`] with this payload.
     pub fn barrier(&self, payload: Bytes) -> bool {
-        self.frames
-            .try_send(Outbound::control(Control::Ping(payload)))
-            .is_ok()
+        self.control(Control::Ping(payload))
+    }
+
+    /// Queues a control item. Controls carry no counted bytes: a ping's
+    /// payload is a few bytes the writer does not count either.
+    fn control(&self, control: Control) -> bool {
+        self.frames.try_send(Outbound::control(control)).is_ok()
     }
 
     /// Tells the client why it is being closed (a kick notice), then closes
-    /// with the reason's 4xxx code. Goes through the queue so that every
-    /// frame queued before it is delivered first; if the queue is full the
-    /// kill switch does it instead, dropping what was queued.
+    /// with the reason's 4xxx code. Goes through the queue (counted, like
+    /// every frame) so that every frame queued before it is delivered
+    /// first; if the queue is full, in frames or bytes, the kill switch
+    /// does it instead, dropping what was queued.
     pub fn kick(&self, reason: KickReason) {
         let code = close_code::for_reason(reason);
-        let notice = kick_notice(reason, "");
-        let queued = self.frames.try_send(Outbound::Frame(notice)).is_ok()
-            && self
-                .frames
-                .try_send(Outbound::control(Control::Close(code)))
-                .is_ok();
+        let queued =
+            self.try_frame(kick_notice(reason, "")).is_ok() && self.control(Control::Close(code));
         if !queued {
             self.kill(Some(reason), code);
         }
@@ -296,13 +363,13 @@ impl ConnTx {
         self.shared.fire(reason, code);
         // If the queue is full the writer is busy and checks the flag after
         // its batch; if not, this wakes it.
-        let _ = self.frames.try_send(Outbound::control(Control::Wake));
+        let _ = self.control(Control::Wake);
     }
 
     /// The reader has stopped: the writer stops as well.
     pub(crate) fn reader_gone(&self) {
         self.shared.reader_gone.store(true, Ordering::Release);
-        let _ = self.frames.try_send(Outbound::control(Control::Wake));
+        let _ = self.control(Control::Wake);
     }
 
     /// True once the connection's writer has gone.
@@ -313,7 +380,7 @@ impl ConnTx {
     /// (frames, bytes) waiting for the socket.
     pub fn backlog(&self) -> (usize, usize) {
         (
-            self.max_frames - self.frames.capacity(),
+            self.max_frames.saturating_sub(self.frames.capacity()),
             self.shared.queued_bytes.load(Ordering::Acquire),
         )
     }
@@ -355,5 +422,89 @@ mod tests {
             std::mem::size_of::<Outbound>(),
             std::mem::size_of::<Bytes>()
         );
+        assert_eq!(std::mem::size_of::<Outbound>(), 32);
+    }
+
+    fn conn(frames: usize, bytes: usize) -> (ConnTx, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(frames);
+        (ConnTx::new(ConnId(1), tx, Shared::new(), bytes), rx)
+    }
+
+    /// What the writer does with a batch: take everything queued and
+    /// report the counted bytes of its frames.
+    fn drain(conn: &ConnTx, rx: &mut mpsc::Receiver<Outbound>) {
+        let mut bytes = 0;
+        while let Ok(item) = rx.try_recv() {
+            if let Outbound::Frame(frame) = item {
+                bytes += frame.len();
+            }
+        }
+        conn.shared.drained(bytes);
+    }
+
+    fn queued(conn: &ConnTx) -> usize {
+        conn.shared.queued_bytes.load(Ordering::Acquire)
+    }
+
+    #[test]
+    fn a_kick_notice_is_counted_like_any_frame() {
+        let (conn, mut rx) = conn(8, 1024);
+        conn.try_frame(Bytes::from_static(b"hello")).unwrap();
+        conn.kick(KickReason::KickIdle);
+        assert!(queued(&conn) > 5, "the notice is counted");
+        drain(&conn, &mut rx);
+        assert_eq!(queued(&conn), 0);
+        // A frame queued after the kick (the world still fans out until the
+        // player is detached) finds an honest count, not a wrapped one.
+        conn.try_frame(Bytes::from_static(b"late")).unwrap();
+        assert_eq!(conn.backlog(), (1, 4));
+        assert!(!conn.congested());
+    }
+
+    #[test]
+    fn the_byte_bound_refuses_without_overflowing() {
+        let (conn, mut rx) = conn(8, 10);
+        // An empty queue takes one frame of any size.
+        conn.try_frame(Bytes::from(vec![0; 64])).unwrap();
+        assert_eq!(
+            conn.try_frame(Bytes::from_static(b"x")),
+            Err(SendError::Full)
+        );
+        assert_eq!(queued(&conn), 64, "a refused frame leaves no trace");
+        drain(&conn, &mut rx);
+        conn.shared
+            .queued_bytes
+            .store(usize::MAX - 1, Ordering::Release);
+        assert_eq!(
+            conn.try_frame(Bytes::from_static(b"xyz")),
+            Err(SendError::Full)
+        );
+        // Subtracting more than is counted stops at zero.
+        conn.shared.drained(usize::MAX);
+        conn.shared.drained(1);
+        assert_eq!(queued(&conn), 0);
+    }
+
+    #[test]
+    fn a_kick_that_does_not_fit_fires_the_kill_switch() {
+        let (conn, _rx) = conn(8, 16);
+        conn.try_frame(Bytes::from(vec![0; 16])).unwrap();
+        conn.kick(KickReason::KickIdle);
+        assert!(conn.shared.is_killed());
+        assert_eq!(
+            conn.shared.verdict(),
+            (Some(KickReason::KickIdle), close_code::IDLE)
+        );
+        assert_eq!(queued(&conn), 16, "the notice was not queued");
+    }
+
+    #[test]
+    fn shed_counts_saturate() {
+        let (conn, _rx) = conn(8, 1024);
+        conn.shared.shed_pending.store(u32::MAX, Ordering::Release);
+        conn.shared.shed_total.store(u64::MAX, Ordering::Release);
+        conn.shared.shed_one();
+        assert_eq!(conn.shared.shed_pending.load(Ordering::Acquire), u32::MAX);
+        assert_eq!(conn.shared.shed_total.load(Ordering::Acquire), u64::MAX);
     }
 }

@@ -164,9 +164,11 @@ where
 }
 
 /// Writes `first` and whatever else is already queued (up to [`MAX_BATCH`]
-/// frames), flushes once, then reports the drained bytes. Ok(true) when
-/// the batch ended with a close frame. Frames go from the queue straight
-/// to the sink: no batch buffer, which every connection would keep.
+/// frames), flushes once, then reports the drained bytes: exactly what
+/// `try_frame` counted for those frames, also when the socket fails midway,
+/// so the queued count never drifts. Ok(true) when the batch ended with a
+/// close frame. Frames go from the queue straight to the sink: no batch
+/// buffer, which every connection would keep.
 async fn write_batch<S>(
     sink: &mut Sink<S>,
     first: Outbound,
@@ -177,7 +179,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut closing = false;
-    let mut bytes = 0;
+    let mut bytes = 0usize;
     let mut next = Some(first);
     for _ in 0..MAX_BATCH {
         let Some(item) = next.take().or_else(|| rx.try_recv().ok()) else {
@@ -185,8 +187,8 @@ where
         };
         let msg = match item {
             Outbound::Frame(frame) => {
-                bytes += frame.len();
-                Message::Binary(frame)
+                bytes = bytes.saturating_add(frame.len());
+                Message::Binary(frame.into_bytes())
             }
             Outbound::Control(control) => match *control {
                 Control::Wake => continue,
@@ -197,12 +199,18 @@ where
                 }
             },
         };
-        sink.feed(msg).await.map_err(|_| ())?;
+        if sink.feed(msg).await.is_err() {
+            shared.unqueue(bytes);
+            return Err(());
+        }
         if closing {
             break;
         }
     }
-    sink.flush().await.map_err(|_| ())?;
+    if sink.flush().await.is_err() {
+        shared.unqueue(bytes);
+        return Err(());
+    }
     shared.drained(bytes);
     Ok(closing)
 }

@@ -92,7 +92,10 @@ impl TestServer {
         let world = server.world();
         let stats = server.stats();
         let shutdown = CancellationToken::new();
-        let join = tokio::spawn(server.run(listener, shutdown.clone()));
+        let join = tokio::spawn(futures_util::FutureExt::map(
+            server.run(listener, shutdown.clone()),
+            Result::unwrap,
+        ));
         TestServer {
             url,
             dir,

@@ -4,6 +4,7 @@
 mod channels;
 mod cli;
 mod common;
+mod counting;
 mod crash;
 mod history;
 mod login;
