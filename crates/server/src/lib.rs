@@ -33,12 +33,13 @@ pub mod user;
 pub mod world;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use config::Config;
 use net::conn::ConnCtx;
@@ -71,7 +72,22 @@ pub enum ServerError {
 pub struct Server {
     ctx: Arc<ConnCtx>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    store: Option<Store>,
 }
+
+/// The history store's threads, watched while the server runs and joined
+/// when it stops.
+struct Store {
+    died: CancellationToken,
+    threads: history::HistoryThreads,
+    /// A handle kept only so that unit tests can make the store fail.
+    #[cfg(test)]
+    handle: Option<history::HistoryHandle>,
+}
+
+/// How long a stopping server waits for the history threads to commit what
+/// is queued and end.
+const STORE_JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Server {
     /// Validates the config, loads keys (generating development keys on
@@ -80,13 +96,19 @@ impl Server {
         config.validate()?;
         let auth = auth::Authenticator::from_config(&config)?;
         let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
-        let (history, first_msg_id) = if config.history.enabled {
-            let (handle, high_water, _threads) =
+        let (history, first_msg_id, store) = if config.history.enabled {
+            let (handle, high_water, threads) =
                 history::HistoryHandle::open(&config.data_dir, config.history.clone())
                     .map_err(ServerError::History)?;
-            (Some(handle), high_water)
+            let store = Store {
+                died: handle.died(),
+                threads,
+                #[cfg(test)]
+                handle: Some(handle.clone()),
+            };
+            (Some(handle), high_water, Some(store))
         } else {
-            (None, 0)
+            (None, 0, None)
         };
         let config = Arc::new(config);
         let stats = Arc::new(Stats::default());
@@ -104,7 +126,7 @@ impl Server {
             stats,
             shutdown: CancellationToken::new(),
         });
-        Ok(Server { ctx, tls })
+        Ok(Server { ctx, tls, store })
     }
 
     /// The world actor, for in-process control (operators, tests).
@@ -134,10 +156,29 @@ impl Server {
             ctx.clone(),
             tracker.clone(),
         ));
-        shutdown.cancelled().await;
-        info!("shutting down");
+        ctx.stats.ready.store(true, Ordering::Release);
+        let died = self.store.as_ref().map(|s| s.died.clone());
+        let store_died = async {
+            match &died {
+                Some(died) => died.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        // A dead store cannot acknowledge anything any more: the server
+        // stops, and exits non-zero, so that an orchestrator restarts it.
+        let failed = tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = store_died => true,
+        };
+        ctx.stats.ready.store(false, Ordering::Release);
+        if failed {
+            error!("the history store died; shutting down");
+        } else {
+            info!("shutting down");
+        }
         // Pre-login connections watch this token; logged-in players are
-        // kicked by the world.
+        // ended by the world (each actor answers its pending chat replies
+        // first).
         ctx.shutdown.cancel();
         let _ = accept.await;
         let _ = ctx.world.shutdown().await;
@@ -149,7 +190,25 @@ impl Server {
                 "connections still open after the shutdown grace"
             );
         }
-        Ok(())
+        if let Some(store) = self.store {
+            // The world and the user actors have let go of the store, so
+            // its threads commit what is queued and end.
+            #[cfg(test)]
+            drop(store.handle);
+            let threads = store.threads;
+            let joined = tokio::task::spawn_blocking(move || threads.join());
+            if tokio::time::timeout(STORE_JOIN_TIMEOUT, joined)
+                .await
+                .is_err()
+            {
+                warn!("history threads still running at exit");
+            }
+        }
+        if failed {
+            Err(ServerError::HistoryDied)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -175,4 +234,34 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     Server::new(config)?.run(listener, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_dead_history_store_stops_the_server_with_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let mut server = Server::new(config).unwrap();
+        let stats = server.stats();
+        let store = server.store.as_mut().unwrap();
+        let died = store.died.clone();
+        store.handle.take().unwrap().crash_writer();
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(server.run(listener, shutdown.clone()));
+        died.cancelled().await;
+        let result = tokio::time::timeout(std::time::Duration::from_secs(30), run)
+            .await
+            .expect("the server stops by itself")
+            .unwrap();
+        assert!(matches!(result, Err(ServerError::HistoryDied)));
+        assert!(!stats.ready.load(Ordering::Acquire), "no longer ready");
+        assert!(!shutdown.is_cancelled(), "it stopped without being asked");
+    }
 }

@@ -3,11 +3,14 @@
 //!
 //! This module only counts; it never decides anything.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Counters shared by every task of one server.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Accepting and able to acknowledge: false before `run`, once shutdown
+    /// begins, and once the history store has died.
+    pub ready: AtomicBool,
     /// Connections accepted (websocket upgrade done).
     pub connections: AtomicU64,
     /// Successful logins (new sessions and takeovers).

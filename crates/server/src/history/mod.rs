@@ -657,7 +657,7 @@ impl HistoryHandle {
 
     /// Makes the writer thread panic once it reaches this command.
     #[cfg(test)]
-    fn crash_writer(&self) {
+    pub(crate) fn crash_writer(&self) {
         self.send(Command::Control(Control::Panic))
             .expect("writer queue has room in tests");
     }

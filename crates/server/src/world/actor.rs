@@ -402,23 +402,29 @@ impl World {
             }
         }
         entry.receipt = None;
-        // Offline whispers the client has (its cursor is past them) or that
-        // the replay carries are not sent twice, but all are acknowledged.
+        // Offline whispers, and whispers an earlier connection of the
+        // session was sent but never confirmed, join the replay: each msg_id
+        // once, none the client's cursor says it has. Every offline one is
+        // acknowledged by the barrier, sent or not; the unconfirmed ones
+        // stay tracked until this connection's receipt.
         let mut ack = Vec::with_capacity(offline.len());
+        let replayed = resume.frames.len();
+        let mut present: std::collections::HashSet<u64> =
+            resume.frames.iter().map(|(id, _)| *id).collect();
+        let seen = |id: u64| last_msg_id > 0 && id <= last_msg_id;
         let mut whispers = Vec::new();
         for m in &offline {
             ack.push(m.msg_id);
-            let seen = last_msg_id > 0 && m.msg_id <= last_msg_id;
-            let replaying = resume
-                .frames
-                .binary_search_by_key(&m.msg_id, |(id, _)| *id)
-                .is_ok();
-            if !seen && !replaying {
+            if !seen(m.msg_id) && present.insert(m.msg_id) {
                 whispers.push((m.msg_id, codec::encode(&records::notification(m))));
             }
         }
-        let replayed = resume.frames.len();
         let delivered = whispers.len();
+        for m in &entry.unconfirmed {
+            if !seen(m.msg_id) && present.insert(m.msg_id) {
+                whispers.push((m.msg_id, codec::encode(&records::notification(m))));
+            }
+        }
         resume.frames.extend(whispers);
         resume.frames.sort_unstable_by_key(|(id, _)| *id);
         // Everything after the reply is newer than its cursor.

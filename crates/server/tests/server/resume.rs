@@ -256,18 +256,25 @@ async fn a_stalled_reader_is_shed_then_cut_and_resumes_without_losing_whispers()
     const WORLD: usize = 2000;
     let server = TestServer::start_with(|c| {
         no_cooldowns(c);
-        c.limits.outbound_queue = 104;
-        c.limits.outbound_bytes = 8 * 1024;
         c.limits.socket_send_buffer = 8 * 1024;
         c.session.replay_buffer = 64;
+        // One sender streams every whisper of this test.
+        c.history.max_offline_per_sender = 1000;
+        // As small a queue as a full resume replay allows.
+        let (frames, bytes) = c.replay_bound();
+        c.limits.outbound_queue = frames + 64;
+        c.limits.outbound_bytes = bytes;
         // The client is cut for a full queue here, not for stalling: the
         // flood (a round trip per line) may take longer than the default
         // stall timeout on a loaded machine.
         c.limits.stall_timeout_ms = 120_000;
-        // Delivery only: waiting for durable acks would stretch the flood.
-        c.history.enabled = false;
     })
     .await;
+    let max_bytes = {
+        let mut c = Config::default();
+        c.session.replay_buffer = 64;
+        c.replay_bound().1
+    };
     let token = server.token(1, "stalled", 0, 0, 0);
     let mut stalled = Client::connect_with(&server.url, None, Some(4096))
         .await
@@ -300,7 +307,7 @@ async fn a_stalled_reader_is_shed_then_cut_and_resumes_without_losing_whispers()
         "world chat was shed"
     );
     assert!(
-        max_backlog <= 8 * 1024,
+        max_backlog <= max_bytes,
         "backlog {max_backlog} past its bound"
     );
     assert_eq!(server.stats.slow_consumers.load(Ordering::Relaxed), 0);
@@ -343,11 +350,13 @@ async fn a_stalled_reader_is_shed_then_cut_and_resumes_without_losing_whispers()
     assert_eq!(code, Some(close_code::SLOW_CONSUMER));
     assert_eq!(kick, Some(KickReason::KickSlowConsumer as i32));
 
-    // It resumes from the last message it saw: every whisper arrives once.
+    // It resumes from the last message it saw: every whisper arrives once,
+    // from the replay buffer, the whispers its cut connection never
+    // confirmed, and those stored while it lingered.
     let mut again = server.connect().await;
     let rep = again.login_from(&token, last_seen).await.unwrap();
     assert!(rep.resumed);
-    for _ in 0..rep.replayed {
+    while got.len() < whispers.len() {
         let n = next_chat(&mut again).await;
         if n.chattype == ChatType::ChatPrivate as i32 {
             got.push(n.msg_id);

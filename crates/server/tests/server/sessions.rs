@@ -122,8 +122,10 @@ async fn shutdown_tells_every_client_why() {
 #[tokio::test]
 async fn a_client_that_stops_reading_is_disconnected_as_slow_consumer() {
     let server = TestServer::start_with(|c| {
-        c.limits.outbound_queue = 64;
-        c.session.replay_buffer = 24;
+        // A small queue, as small as a full resume replay allows.
+        c.history.enabled = false;
+        c.session.replay_buffer = 4;
+        c.limits.outbound_queue = c.replay_bound().0 + 64;
     })
     .await;
     let mut stalled = server.login(1, "stalled", 0, 0, 0).await;
