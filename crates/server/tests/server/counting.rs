@@ -60,7 +60,8 @@ async fn an_idle_kick_during_a_chat_stream_leaves_the_server_serving() {
         tokio::time::timeout(WAIT, task)
             .await
             .expect("the world answers every announcement")
-            .unwrap();
+            .unwrap()
+            .expect("the world is alive");
     }
     let (code, kick) = expect_close(&mut silent).await;
     assert_eq!(code, Some(close_code::IDLE));
