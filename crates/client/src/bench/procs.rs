@@ -73,7 +73,10 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// The generated server config: no world cooldown (fan-out senders send
 /// many lines a second), room for every bench client, a backlog for login
-/// storms, and per-connection queues chosen by the scenario.
+/// storms, and per-connection queues chosen by the scenario. World lines
+/// may be 1000 characters, so the byte bound is raised to what the server
+/// requires for a full resume replay of lines that long (585 frames of up
+/// to 4,384 bytes).
 fn config_toml(opts: &ServerOpts) -> String {
     format!(
         "# Written by `guildchat bench`.\n\
@@ -82,6 +85,7 @@ fn config_toml(opts: &ServerOpts) -> String {
          [limits]\n\
          login_timeout_ms = 30000\n\
          outbound_queue = {}\n\
+         outbound_bytes = 4194304\n\
          stall_timeout_ms = {}\n\
          socket_send_buffer = {}\n\
          [chat.world]\n\

@@ -849,7 +849,7 @@ impl Runner {
         // A short stall timeout and the default queue, so the policy shows
         // within the scenario's seconds.
         let opts = ServerOpts {
-            outbound_queue: 512,
+            outbound_queue: 1024,
             stall_timeout_ms: 3000,
             socket_send_buffer: self.s.a.slow_sndbuf,
         };
@@ -1154,7 +1154,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 params["rate"] = json!(s.a.slow_rate);
                 params["text_len"] = json!(s.a.slow_text_len);
                 params["secs"] = json!([s.slow_secs.0, s.slow_secs.1]);
-                params["outbound_queue"] = json!(512);
+                params["outbound_queue"] = json!(1024);
                 params["stall_timeout_ms"] = json!(3000);
                 params["socket_send_buffer"] = json!(s.a.slow_sndbuf);
                 let mut res = ScenarioResult {
