@@ -371,11 +371,13 @@ impl Config {
 
     /// The queue a full resume replay needs, as (frames, bytes): the login
     /// reply, a full private ring, a full scene ring and the shared world
-    /// ring, and (with history) every offline whisper that may wait, each
-    /// counted at the largest notification a client can cause.
+    /// ring, and (with history) every offline whisper that may wait plus
+    /// the whispers a cut connection left unconfirmed (at most a private
+    /// ring's worth), each counted at the largest notification a client can
+    /// cause.
     pub fn replay_bound(&self) -> (usize, usize) {
         let offline = if self.history.enabled {
-            self.history.max_offline_whispers as usize
+            (self.history.max_offline_whispers as usize).saturating_add(self.session.replay_buffer)
         } else {
             0
         };
@@ -599,14 +601,14 @@ mod tests {
     #[test]
     fn overrides_apply() {
         let c = parse(
-            "max_online = 5\n[chat.world]\ncooldown_ms = 3000\nmax_chars = 50\n[limits]\noutbound_queue = 700",
+            "max_online = 5\n[chat.world]\ncooldown_ms = 3000\nmax_chars = 50\n[limits]\noutbound_queue = 1000",
         )
         .unwrap();
         assert_eq!(c.max_online, 5);
         assert_eq!(c.chat.world.cooldown(), Duration::from_secs(3));
         assert_eq!(c.chat.rule(ChatType::ChatWorld).unwrap().max_chars, 50);
         assert!(c.chat.rule(ChatType::ChatAll).is_none());
-        assert_eq!(c.limits.outbound_queue, 700);
+        assert_eq!(c.limits.outbound_queue, 1000);
     }
 
     #[test]
@@ -651,10 +653,11 @@ mod tests {
     fn the_defaults_fit_a_full_replay() {
         let c = Config::default();
         let (frames, bytes) = c.replay_bound();
-        // 1 + 256 + 2 x 64 + 200 offline whispers, of 200 chars at most.
-        assert_eq!(frames, 585);
+        // 1 + 256 + 2 x 64 + 200 offline whispers + 256 unconfirmed ones,
+        // of 200 chars at most.
+        assert_eq!(frames, 841);
         assert_eq!(max_notify_bytes(200), 1184);
-        assert_eq!(bytes, 585 * 1184);
+        assert_eq!(bytes, 841 * 1184);
         assert!(c.limits.outbound_queue >= frames + 64);
         assert!(c.limits.outbound_bytes >= bytes);
         // Without history there are no offline whispers to replay.
@@ -665,22 +668,22 @@ mod tests {
 
     #[test]
     fn a_replay_that_does_not_fit_the_queue_is_refused() {
-        // The old defaults: 512 frames are too few for 585 + 64.
+        // The old defaults: 512 frames are too few for 841 + 64.
         let err = parse("[limits]\noutbound_queue = 512").unwrap_err();
         assert!(err.contains("limits.outbound_queue"), "{err}");
-        assert!(err.contains("649"), "{err}");
-        // 256 KiB cannot hold 585 frames of 1184 bytes.
+        assert!(err.contains("905"), "{err}");
+        // 256 KiB cannot hold 841 frames of 1184 bytes.
         let err = parse("[limits]\noutbound_bytes = 262144").unwrap_err();
         assert!(err.contains("limits.outbound_bytes"), "{err}");
         // Longer texts need more bytes: 1000 chars are 4384-byte frames.
         let err = parse("[chat.private]\nmax_chars = 1000").unwrap_err();
         assert!(err.contains("limits.outbound_bytes"), "{err}");
-        parse("[chat.private]\nmax_chars = 1000\n[limits]\noutbound_bytes = 2564640").unwrap();
+        parse("[chat.private]\nmax_chars = 1000\n[limits]\noutbound_bytes = 3686944").unwrap();
         // A bigger replay buffer needs a bigger queue; fewer offline
         // whispers need less.
         let err = parse("[session]\nreplay_buffer = 1024").unwrap_err();
         assert!(err.contains("limits.outbound_queue"), "{err}");
-        parse("[history]\nmax_offline_whispers = 10\n[limits]\noutbound_queue = 460\noutbound_bytes = 467680")
+        parse("[history]\nmax_offline_whispers = 10\n[limits]\noutbound_queue = 715\noutbound_bytes = 770784")
             .unwrap();
     }
 }

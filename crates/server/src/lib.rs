@@ -195,11 +195,21 @@ impl Server {
             // its threads commit what is queued and end.
             #[cfg(test)]
             drop(store.handle);
+            // Joined from a thread of its own, not the runtime's blocking
+            // pool: a runtime waits for its blocking tasks when it is
+            // dropped, and a join that never ends must not hang the exit.
             let threads = store.threads;
-            let joined = tokio::task::spawn_blocking(move || threads.join());
-            if tokio::time::timeout(STORE_JOIN_TIMEOUT, joined)
-                .await
-                .is_err()
+            let (done, joined) = tokio::sync::oneshot::channel();
+            let spawned = std::thread::Builder::new()
+                .name("history-join".into())
+                .spawn(move || {
+                    threads.join();
+                    let _ = done.send(());
+                });
+            if spawned.is_err()
+                || tokio::time::timeout(STORE_JOIN_TIMEOUT, joined)
+                    .await
+                    .is_err()
             {
                 warn!("history threads still running at exit");
             }

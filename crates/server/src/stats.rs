@@ -48,6 +48,11 @@ pub struct Stats {
     /// Whispers moved to the offline inbox because their session ended
     /// before the client confirmed reading them.
     pub offline_spilled: AtomicU64,
+    /// Spilled whispers the world had to drop because the store could not
+    /// take them for a long time.
+    pub offline_spill_lost: AtomicU64,
+    /// Receipt pings answered: whispers on a live connection confirmed.
+    pub receipts: AtomicU64,
     /// Frames from clients that could not be handled.
     pub bad_frames: AtomicU64,
 }

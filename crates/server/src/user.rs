@@ -437,15 +437,9 @@ impl UserActor {
         let slot = m.chattype.clamp(0, CHANNELS as i32 - 1) as usize;
         if nonce != 0 {
             self.load_sends().await;
-            // A send that failed was not stored: its retry is a new send.
-            if let Some(sends) = &mut self.sends {
-                if sends
-                    .get(nonce)
-                    .is_some_and(|s| s.outcome.peek().is_some_and(|r| *r != ResCode::ResOk))
-                {
-                    sends.forget(nonce);
-                }
-            }
+            // Whatever the first send's outcome, a retry gets the same: a
+            // line that was fanned out is never fanned out again, even if
+            // storing it failed. A client tries again with a new id.
             if let Some(sent) = self.sends.as_ref().and_then(|s| s.get(nonce)) {
                 Stats::bump(&self.stats.chat_retries);
                 let remaining = self.cooldown_left(slot);
@@ -671,12 +665,6 @@ struct RecentSends {
 impl RecentSends {
     fn get(&self, nonce: u64) -> Option<&Sent> {
         self.by_nonce.get(&nonce)
-    }
-
-    fn forget(&mut self, nonce: u64) {
-        if self.by_nonce.remove(&nonce).is_some() {
-            self.order.retain(|n| *n != nonce);
-        }
     }
 
     fn insert(&mut self, nonce: u64, msg_id: u64, offline: bool, outcome: SharedOutcome) {

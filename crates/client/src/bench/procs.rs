@@ -75,7 +75,7 @@ fn free_port() -> anyhow::Result<u16> {
 /// many lines a second), room for every bench client, a backlog for login
 /// storms, and per-connection queues chosen by the scenario. World lines
 /// may be 1000 characters, so the byte bound is raised to what the server
-/// requires for a full resume replay of lines that long (585 frames of up
+/// requires for a full resume replay of lines that long (841 frames of up
 /// to 4,384 bytes).
 fn config_toml(opts: &ServerOpts) -> String {
     format!(

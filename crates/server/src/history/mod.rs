@@ -185,6 +185,8 @@ pub struct HistoryStats {
     /// Logins not recorded in `players`: the writer's queue was full or
     /// their batch failed.
     pub players_dropped: u64,
+    /// Spilled whispers lost with a batch that failed to commit.
+    pub spill_failed: u64,
 }
 
 /// The live counters behind [`HistoryStats`].
@@ -199,6 +201,7 @@ struct Counters {
     offline_expired: AtomicU64,
     offline_reads: AtomicU64,
     players_dropped: AtomicU64,
+    spill_failed: AtomicU64,
 }
 
 /// What the handles and the threads share. Holds no channel end, so the
@@ -500,6 +503,28 @@ impl HistoryHandle {
         }
     }
 
+    /// Moves whispers whose senders were answered long ago into their
+    /// recipients' inboxes (see `WriteOp::Spill`): one queue slot for the
+    /// lot, no cap refuses them. Never waits; a full queue is
+    /// `Err(Unavailable)` at once and the caller keeps them.
+    pub fn spill_offline(&self, whispers: Vec<(u64, StoredMsg)>) -> Result<(), HistoryError> {
+        if whispers.is_empty() {
+            return Ok(());
+        }
+        for (to_user, msg) in &whispers {
+            self.shared.high_seen.fetch_max(msg.msg_id, Relaxed);
+            self.shared.inboxes.add(*to_user);
+        }
+        let users: Vec<u64> = whispers.iter().map(|(to, _)| *to).collect();
+        let result = self.send_write(WriteOp::Spill { whispers }, None);
+        if result.is_err() {
+            for user in users {
+                self.shared.inboxes.forget(user, 1);
+            }
+        }
+        result
+    }
+
     /// Whether `user` may have offline whispers waiting; `false` is certain.
     /// In memory, no I/O.
     pub fn may_have_offline(&self, user: u64) -> bool {
@@ -541,16 +566,6 @@ impl HistoryHandle {
             return Ok(());
         }
         self.write(WriteOp::AckOffline { user, ids }).await
-    }
-
-    /// Deletes every waiting whisper of `user` with msg_id <= `up_to`.
-    ///
-    /// The acknowledgement the user actor still sends until it acks exact
-    /// ids: it also deletes a whisper with a lower id that was stored after
-    /// the delivery it acknowledges, which then is never delivered. Prefer
-    /// [`ack_offline`](Self::ack_offline).
-    pub async fn ack_offline_through(&self, user: u64, up_to: u64) -> Result<(), HistoryError> {
-        self.write(WriteOp::AckOfflineThrough { user, up_to }).await
     }
 
     /// Records that `user` logged in now under `name`, for
@@ -640,6 +655,7 @@ impl HistoryHandle {
             offline_expired: c.offline_expired.load(Relaxed),
             offline_reads: c.offline_reads.load(Relaxed),
             players_dropped: c.players_dropped.load(Relaxed),
+            spill_failed: c.spill_failed.load(Relaxed),
         }
     }
 

@@ -230,11 +230,12 @@ pub(super) enum WriteOp {
         user: u64,
         ids: Vec<u64>,
     },
-    /// Deletes every whisper of `user` up to `up_to`: the old ack, kept only
-    /// until the user actor acknowledges exact ids.
-    AckOfflineThrough {
-        user: u64,
-        up_to: u64,
+    /// Whispers already acknowledged to their senders, moved to their
+    /// recipients' inboxes because a session ended before its client
+    /// confirmed them: no cap refuses them, and one already waiting is
+    /// left as it is.
+    Spill {
+        whispers: Vec<(u64, StoredMsg)>,
     },
     RecordLogin {
         user: u64,
@@ -490,9 +491,13 @@ impl Db {
                     }
                     Ok(deleted)
                 }
-                WriteOp::AckOfflineThrough { user, up_to } => Ok(tx
-                    .prepare_cached("DELETE FROM offline WHERE to_user = ?1 AND msg_id <= ?2")?
-                    .execute([sql(*user), sql_bound(*up_to)])?),
+                WriteOp::Spill { whispers } => {
+                    let mut stored = 0;
+                    for (to_user, msg) in whispers {
+                        stored += insert_offline(&tx, *to_user, msg)?;
+                    }
+                    Ok(stored)
+                }
                 WriteOp::RecordLogin {
                     user,
                     name,
@@ -766,32 +771,34 @@ fn store_offline(
     Ok(Ok(1))
 }
 
-fn insert_offline(conn: &Connection, to_user: u64, m: &StoredMsg) -> rusqlite::Result<()> {
+/// Returns how many rows it added (0: that whisper was already waiting).
+fn insert_offline(conn: &Connection, to_user: u64, m: &StoredMsg) -> rusqlite::Result<usize> {
     let (kind, id, id2) = conv_key(&m.conversation);
-    conn.prepare_cached(concat!(
-        "INSERT OR IGNORE INTO offline (to_user, ",
-        msg_columns!(),
-        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
-    ))?
-    .execute(params![
-        sql(to_user),
-        kind,
-        id,
-        id2,
-        sql(m.msg_id),
-        m.chattype,
-        sql(m.sender_id),
-        m.sender_name,
-        m.text,
-        sql(m.time_ms),
-        sql(m.guild_id),
-        sql(m.team_id),
-        sql(m.scene_id),
-        sql(m.target_id),
-        m.target_name,
-        sql(m.nonce),
-    ])?;
-    Ok(())
+    let added = conn
+        .prepare_cached(concat!(
+            "INSERT OR IGNORE INTO offline (to_user, ",
+            msg_columns!(),
+            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+        ))?
+        .execute(params![
+            sql(to_user),
+            kind,
+            id,
+            id2,
+            sql(m.msg_id),
+            m.chattype,
+            sql(m.sender_id),
+            m.sender_name,
+            m.text,
+            sql(m.time_ms),
+            sql(m.guild_id),
+            sql(m.team_id),
+            sql(m.scene_id),
+            sql(m.target_id),
+            m.target_name,
+            sql(m.nonce),
+        ])?;
+    Ok(added)
 }
 
 #[cfg(test)]

@@ -269,10 +269,16 @@ impl Writer {
                             // added no row, so take back its count.
                             _ => shared.inboxes.forget(*to_user, 1),
                         },
-                        WriteOp::AckOffline { user, .. }
-                        | WriteOp::AckOfflineThrough { user, .. } => {
+                        WriteOp::AckOffline { user, .. } => {
                             if let Ok(deleted) = outcome {
                                 shared.inboxes.forget(*user, deleted);
+                            }
+                        }
+                        // A whisper already waiting keeps its count high:
+                        // a needless read at login, never a missed one.
+                        WriteOp::Spill { .. } => {
+                            if let Ok(stored) = outcome {
+                                counters.offline_stored.fetch_add(stored as u64, Relaxed);
                             }
                         }
                         WriteOp::RecordLogin { .. } => {}
@@ -300,6 +306,15 @@ impl Writer {
                         }
                         WriteOp::RecordLogin { .. } => {
                             counters.players_dropped.fetch_add(1, Relaxed);
+                        }
+                        WriteOp::Spill { whispers } => {
+                            counters
+                                .spill_failed
+                                .fetch_add(whispers.len() as u64, Relaxed);
+                            warn!(
+                                whispers = whispers.len(),
+                                "unconfirmed whispers could not be kept for their players"
+                            );
                         }
                         _ => {}
                     }

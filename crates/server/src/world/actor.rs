@@ -10,7 +10,7 @@ use bytes::Bytes;
 use guildchat_protocol::{codec, mask_bit, pb, ChatType, KickReason, MsgId as WireMsg, ResCode};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::fanout::{Audience, Fanout};
 use super::registry::{Entry, PendingLogin, Registry};
@@ -43,7 +43,16 @@ pub(super) struct World {
     /// [`Config::replay_max_age`]: which ids are too old to replay.
     id_marks: VecDeque<(Instant, u64)>,
     shutting_down: bool,
+    /// Unconfirmed whispers of ended sessions on their way to the offline
+    /// inbox, kept here while the store's queue is full and retried on
+    /// every tick (at most [`MAX_SPILLS`]).
+    spills: Vec<(u64, StoredMsg)>,
 }
+
+/// Most spilled whispers the world holds while the store cannot take them;
+/// past it the oldest are lost (logged and counted), since the store is
+/// then failing anyway.
+const MAX_SPILLS: usize = 100_000;
 
 /// Wall-clock Unix milliseconds (message timestamps).
 pub fn now_ms() -> u64 {
@@ -76,6 +85,7 @@ impl World {
             last_msg_id: first_msg_id.max(now_ms() << 10),
             id_marks: VecDeque::new(),
             shutting_down: false,
+            spills: Vec::new(),
         }
     }
 
@@ -210,7 +220,7 @@ impl World {
                 info!(players = entries.len(), "ending every session for shutdown");
                 for (user, mut entry) in entries {
                     if let Some(pending) = &entry.pending {
-                        pending.conn.kick(KickReason::KickShutdown);
+                        abandon(user, &entry, pending, KickReason::KickShutdown);
                     }
                     // The actor answers its pending chat replies first, then
                     // kicks its connection; if it cannot be told, the world
@@ -221,6 +231,13 @@ impl World {
                         }
                     }
                     self.spill(user, &mut entry);
+                }
+                self.flush_spills();
+                if !self.spills.is_empty() {
+                    error!(
+                        whispers = self.spills.len(),
+                        "unconfirmed whispers could not be kept at shutdown"
+                    );
                 }
                 // The world's store handle goes now: once the user actors
                 // have answered their replies and ended, nothing holds the
@@ -325,15 +342,9 @@ impl World {
                     // world does not wait: the answer comes back as Ready.
                     let read = history.pending_offline(user.0);
                     let world = self.me.clone();
+                    let history = history.clone();
                     tokio::spawn(async move {
-                        let offline = match read.await {
-                            Ok(Ok(offline)) => offline,
-                            Ok(Err(e)) => {
-                                warn!(%user, error = %e, "cannot read offline whispers; they stay stored");
-                                Vec::new()
-                            }
-                            Err(_) => Vec::new(),
-                        };
+                        let offline = read_offline(&history, user, read).await;
                         if let Some(world) = world.upgrade() {
                             let _ = world
                                 .tell(WorldMsg::Ready {
@@ -403,19 +414,21 @@ impl World {
         }
         entry.receipt = None;
         // Offline whispers, and whispers an earlier connection of the
-        // session was sent but never confirmed, join the replay: each msg_id
-        // once, none the client's cursor says it has. Every offline one is
-        // acknowledged by the barrier, sent or not; the unconfirmed ones
-        // stay tracked until this connection's receipt.
+        // session was sent but never confirmed (none the client's cursor
+        // says it has), join the replay, each msg_id once. The offline ones
+        // are deleted after this connection's barrier; the unconfirmed ones
+        // stay tracked until its receipt.
         let mut ack = Vec::with_capacity(offline.len());
         let replayed = resume.frames.len();
         let mut present: std::collections::HashSet<u64> =
             resume.frames.iter().map(|(id, _)| *id).collect();
         let seen = |id: u64| last_msg_id > 0 && id <= last_msg_id;
         let mut whispers = Vec::new();
+        // Every offline whisper is sent (once), whatever the cursor says: it
+        // is deleted only once this connection has carried it.
         for m in &offline {
             ack.push(m.msg_id);
-            if !seen(m.msg_id) && present.insert(m.msg_id) {
+            if present.insert(m.msg_id) {
                 whispers.push((m.msg_id, codec::encode(&records::notification(m))));
             }
         }
@@ -500,6 +513,7 @@ impl World {
         while entry.unconfirmed.front().is_some_and(|m| m.msg_id <= upto) {
             entry.unconfirmed.pop_front();
         }
+        Stats::bump(&self.stats.receipts);
     }
 
     /// Removes a session now; with `kick`, its connections are told why.
@@ -514,10 +528,11 @@ impl World {
                 conn.kick(reason);
             }
             if let Some(pending) = &entry.pending {
-                pending.conn.kick(reason);
+                abandon(user, &entry, pending, reason);
             }
         }
         self.spill(user, &mut entry);
+        self.flush_spills();
         self.publish_gauges();
         true
     }
@@ -526,13 +541,37 @@ impl World {
     /// same msg_ids, so a client that did read them de-duplicates). Nobody
     /// waits: their senders were answered when they were committed to
     /// history.
-    fn spill(&self, user: UserId, entry: &mut Entry) {
+    fn spill(&mut self, user: UserId, entry: &mut Entry) {
+        if self.history.is_none() {
+            return;
+        }
+        for m in entry.unconfirmed.drain(..) {
+            self.spills.push((user.0, m));
+            Stats::bump(&self.stats.offline_spilled);
+        }
+    }
+
+    /// Hands the spilled whispers to the store in one write; a full queue
+    /// keeps them for the next tick.
+    fn flush_spills(&mut self) {
         let Some(history) = &self.history else {
             return;
         };
-        for m in entry.unconfirmed.drain(..) {
-            drop(history.store_offline(user.0, m));
-            Stats::bump(&self.stats.offline_spilled);
+        if self.spills.is_empty() {
+            return;
+        }
+        let whispers = std::mem::take(&mut self.spills);
+        if history.spill_offline(whispers.clone()).is_err() {
+            self.spills = whispers;
+            if self.spills.len() > MAX_SPILLS {
+                let lost = self.spills.len() - MAX_SPILLS;
+                self.spills.drain(..lost);
+                Stats::add(&self.stats.offline_spill_lost, lost as u64);
+                error!(
+                    lost,
+                    "the store cannot take unconfirmed whispers; the oldest are lost"
+                );
+            }
         }
     }
 
@@ -689,9 +728,10 @@ impl World {
         };
         entry.unconfirmed.push_back(whisper);
         if entry.unconfirmed.len() > cap {
-            if let (Some(oldest), Some(history)) = (entry.unconfirmed.pop_front(), &self.history) {
-                drop(history.store_offline(to.0, oldest));
+            if let Some(oldest) = entry.unconfirmed.pop_front() {
+                self.spills.push((to.0, oldest));
                 Stats::bump(&self.stats.offline_spilled);
+                self.flush_spills();
             }
         }
     }
@@ -764,6 +804,7 @@ impl World {
         for (user, conn) in stale {
             self.detached(user, conn);
         }
+        self.flush_spills();
         self.publish_gauges();
     }
 
@@ -791,6 +832,49 @@ impl World {
             std::sync::atomic::Ordering::Relaxed,
         );
     }
+}
+
+/// Reads a login's offline whispers, retrying a failed read a few times.
+/// If the store still cannot answer, the login goes on without them: they
+/// stay stored (only what a connection carried is ever deleted) and come
+/// with a later login.
+async fn read_offline(
+    history: &HistoryHandle,
+    user: UserId,
+    mut read: tokio::sync::oneshot::Receiver<Result<Vec<StoredMsg>, crate::history::HistoryError>>,
+) -> Vec<StoredMsg> {
+    for delay_ms in [50, 200, 800] {
+        match read.await {
+            Ok(Ok(offline)) => return offline,
+            Ok(Err(e)) => debug!(%user, error = %e, "offline whisper read failed; retrying"),
+            Err(_) => debug!(%user, "offline whisper read dropped; retrying"),
+        }
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        read = history.pending_offline(user.0);
+    }
+    match read.await {
+        Ok(Ok(offline)) => offline,
+        _ => {
+            warn!(%user, "cannot read offline whispers; they stay stored for a later login");
+            Vec::new()
+        }
+    }
+}
+
+/// A pending login that will never become visible (kick, shutdown): it
+/// still gets its login reply first, then the kick.
+fn abandon(user: UserId, entry: &Entry, pending: &PendingLogin, reason: KickReason) {
+    let reply = login_reply(
+        pending.seq,
+        user,
+        entry,
+        pending.resumed,
+        pending.since,
+        0,
+        &Resume::default(),
+    );
+    let _ = pending.conn.try_frame(reply);
+    pending.conn.kick(reason);
 }
 
 /// Pong payload prefix of a receipt ping: the client read every whisper up

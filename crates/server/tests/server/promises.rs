@@ -197,10 +197,82 @@ async fn whispers_from_two_senders_to_an_offline_player_arrive_once_each() {
 }
 
 #[tokio::test]
-async fn a_whisper_to_a_lingering_player_survives_the_linger_running_out() {
+async fn a_login_between_routing_and_commit_gets_every_whisper() {
+    let server = TestServer::start_with(|c| {
+        no_cooldowns(c);
+        c.session.linger_ms = 0;
+        // Stores wait a second before they commit: the login below falls
+        // between the world routing the whispers and the store committing
+        // them.
+        c.history.flush_interval_ms = 1000;
+    })
+    .await;
+    known(&server, 9, "nine").await;
+    until_online(&server, 0).await;
+    let mut s1 = server.login(1, "s1", 0, 0, 0).await;
+    let mut s2 = server.login(2, "s2", 0, 0, 0).await;
+    // A line's OK means its commit is done, and with it every write queued
+    // before it: nine's login record is in the store now.
+    ok(&sent(&mut s1, ChatType::ChatWorld, "hello", 0).await);
+    let _ = next_chat(&mut s2).await;
+    let mut nine = server.connect().await;
+    s1.send_chat(ChatType::ChatPrivate, "from s1", 9, "")
+        .await
+        .unwrap();
+    s2.send_chat(ChatType::ChatPrivate, "from s2", 9, "")
+        .await
+        .unwrap();
+    // Each echo is fanned out as the world routes the whisper, which is
+    // when it queues the store.
+    let first = next_chat(&mut s1).await.msg_id;
+    let second = next_chat(&mut s2).await.msg_id;
+    nine.send_login_from(&server.token(9, "nine", 0, 0, 0), 0, "", 0)
+        .await
+        .unwrap();
+    let got = read_in_order(&mut nine, 2).await;
+    let mut want = vec![first, second];
+    want.sort_unstable();
+    assert_eq!(got, want);
+    for c in [&mut s1, &mut s2] {
+        let rep = next_chat_rep(c).await;
+        assert_eq!((rep.res, rep.offline), (ResCode::ResOk as i32, true));
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn spilled_whispers_pass_the_offline_caps() {
     let server = TestServer::start_with(|c| {
         no_cooldowns(c);
         c.session.linger_ms = 200;
+        c.history.max_offline_per_sender = 1;
+    })
+    .await;
+    known(&server, 8, "eight").await;
+    until_online(&server, 0).await;
+    let a = server.login(1, "alice", 0, 0, 0).await;
+    let mut b = server.login(2, "bob", 0, 0, 0).await;
+    // Bob's one offline whisper uses up his quota...
+    let rep = sent(&mut b, ChatType::ChatPrivate, "to eight", 8).await;
+    assert!(rep.offline);
+    ok(&rep);
+    // ...so a new offline one is refused...
+    let refused = sent(&mut b, ChatType::ChatPrivate, "again", 8).await;
+    assert_eq!(refused.res, ResCode::ResSenderLimit as i32);
+    // ...but a whisper Alice never confirmed is kept when her session ends.
+    let id = ok(&sent(&mut b, ChatType::ChatPrivate, "live", 1).await);
+    drop(a);
+    until_online(&server, 1).await;
+    let mut a = server.login(1, "alice", 0, 0, 0).await;
+    assert_eq!(next_chat(&mut a).await.msg_id, id);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_whisper_to_a_lingering_player_survives_the_linger_running_out() {
+    let server = TestServer::start_with(|c| {
+        no_cooldowns(c);
+        c.session.linger_ms = 1000;
     })
     .await;
     let a = server.login(1, "alice", 0, 0, 0).await;
@@ -208,6 +280,11 @@ async fn a_whisper_to_a_lingering_player_survives_the_linger_running_out() {
     a.close().await;
     until_lingering(&server, 1).await;
     let rep = sent(&mut b, ChatType::ChatPrivate, "while you were away", 1).await;
+    assert_eq!(
+        server.stats.linger_expired.load(Ordering::Relaxed),
+        0,
+        "sent while she lingered"
+    );
     let id = ok(&rep);
     assert!(rep.offline, "no live connection: stored");
     until_online(&server, 1).await;
@@ -262,10 +339,14 @@ async fn a_whisper_the_client_confirmed_is_not_delivered_again() {
     assert_eq!(next_chat(&mut a).await.strcontext, "read me");
     // Reading answers the receipt ping (the world's next tick sends it);
     // heartbeats keep the client reading until the world has the pong.
-    for _ in 0..40 {
+    for _ in 0..500 {
+        if server.stats.receipts.load(Ordering::Relaxed) > 0 {
+            break;
+        }
         a.heartbeat().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(server.stats.receipts.load(Ordering::Relaxed), 1);
     a.close().await;
     until_online(&server, 1).await;
     assert_eq!(server.stats.offline_spilled.load(Ordering::Relaxed), 0);
@@ -360,8 +441,15 @@ async fn offline_whispers_come_after_the_reply_and_before_live_traffic() {
     known(&server, 9, "nine").await;
     until_online(&server, 0).await;
     let mut s = server.login(1, "s", 0, 0, 0).await;
+    let mut stored = Vec::new();
     for i in 0..STORED {
-        ok(&sent(&mut s, ChatType::ChatPrivate, &format!("stored {i}"), 9).await);
+        stored.push(ok(&sent(
+            &mut s,
+            ChatType::ChatPrivate,
+            &format!("stored {i}"),
+            9,
+        )
+        .await));
     }
     // A stream of whispers and world lines while the player logs in.
     let streaming = tokio::spawn(async move {
@@ -380,8 +468,8 @@ async fn offline_whispers_come_after_the_reply_and_before_live_traffic() {
     nine.send_login_from(&server.token(9, "nine", 0, 0, 0), 0, "", 0)
         .await
         .unwrap();
-    let ids = read_in_order(&mut nine, STORED).await;
-    assert_eq!(ids.len(), STORED);
+    let ids = read_in_order(&mut nine, STORED + 10).await;
+    assert_eq!(ids[..STORED], stored[..], "the stored whispers come first");
     let _s = streaming.await.unwrap();
     server.stop().await;
 }
@@ -391,8 +479,13 @@ async fn every_connection_gets_the_login_reply_first_under_traffic() {
     let server = TestServer::start_with(no_cooldowns).await;
     let mut s = server.login(1, "s", 0, 0, 0).await;
     let mut a = server.login(2, "a", 0, 0, 0).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
     let streaming = tokio::spawn(async move {
-        for i in 0..300 {
+        for i in 0..20_000 {
+            if stopped.load(Ordering::Relaxed) {
+                break;
+            }
             ok(&sent(&mut s, ChatType::ChatWorld, &format!("w{i}"), 0).await);
         }
     });
@@ -406,6 +499,7 @@ async fn every_connection_gets_the_login_reply_first_under_traffic() {
             .unwrap();
         read_in_order(&mut c, 3).await;
     }
+    stop.store(true, Ordering::Relaxed);
     streaming.await.unwrap();
     server.stop().await;
 }
@@ -442,6 +536,7 @@ async fn a_cursor_older_than_the_session_reports_a_gap() {
         rep.replay_gap,
         "what came before the session is not replayable"
     );
+    assert_eq!(rep.missed, 0, "this session itself lost nothing");
     assert_eq!(next_chat(&mut dev_a).await.strcontext, "new");
     server.stop().await;
 }
@@ -450,29 +545,50 @@ async fn a_cursor_older_than_the_session_reports_a_gap() {
 async fn a_pending_reply_never_reaches_the_next_device() {
     let server = TestServer::start_with(|c| {
         no_cooldowns(c);
-        // Commits wait a while, so the reply is still pending at takeover.
-        c.history.flush_interval_ms = 400;
+        // Commits wait a second for company, so the reply is still pending
+        // at the takeover (checked below: device A never gets it).
+        c.history.flush_interval_ms = 1000;
     })
     .await;
     let mut a = server.login(1, "alice", 10, 0, 0).await;
+    // Device B's socket is ready before A sends, so the takeover is quick.
+    let mut b = server.connect().await;
+    // A's requests are numbered apart from B's.
+    for _ in 0..5 {
+        a.heartbeat().await.unwrap();
+    }
     let seq = a
         .send_chat(ChatType::ChatGuild, "slow", 0, "")
         .await
         .unwrap();
     assert_eq!(next_chat(&mut a).await.strcontext, "slow");
-    let mut b = server.connect().await;
     b.login(&server.token(1, "alice", 10, 0, 0)).await.unwrap();
+    loop {
+        match a.recv_timeout(WAIT).await.unwrap() {
+            Event::Msg(ServerMsg::ChatRep(r)) => {
+                panic!(
+                    "the reply (seq {:?}) was not pending at the takeover",
+                    r.msghead
+                )
+            }
+            Event::Msg(_) => {}
+            Event::Closed(_) => break,
+        }
+    }
     // Chat replies keep request order, so B's own reply comes only after
-    // A's pending one has settled: it is the first reply B sees.
+    // A's pending one has settled: the first reply B sees must be its own.
     let mine = b
         .send_chat(ChatType::ChatGuild, "mine", 0, "")
         .await
         .unwrap();
+    assert_ne!(mine, seq);
+    let echo = next_chat(&mut b).await;
+    assert_eq!(echo.strcontext, "mine");
     let rep = next_chat_rep(&mut b).await;
     assert_eq!(
-        rep.msghead.unwrap().seq,
-        mine,
-        "device B got device A's reply (A sent seq {seq})"
+        (rep.msghead.unwrap().seq, rep.msg_id),
+        (mine, echo.msg_id),
+        "device B got device A's reply"
     );
     server.stop().await;
 }
@@ -593,7 +709,7 @@ async fn the_world_ring_replays_by_the_mask_a_line_was_sent_under() {
 async fn a_retry_after_a_lost_reply_is_delivered_once() {
     let server = TestServer::start_with(|c| {
         no_cooldowns(c);
-        c.history.flush_interval_ms = 300;
+        c.history.flush_interval_ms = 1000;
     })
     .await;
     let mut listener = server.login(2, "bob", 10, 0, 0).await;
@@ -631,7 +747,7 @@ async fn a_retry_after_a_lost_reply_is_delivered_once() {
 async fn shutdown_answers_pending_chat_replies_before_closing() {
     let server = TestServer::start_with(|c| {
         no_cooldowns(c);
-        c.history.flush_interval_ms = 300;
+        c.history.flush_interval_ms = 1000;
     })
     .await;
     let mut a = server.login(1, "alice", 10, 0, 0).await;

@@ -181,8 +181,9 @@ async fn takeovers_under_a_continuous_stream_deliver_exactly_once() {
     let server = TestServer::start_with(|c| {
         no_cooldowns(c);
         c.session.replay_buffer = 2048;
-        c.limits.outbound_queue = 4096;
-        c.limits.outbound_bytes = 8 * 1024 * 1024;
+        let (frames, bytes) = c.replay_bound();
+        c.limits.outbound_queue = frames + 64;
+        c.limits.outbound_bytes = bytes;
     })
     .await;
     let token = server.token(1, "u", 10, 0, 0);
