@@ -281,9 +281,7 @@ impl World {
                 old.kick(KickReason::KickLoggedInElsewhere);
             }
             if let Some(old) = entry.pending.take() {
-                let reply = login_reply(old.seq, user, entry, true, since, 0, &Resume::default());
-                let _ = old.conn.try_frame(reply);
-                old.conn.kick(KickReason::KickLoggedInElsewhere);
+                abandon(user, entry, &old, KickReason::KickLoggedInElsewhere);
             }
             entry.lingering = None;
             Stats::bump(&self.stats.takeovers);

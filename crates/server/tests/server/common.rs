@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use guildchat_auth::{Claims, KeyRing, Signer, TokenFormat};
 use guildchat_client::{Client, Event};
 use guildchat_protocol::{pb, ChatType, ResCode, ServerMsg};
+use guildchat_server::ids::UserId;
 use guildchat_server::stats::Stats;
 use guildchat_server::world::WorldHandle;
 use guildchat_server::{Config, Server};
@@ -204,4 +205,28 @@ pub async fn expect_close(c: &mut Client) -> (Option<u16>, Option<i32>) {
             Err(e) => panic!("expected a close, got {e}"),
         }
     }
+}
+
+/// No cooldown on any channel, for tests that send many lines.
+pub fn no_cooldowns(c: &mut Config) {
+    for rule in [
+        &mut c.chat.private,
+        &mut c.chat.guild,
+        &mut c.chat.world,
+        &mut c.chat.scene,
+        &mut c.chat.team,
+    ] {
+        rule.cooldown_ms = 0;
+    }
+}
+
+/// Waits until the world sees the player without a connection (lingering).
+pub async fn until_lingering(server: &TestServer, user: u64) {
+    for _ in 0..500 {
+        if server.world.backlog(UserId(user)).await.unwrap().is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("player {user} never started lingering");
 }

@@ -15,18 +15,6 @@ use guildchat_server::Config;
 use crate::common::*;
 use crate::history::page;
 
-fn no_cooldowns(c: &mut Config) {
-    for rule in [
-        &mut c.chat.private,
-        &mut c.chat.guild,
-        &mut c.chat.world,
-        &mut c.chat.scene,
-        &mut c.chat.team,
-    ] {
-        rule.cooldown_ms = 0;
-    }
-}
-
 /// Polls the world until `done` holds (bounded: five seconds).
 async fn until(server: &TestServer, what: &str, mut done: impl FnMut(&TestServer) -> bool) {
     for _ in 0..1000 {
@@ -53,17 +41,6 @@ async fn until_online(server: &TestServer, n: u32) {
     panic!("online never reached {n}");
 }
 
-/// Waits until the player has no visible connection (lingering).
-async fn until_lingering(server: &TestServer, user: u64) {
-    for _ in 0..1000 {
-        if server.world.backlog(UserId(user)).await.unwrap().is_none() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("player {user} never started lingering");
-}
-
 async fn sent(c: &mut Client, channel: ChatType, text: &str, to: u64) -> pb_rep::Rep {
     c.send_chat(channel, text, to, "").await.unwrap();
     next_chat_rep(c).await
@@ -76,6 +53,14 @@ mod pb_rep {
 fn ok(rep: &pb_rep::Rep) -> u64 {
     assert_eq!(rep.res, ResCode::ResOk as i32, "{rep:?}");
     rep.msg_id
+}
+
+/// No cooldowns, and commits that wait a second for company (the most the
+/// config allows): a chat reply stays pending long enough for a test to
+/// act while it waits.
+fn slow_commits(c: &mut Config) {
+    no_cooldowns(c);
+    c.history.flush_interval_ms = 1000;
 }
 
 /// Logs a player in once and out again, so the store knows them.
@@ -707,11 +692,7 @@ async fn the_world_ring_replays_by_the_mask_a_line_was_sent_under() {
 
 #[tokio::test]
 async fn a_retry_after_a_lost_reply_is_delivered_once() {
-    let server = TestServer::start_with(|c| {
-        no_cooldowns(c);
-        c.history.flush_interval_ms = 1000;
-    })
-    .await;
+    let server = TestServer::start_with(slow_commits).await;
     let mut listener = server.login(2, "bob", 10, 0, 0).await;
     let mut a = server.login(1, "alice", 10, 0, 0).await;
     a.send_chat_with_id(ChatType::ChatGuild, "once", 0, "", 0xfeed)
@@ -745,11 +726,7 @@ async fn a_retry_after_a_lost_reply_is_delivered_once() {
 
 #[tokio::test]
 async fn shutdown_answers_pending_chat_replies_before_closing() {
-    let server = TestServer::start_with(|c| {
-        no_cooldowns(c);
-        c.history.flush_interval_ms = 1000;
-    })
-    .await;
+    let server = TestServer::start_with(slow_commits).await;
     let mut a = server.login(1, "alice", 10, 0, 0).await;
     let seq = a
         .send_chat(ChatType::ChatGuild, "last words", 0, "")

@@ -12,29 +12,6 @@ use guildchat_server::Config;
 
 use crate::common::*;
 
-fn no_cooldowns(c: &mut Config) {
-    for rule in [
-        &mut c.chat.private,
-        &mut c.chat.guild,
-        &mut c.chat.world,
-        &mut c.chat.scene,
-        &mut c.chat.team,
-    ] {
-        rule.cooldown_ms = 0;
-    }
-}
-
-/// Waits until the world sees the player without a connection (lingering).
-async fn until_lingering(server: &TestServer, user: u64) {
-    for _ in 0..500 {
-        if server.world.backlog(UserId(user)).await.unwrap().is_none() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("player {user} never started lingering");
-}
-
 /// Sends a chat line and returns the msg_id the server acknowledged.
 async fn sent(c: &mut Client, channel: ChatType, text: &str, to: u64) -> u64 {
     c.send_chat(channel, text, to, "").await.unwrap();
