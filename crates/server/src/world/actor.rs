@@ -504,7 +504,9 @@ impl World {
         let Some(entry) = self.registry.get_mut(user) else {
             return;
         };
-        if entry.conn.as_ref().map(|c| c.id()) != Some(conn) || entry.receipt != Some(upto) {
+        if entry.conn.as_ref().map(|c| c.id()) != Some(conn)
+            || entry.receipt.map(|(id, _)| id) != Some(upto)
+        {
             return;
         }
         entry.receipt = None;
@@ -884,17 +886,28 @@ pub(crate) const OFFLINE_ACK: &str = "offline-ack:";
 
 /// Asks the client to confirm the whispers queued to it so far: a ping
 /// after them, whose pong proves they were read. One at a time per
-/// connection; a full queue just tries again at the next tick.
+/// connection, asked again if unanswered for [`RECEIPT_RETRY`]; a full
+/// queue just tries again at the next tick.
 fn ask_receipt(entry: &mut Entry) {
-    let (Some(conn), Some(last), None) = (&entry.conn, entry.unconfirmed.back(), entry.receipt)
-    else {
+    let (Some(conn), Some(last)) = (&entry.conn, entry.unconfirmed.back()) else {
         return;
     };
+    if entry
+        .receipt
+        .is_some_and(|(_, at)| at.elapsed() < RECEIPT_RETRY)
+    {
+        return;
+    }
     let upto = last.msg_id;
     if conn.barrier(Bytes::from(format!("{RECEIPT}{upto}"))) {
-        entry.receipt = Some(upto);
+        entry.receipt = Some((upto, Instant::now()));
     }
 }
+
+/// How long a receipt ping may go unanswered before it is sent again (its
+/// pong may have been lost with a replaced connection, or dropped as too
+/// soon after another).
+const RECEIPT_RETRY: Duration = Duration::from_secs(5);
 
 fn login_reply(
     seq: u32,

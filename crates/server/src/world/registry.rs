@@ -49,8 +49,9 @@ pub struct Entry {
     /// cursor past them). When the session ends they go to the offline
     /// inbox, so a whisper lost with a cut connection is not lost for good.
     pub unconfirmed: VecDeque<StoredMsg>,
-    /// The msg_id the outstanding receipt ping covers.
-    pub receipt: Option<u64>,
+    /// The msg_id the outstanding receipt ping covers, and when it was
+    /// sent.
+    pub receipt: Option<(u64, Instant)>,
     /// The user actor's mailbox. The registry holds the only sender, so
     /// removing the entry ends the actor.
     pub actor: UserHandle,
