@@ -63,10 +63,12 @@ fn slow_commits(c: &mut Config) {
     c.history.flush_interval_ms = 1000;
 }
 
-/// Logs a player in once and out again, so the store knows them.
+/// Logs a player in once and out again, so the store knows them, and waits
+/// until their session is over (with no other player online).
 async fn known(server: &TestServer, user: u64, name: &str) {
     let c = server.login(user, name, 0, 0, 0).await;
     c.close().await;
+    until_online(server, 0).await;
 }
 
 // ---- Identity on every login ----------------------------------------------
@@ -148,7 +150,6 @@ async fn whispers_from_two_senders_to_an_offline_player_arrive_once_each() {
     })
     .await;
     known(&server, 9, "nine").await;
-    until_online(&server, 0).await;
     let mut s1 = server.login(1, "s1", 0, 0, 0).await;
     let mut s2 = server.login(2, "s2", 0, 0, 0).await;
     // Interleaved, so that the later sender's whisper commits before the
@@ -193,7 +194,6 @@ async fn a_login_between_routing_and_commit_gets_every_whisper() {
     })
     .await;
     known(&server, 9, "nine").await;
-    until_online(&server, 0).await;
     let mut s1 = server.login(1, "s1", 0, 0, 0).await;
     let mut s2 = server.login(2, "s2", 0, 0, 0).await;
     // A line's OK means its commit is done, and with it every write queued
@@ -234,7 +234,6 @@ async fn spilled_whispers_pass_the_offline_caps() {
     })
     .await;
     known(&server, 8, "eight").await;
-    until_online(&server, 0).await;
     let a = server.login(1, "alice", 0, 0, 0).await;
     let mut b = server.login(2, "bob", 0, 0, 0).await;
     // Bob's one offline whisper uses up his quota...
@@ -378,7 +377,6 @@ async fn a_whisper_by_name_reaches_a_known_offline_player() {
     })
     .await;
     known(&server, 9, "nine").await;
-    until_online(&server, 0).await;
     let mut a = server.login(1, "alice", 0, 0, 0).await;
     a.send_chat(ChatType::ChatPrivate, "by name", 0, "nine")
         .await
@@ -424,7 +422,6 @@ async fn offline_whispers_come_after_the_reply_and_before_live_traffic() {
     })
     .await;
     known(&server, 9, "nine").await;
-    until_online(&server, 0).await;
     let mut s = server.login(1, "s", 0, 0, 0).await;
     let mut stored = Vec::new();
     for i in 0..STORED {
