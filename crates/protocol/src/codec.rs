@@ -105,15 +105,18 @@ pub enum ClientMsg {
 impl ClientMsg {
     /// The request's sequence number, echoed by the server in its reply.
     pub fn seq(&self) -> u32 {
-        let head = match self {
-            ClientMsg::Login(m) => &m.msghead,
-            ClientMsg::Chat(m) => &m.msghead,
-            ClientMsg::Heartbeat(m) => &m.msghead,
-            ClientMsg::SetMask(m) => &m.msghead,
-            ClientMsg::Online(m) => &m.msghead,
-            ClientMsg::History(m) => &m.msghead,
-        };
-        head.as_ref().map_or(0, |h| h.seq)
+        self.head().map_or(0, |h| h.seq)
+    }
+
+    fn head(&self) -> Option<&pb::ChatMessageHead> {
+        match self {
+            ClientMsg::Login(m) => m.msghead.as_ref(),
+            ClientMsg::Chat(m) => m.msghead.as_ref(),
+            ClientMsg::Heartbeat(m) => m.msghead.as_ref(),
+            ClientMsg::SetMask(m) => m.msghead.as_ref(),
+            ClientMsg::Online(m) => m.msghead.as_ref(),
+            ClientMsg::History(m) => m.msghead.as_ref(),
+        }
     }
 
     /// Encodes the request into one frame.
@@ -132,7 +135,7 @@ impl ClientMsg {
 /// Decodes a frame sent by a client.
 pub fn decode_client(frame: &[u8]) -> Result<ClientMsg, DecodeError> {
     let (msgid, _) = read_head(frame)?;
-    match MsgId::try_from(msgid as i32) {
+    let msg = match MsgId::try_from(msgid as i32) {
         Ok(MsgId::CchLoginReq) => body(msgid, frame).map(ClientMsg::Login),
         Ok(MsgId::CchChatReq) => body(msgid, frame).map(ClientMsg::Chat),
         Ok(MsgId::CchHeartbeatReq) => body(msgid, frame).map(ClientMsg::Heartbeat),
@@ -140,7 +143,17 @@ pub fn decode_client(frame: &[u8]) -> Result<ClientMsg, DecodeError> {
         Ok(MsgId::CchOnlineReq) => body(msgid, frame).map(ClientMsg::Online),
         Ok(MsgId::CchHistoryReq) => body(msgid, frame).map(ClientMsg::History),
         _ => Err(DecodeError::UnknownMsg(msgid)),
+    }?;
+    // Protobuf merges a repeated head field, so a frame can name one type
+    // in its first head and another in the merged one. Such a frame would
+    // be handled as one type while saying it is another: refused.
+    if msg.head().map(|h| h.msgid) != Some(msgid) {
+        return Err(DecodeError::Malformed {
+            msgid,
+            reason: "the message head is repeated with another msgid".into(),
+        });
     }
+    Ok(msg)
 }
 
 /// A message the server sends to a client.
@@ -194,6 +207,33 @@ pub fn encode<M: Message>(msg: &M) -> Bytes {
 mod tests {
     use super::*;
     use crate::{ChatType, ResCode};
+
+    /// Found by the `decode_client` and `peek_msgid` fuzz targets: a second
+    /// head with another msgid merges into the first.
+    #[test]
+    fn a_repeated_head_with_another_msgid_is_refused() {
+        let frames: [&[u8]; 2] = [
+            &[
+                0x0a, 0x04, 0x08, 0x04, 0x08, 0x03, 0x0a, 0x04, 0x08, 0x0a, 0x10, 0x05, 0x30, 0x88,
+                0x10,
+            ],
+            &[
+                0x0a, 0x04, 0x08, 0x03, 0x10, 0x02, 0x0a, 0x04, 0x08, 0xff, 0xff, 0x4d,
+            ],
+        ];
+        for frame in frames {
+            assert!(
+                matches!(
+                    decode_client(frame),
+                    Err(DecodeError::Malformed { msgid: 3, .. })
+                ),
+                "{frame:?}"
+            );
+        }
+        // A repeated head that agrees is still one message.
+        let agreeing = [0x0a, 0x02, 0x08, 0x0c, 0x0a, 0x04, 0x08, 0x0c, 0x10, 0x07];
+        assert_eq!(decode_client(&agreeing).unwrap().seq(), 7);
+    }
 
     fn chat_req(seq: u32, text: &str) -> pb::ChatMessageChatReq {
         pb::ChatMessageChatReq {
