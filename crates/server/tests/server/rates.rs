@@ -236,3 +236,80 @@ async fn a_flooding_client_is_limited_and_closed_while_honest_chat_loses_nothing
         .stop()
         .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_past_their_limit_are_refused_with_the_wait() {
+    let server = TestServer::start_timed(|c| {
+        c.rates.heartbeat_per_sec = 1;
+        c.rates.heartbeat_burst = 20;
+    })
+    .await;
+    let mut a = server.login(1, "alice", 0, 0, 0).await;
+    // All in flight at once, so the paused clock has no time to move.
+    for i in 0..25 {
+        let seq = a.next_seq();
+        a.send(&ClientMsg::Heartbeat(pb::ChatMessageHeartbeatReq {
+            msghead: codec::head(MsgId::CchHeartbeatReq, seq),
+            client_time_ms: 1_000 + i,
+        }))
+        .await
+        .unwrap();
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for i in 0..25 {
+        let ServerMsg::HeartbeatRep(rep) = next(&mut a).await else {
+            panic!("expected a heartbeat reply");
+        };
+        assert_eq!(rep.client_time_ms, 1_000 + i, "echoed even when refused");
+        if rep.res == ResCode::ResOk as i32 {
+            assert!(rep.server_time_ms > 0 && rep.retry_after_ms == 0);
+            ok += 1;
+        } else {
+            assert_eq!(rep.res, ResCode::ResRateLimited as i32);
+            assert!((1..=1_000).contains(&rep.retry_after_ms), "{rep:?}");
+            assert_eq!(rep.server_time_ms, 0);
+            refused += 1;
+        }
+    }
+    // The burst, and at most one more had the clock moved a second.
+    assert!((20..=21).contains(&ok), "{ok} accepted");
+    assert_eq!(ok + refused, 25);
+    assert_eq!(Stats::get(&server.stats.rate_limited), refused);
+    server.stop().await;
+}
+
+/// Sends one undecodable frame and reads its error notice.
+async fn garbage(c: &mut Client) {
+    c.send_bytes(bytes::Bytes::from_static(b"garbage"))
+        .await
+        .unwrap();
+    let ServerMsg::Error(e) = next(c).await else {
+        panic!("expected an error notice");
+    };
+    assert_eq!(e.res, ResCode::ResBadRequest as i32);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_bad_frame_budget_forgives_one_frame_every_ten_seconds() {
+    let server = TestServer::start_timed(|c| c.limits.bad_frame_limit = 3).await;
+    let mut c = server.login(1, "alice", 0, 0, 0).await;
+    garbage(&mut c).await;
+    garbage(&mut c).await;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // One forgiven: this is the second, not the third.
+    garbage(&mut c).await;
+    c.heartbeat().await.unwrap();
+    tokio::time::advance(Duration::from_secs(20)).await;
+    // Both forgiven.
+    garbage(&mut c).await;
+    garbage(&mut c).await;
+    c.heartbeat().await.unwrap();
+    // A burst still closes the connection.
+    c.send_bytes(bytes::Bytes::from_static(b"garbage"))
+        .await
+        .unwrap();
+    let (code, kick) = expect_close(&mut c).await;
+    assert_eq!(code, Some(close_code::PROTOCOL_ERROR));
+    assert_eq!(kick, Some(KickReason::KickProtocolError as i32));
+    server.stop().await;
+}
