@@ -151,7 +151,7 @@ fn record(n: pb::ChatMessageNotifyChat, got: &mut HashMap<u64, usize>) {
     assert_eq!(n.strcontext, format!("line from {}", n.senderid));
     *got.entry(n.senderid).or_default() += 1;
 }
-const LINES: usize = 5;
+const LINES: usize = 10;
 
 /// Sends `LINES` guild lines, each acknowledged, and reads until it has
 /// every line of every honest player. Returns how many it got per sender.
