@@ -49,6 +49,7 @@ pub mod close_code {
     pub const LOGIN_TIMEOUT: u16 = 4005;
     pub const PROTOCOL_ERROR: u16 = 4006;
     pub const LOGIN_FAILED: u16 = 4007;
+    pub const RATE_LIMITED: u16 = 4008;
 
     /// The close code that goes with a kick reason.
     pub const fn for_reason(reason: KickReason) -> u16 {
@@ -62,6 +63,7 @@ pub mod close_code {
             KickReason::KickLoginTimeout => LOGIN_TIMEOUT,
             KickReason::KickProtocolError => PROTOCOL_ERROR,
             KickReason::KickLoginFailed => LOGIN_FAILED,
+            KickReason::KickRateLimited => RATE_LIMITED,
         }
     }
 }

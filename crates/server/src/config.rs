@@ -56,6 +56,7 @@ pub struct Config {
     pub session: SessionConfig,
     pub history: crate::history::HistoryConfig,
     pub tls: Option<TlsConfig>,
+    pub rates: RatesConfig,
 }
 
 impl Default for Config {
@@ -71,6 +72,7 @@ impl Default for Config {
             session: SessionConfig::default(),
             history: crate::history::HistoryConfig::default(),
             tls: None,
+            rates: RatesConfig::default(),
         }
     }
 }
@@ -180,6 +182,87 @@ impl LimitsConfig {
         Duration::from_millis(self.stall_timeout_ms)
     }
 }
+
+/// Request rate limits of one player, per kind of request (chat lines have
+/// their channel cooldowns instead). Each kind is a token bucket: `*_burst`
+/// requests at once, refilled at `*_per_sec`. A request over the limit gets
+/// RES_RATE_LIMITED with the wait; a player sending more than `kick_factor`
+/// times a limit, for long enough to refuse `kick_factor - 1` bursts beyond
+/// it, is closed with KICK_RATE_LIMITED.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RatesConfig {
+    /// Heartbeats: the cheapest request, but each costs a reply.
+    pub heartbeat_per_sec: u32,
+    pub heartbeat_burst: u32,
+    /// Requests answered from the world's state: set-mask and online.
+    pub world_per_sec: u32,
+    pub world_burst: u32,
+    /// History pages: each is a read on the store's one reader thread.
+    pub history_per_sec: u32,
+    pub history_burst: u32,
+    /// How many times its limit a player may keep sending before the
+    /// connection is closed.
+    pub kick_factor: u32,
+    /// One bad frame of `limits.bad_frame_limit` is forgiven this often, so
+    /// that rare garbage over a long session does not add up to a close.
+    pub bad_frame_forgive_ms: u64,
+}
+
+impl Default for RatesConfig {
+    fn default() -> Self {
+        // Far above any honest client: a game sends a heartbeat every few
+        // seconds, a mask change on a settings screen, history pages as a
+        // player scrolls.
+        RatesConfig {
+            heartbeat_per_sec: 10,
+            heartbeat_burst: 20,
+            world_per_sec: 5,
+            world_burst: 10,
+            history_per_sec: 2,
+            history_burst: 5,
+            kick_factor: 5,
+            bad_frame_forgive_ms: 10_000,
+        }
+    }
+}
+
+impl RatesConfig {
+    pub fn bad_frame_forgive(&self) -> Duration {
+        Duration::from_millis(self.bad_frame_forgive_ms)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let limits: [(&'static str, u32); 6] = [
+            ("rates.heartbeat_per_sec", self.heartbeat_per_sec),
+            ("rates.heartbeat_burst", self.heartbeat_burst),
+            ("rates.world_per_sec", self.world_per_sec),
+            ("rates.world_burst", self.world_burst),
+            ("rates.history_per_sec", self.history_per_sec),
+            ("rates.history_burst", self.history_burst),
+        ];
+        for (key, n) in limits {
+            if !(1..=MAX_RATE).contains(&n) {
+                return Err(invalid(key, format!("must be in 1..={MAX_RATE}")));
+            }
+        }
+        if !(2..=100).contains(&self.kick_factor) {
+            return Err(invalid("rates.kick_factor", "must be in 2..=100"));
+        }
+        if self.bad_frame_forgive_ms == 0 || self.bad_frame_forgive_ms > MAX_TIMER_MS {
+            return Err(invalid(
+                "rates.bad_frame_forgive_ms",
+                format!("must be in 1..={MAX_TIMER_MS}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Upper bound of every `rates.*_per_sec` and `rates.*_burst`: a million
+/// requests a second is no limit at all, and it keeps `kick_factor` times
+/// it far from overflowing.
+pub const MAX_RATE: u32 = 1_000_000;
 
 /// What happens to a session when its connection goes away.
 #[derive(Debug, Clone, Deserialize)]
@@ -459,6 +542,7 @@ impl Config {
         if l.bad_frame_limit == 0 {
             return Err(invalid("limits.bad_frame_limit", "must be > 0"));
         }
+        self.rates.validate()?;
         if self.max_online == 0 {
             return Err(invalid("max_online", "must be > 0"));
         }
@@ -572,6 +656,8 @@ mod tests {
         assert!(!c.auth.insecure_dev_auth);
         assert_eq!(c.session.linger_ms, 60_000);
         assert_eq!(c.session.replay_buffer, 256);
+        assert_eq!((c.rates.history_per_sec, c.rates.history_burst), (2, 5));
+        assert_eq!(c.rates.kick_factor, 5);
     }
 
     #[test]
@@ -591,6 +677,14 @@ mod tests {
             ("max_online = 0", "max_online"),
             ("[auth]\naudience = \"\"", "auth.audience"),
             ("listen = \"not an address\"", "listen"),
+            ("[rates]\nhistory_per_sec = 0", "rates.history_per_sec"),
+            ("[rates]\nworld_burst = 1000001", "rates.world_burst"),
+            ("[rates]\nkick_factor = 1", "rates.kick_factor"),
+            (
+                "[rates]\nbad_frame_forgive_ms = 0",
+                "rates.bad_frame_forgive_ms",
+            ),
+            ("[rates]\nwhat = 1", "what"),
         ];
         for (text, key) in cases {
             let err = parse(text).unwrap_err();

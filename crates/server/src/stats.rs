@@ -55,6 +55,10 @@ pub struct Stats {
     pub receipts: AtomicU64,
     /// Frames from clients that could not be handled.
     pub bad_frames: AtomicU64,
+    /// Requests refused with RES_RATE_LIMITED.
+    pub rate_limited: AtomicU64,
+    /// Connections closed for going on far past their rate limit.
+    pub rate_kicks: AtomicU64,
 }
 
 impl Stats {

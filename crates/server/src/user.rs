@@ -8,6 +8,10 @@
 //! connection's ends, so nothing is reloaded and a relogin cannot reset a
 //! cooldown. It never reads or writes a socket itself; it queues frames
 //! through [`ConnTx`], and a reply only ever to the connection that asked.
+//!
+//! It also meters the player's requests (heartbeats, world asks, history
+//! pages) with one token bucket per kind, so that no player can monopolise
+//! the world actor or the store's reader thread.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -26,7 +30,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info_span, Instrument};
 
-use crate::config::Config;
+use crate::config::{Config, RatesConfig};
 use crate::history::{HistoryError, HistoryHandle, PlayerRef};
 use crate::ids::{ConnId, UserId};
 use crate::net::{ConnTx, Priority};
@@ -149,6 +153,7 @@ impl UserHandle {
             offline_ack: None,
             sends: None,
             receipt_at: None,
+            rates: None,
         };
         tokio::spawn(async move { actor.run().await }.instrument(span));
         UserHandle { tx, handoff }
@@ -201,6 +206,8 @@ struct UserActor {
     sends: Option<Box<RecentSends>>,
     /// When a receipt pong was last passed to the world.
     receipt_at: Option<Instant>,
+    /// Request buckets; allocated on the first metered request.
+    rates: Option<Box<Rates>>,
 }
 
 /// Least time between two receipt pongs passed to the world: the world
@@ -378,8 +385,43 @@ impl UserActor {
             .push_back(reply);
     }
 
+    /// Meters a request of `class`. Refused requests are answered here;
+    /// true means the request may be handled.
+    async fn admit(&mut self, req: &ClientMsg, class: Class) -> bool {
+        let now = Instant::now();
+        let verdict =
+            self.rates
+                .get_or_insert_with(Default::default)
+                .check(class, &self.config.rates, now);
+        match verdict {
+            Verdict::Go => true,
+            Verdict::Wait(wait) => {
+                Stats::bump(&self.stats.rate_limited);
+                self.reply(rate_limited_reply(req, self.mask, wait));
+                false
+            }
+            Verdict::Kick => {
+                Stats::bump(&self.stats.rate_limited);
+                Stats::bump(&self.stats.rate_kicks);
+                debug!(?class, "rate limit ignored: closing the connection");
+                if let Some(conn) = &self.conn {
+                    conn.kick(KickReason::KickRateLimited);
+                }
+                // Stop reading this connection now rather than meter
+                // whatever it still has in flight.
+                self.connection_lost().await;
+                false
+            }
+        }
+    }
+
     async fn request(&mut self, req: ClientMsg) {
         let seq = req.seq();
+        if let Some(class) = Class::of(&req) {
+            if !self.admit(&req, class).await {
+                return;
+            }
+        }
         match req {
             ClientMsg::Login(_) => self.reply(codec::encode(&pb::ChatMessageLoginRep {
                 msghead: codec::head(WireMsg::ChcLoginRep, seq),
@@ -400,23 +442,20 @@ impl UserActor {
                     msghead: codec::head(WireMsg::ChcSetMaskRep, seq),
                     res: res as i32,
                     mask: self.mask,
+                    ..Default::default()
                 }));
             }
             ClientMsg::Online(_) => {
-                let rep = match self.world.online().await {
-                    Ok((online, max_online)) => pb::ChatMessageOnlineRep {
-                        msghead: codec::head(WireMsg::ChcOnlineRep, seq),
-                        res: ResCode::ResOk as i32,
-                        online,
-                        max_online,
-                    },
-                    Err(gone) => pb::ChatMessageOnlineRep {
-                        msghead: codec::head(WireMsg::ChcOnlineRep, seq),
-                        res: ResCode::from(gone) as i32,
-                        ..Default::default()
-                    },
-                };
-                self.reply(codec::encode(&rep));
+                // From the gauge the world publishes on every login and
+                // logout: no round trip through the world's mailbox.
+                let online = Stats::get(&self.stats.online).min(u32::MAX as u64) as u32;
+                self.reply(codec::encode(&pb::ChatMessageOnlineRep {
+                    msghead: codec::head(WireMsg::ChcOnlineRep, seq),
+                    res: ResCode::ResOk as i32,
+                    online,
+                    max_online: self.config.max_online,
+                    ..Default::default()
+                }));
             }
             ClientMsg::Chat(m) => {
                 let Some(asked_on) = self.conn.as_ref().map(|c| c.id()) else {
@@ -435,6 +474,7 @@ impl UserActor {
                         res: ResCode::ResOk as i32,
                         msgs,
                         has_more,
+                        ..Default::default()
                     },
                     Err(res) => pb::ChatMessageHistoryRep {
                         msghead: codec::head(WireMsg::ChcHistoryRep, seq),
@@ -732,7 +772,173 @@ pub(crate) fn heartbeat_reply(seq: u32, m: &pb::ChatMessageHeartbeatReq) -> Byte
         msghead: codec::head(WireMsg::ChcHeartbeatRep, seq),
         client_time_ms: m.client_time_ms,
         server_time_ms: crate::world::now_ms(),
+        ..Default::default()
     })
+}
+
+/// The answer to a request refused by its rate limit. Only metered
+/// requests reach here; each gets its own reply type, carrying the wait.
+fn rate_limited_reply(req: &ClientMsg, mask: u32, wait: Duration) -> Bytes {
+    let res = ResCode::ResRateLimited as i32;
+    let retry_after_ms = duration_ms(wait);
+    match req {
+        ClientMsg::Heartbeat(m) => codec::encode(&pb::ChatMessageHeartbeatRep {
+            msghead: codec::head(WireMsg::ChcHeartbeatRep, req.seq()),
+            client_time_ms: m.client_time_ms,
+            res,
+            retry_after_ms,
+            ..Default::default()
+        }),
+        ClientMsg::SetMask(_) => codec::encode(&pb::ChatMessageSetMaskRep {
+            msghead: codec::head(WireMsg::ChcSetMaskRep, req.seq()),
+            res,
+            mask,
+            retry_after_ms,
+        }),
+        ClientMsg::Online(_) => codec::encode(&pb::ChatMessageOnlineRep {
+            msghead: codec::head(WireMsg::ChcOnlineRep, req.seq()),
+            res,
+            retry_after_ms,
+            ..Default::default()
+        }),
+        ClientMsg::History(_) => codec::encode(&pb::ChatMessageHistoryRep {
+            msghead: codec::head(WireMsg::ChcHistoryRep, req.seq()),
+            res,
+            retry_after_ms,
+            ..Default::default()
+        }),
+        // Never metered (see `Class::of`); an error notice, should that
+        // ever change.
+        ClientMsg::Login(_) | ClientMsg::Chat(_) => codec::encode(&pb::ChatMessageNotifyError {
+            msghead: codec::head(WireMsg::ChcNotifyError, req.seq()),
+            res,
+            ..Default::default()
+        }),
+    }
+}
+
+/// Kinds of metered request, by what they cost the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Heartbeats: answered by this actor alone.
+    Cheap,
+    /// Set-mask (a world round trip) and online (a reply).
+    World,
+    /// History pages: a read on the store's single reader thread.
+    History,
+}
+
+impl Class {
+    /// Chat lines are not metered here (each channel has its cooldown), nor
+    /// a second login (answered at once, and a client error).
+    fn of(req: &ClientMsg) -> Option<Class> {
+        match req {
+            ClientMsg::Heartbeat(_) => Some(Class::Cheap),
+            ClientMsg::SetMask(_) | ClientMsg::Online(_) => Some(Class::World),
+            ClientMsg::History(_) => Some(Class::History),
+            ClientMsg::Login(_) | ClientMsg::Chat(_) => None,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// (requests per second, burst) from the config.
+    fn limit(self, rates: &RatesConfig) -> (u32, u32) {
+        match self {
+            Class::Cheap => (rates.heartbeat_per_sec, rates.heartbeat_burst),
+            Class::World => (rates.world_per_sec, rates.world_burst),
+            Class::History => (rates.history_per_sec, rates.history_burst),
+        }
+    }
+}
+
+/// What a bucket says about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Go,
+    /// Refused; the next request of its kind is accepted after this long.
+    Wait(Duration),
+    /// Refused, and the player has ignored the limit long enough: close.
+    Kick,
+}
+
+/// A token bucket in one instant (the generic cell rate algorithm): `tat`
+/// is when the bucket would be full again. A request is allowed while
+/// `tat` is less than `burst - 1` intervals ahead of now, and moves it one
+/// interval on.
+///
+/// Hand-rolled rather than `governor`: it reads tokio's clock, so tests can
+/// pause it, and it is one `Instant` (16 bytes) where a governor direct
+/// limiter carries its own clock and state (and would need one per class
+/// per player, 20,000 players at a time).
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tat: Instant,
+}
+
+impl Bucket {
+    /// A full bucket.
+    fn new(now: Instant) -> Bucket {
+        Bucket { tat: now }
+    }
+
+    /// Takes one token at `now`, refilled at `per_sec` up to `burst`; on
+    /// refusal, how long until the next token.
+    fn take(&mut self, now: Instant, per_sec: u32, burst: u32) -> Result<(), Duration> {
+        let interval = Duration::from_secs(1) / per_sec.max(1);
+        let tolerance = interval * burst.max(1).saturating_sub(1);
+        let wait = self
+            .tat
+            .saturating_duration_since(now)
+            .saturating_sub(tolerance);
+        if !wait.is_zero() {
+            return Err(wait);
+        }
+        self.tat = self.tat.max(now) + interval;
+        Ok(())
+    }
+}
+
+/// One kind's bucket, and a second that counts its refusals: that one
+/// refills `kick_factor - 1` times as fast and holds `kick_factor - 1`
+/// bursts, so it only runs dry when a player keeps sending more than
+/// `kick_factor` times the limit.
+#[derive(Debug, Clone, Copy)]
+struct Metered {
+    tokens: Bucket,
+    refusals: Bucket,
+}
+
+/// A player's request buckets, each made on the first request of its kind.
+/// Boxed in the actor: 8 bytes for a player who never sends a metered
+/// request, 96 more once one did (checked by a test).
+#[derive(Debug, Default)]
+struct Rates {
+    classes: [Option<Metered>; 3],
+}
+
+impl Rates {
+    fn check(&mut self, class: Class, config: &RatesConfig, now: Instant) -> Verdict {
+        let metered = self.classes[class.index()].get_or_insert(Metered {
+            tokens: Bucket::new(now),
+            refusals: Bucket::new(now),
+        });
+        let (per_sec, burst) = class.limit(config);
+        let Err(wait) = metered.tokens.take(now, per_sec, burst) else {
+            return Verdict::Go;
+        };
+        let over = config.kick_factor.saturating_sub(1).max(1);
+        match metered.refusals.take(
+            now,
+            per_sec.saturating_mul(over),
+            burst.saturating_mul(over),
+        ) {
+            Ok(()) => Verdict::Wait(wait),
+            Err(_) => Verdict::Kick,
+        }
+    }
 }
 
 fn chat_rep(seq: u32, res: ResCode, cooldown: Duration, msg_id: u64, offline: bool) -> Bytes {
@@ -756,4 +962,91 @@ fn store_code(e: HistoryError) -> ResCode {
 fn duration_ms(d: Duration) -> u32 {
     // Round up so "1 ms left" is never reported as 0.
     d.as_micros().div_ceil(1000).min(u32::MAX as u128) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn request_buckets_stay_small() {
+        assert_eq!(std::mem::size_of::<Option<Box<Rates>>>(), 8);
+        assert!(std::mem::size_of::<Rates>() <= 96);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bucket_allows_its_burst_then_its_rate() {
+        let mut b = Bucket::new(Instant::now());
+        // 2 per second, burst 5.
+        for i in 0..5 {
+            assert_eq!(b.take(Instant::now(), 2, 5), Ok(()), "request {i}");
+        }
+        assert_eq!(b.take(Instant::now(), 2, 5), Err(ms(500)));
+        tokio::time::advance(ms(200)).await;
+        assert_eq!(b.take(Instant::now(), 2, 5), Err(ms(300)));
+        tokio::time::advance(ms(300)).await;
+        assert_eq!(b.take(Instant::now(), 2, 5), Ok(()));
+        assert_eq!(b.take(Instant::now(), 2, 5), Err(ms(500)));
+        // A steady 2 per second is always allowed.
+        for _ in 0..20 {
+            tokio::time::advance(ms(500)).await;
+            assert_eq!(b.take(Instant::now(), 2, 5), Ok(()));
+        }
+        // A long pause refills the burst, and no more.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        for _ in 0..5 {
+            assert_eq!(b.take(Instant::now(), 2, 5), Ok(()));
+        }
+        assert!(b.take(Instant::now(), 2, 5).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_requests_close_only_past_the_kick_factor() {
+        let config = RatesConfig::default();
+        let (per_sec, burst) = Class::History.limit(&config);
+        assert_eq!((per_sec, burst), (2, 5));
+        let step = ms(1000 / (per_sec as u64 * 4));
+
+        // Four times the limit, for a minute: refused, never closed.
+        let mut rates = Rates::default();
+        let (mut go, mut wait) = (0, 0);
+        for _ in 0..(60 * per_sec * 4) {
+            match rates.check(Class::History, &config, Instant::now()) {
+                Verdict::Go => go += 1,
+                Verdict::Wait(d) => {
+                    assert!(d > Duration::ZERO && d <= ms(500));
+                    wait += 1
+                }
+                Verdict::Kick => panic!("closed at four times the limit"),
+            }
+            tokio::time::advance(step).await;
+        }
+        assert!((120..=126).contains(&go), "{go}");
+        assert!(wait > 300, "{wait}");
+
+        // Ten times the limit: closed within a few seconds.
+        let mut rates = Rates::default();
+        let step = ms(1000 / (per_sec as u64 * 10));
+        let mut sent = 0;
+        loop {
+            sent += 1;
+            if rates.check(Class::History, &config, Instant::now()) == Verdict::Kick {
+                break;
+            }
+            assert!(sent < 200, "never closed");
+            tokio::time::advance(step).await;
+        }
+        // burst + 4 bursts of refusals, plus what refilled meanwhile.
+        assert!(sent > 25, "{sent}");
+
+        // Classes are independent: history abuse leaves heartbeats alone.
+        assert_eq!(
+            rates.check(Class::Cheap, &config, Instant::now()),
+            Verdict::Go
+        );
+    }
 }

@@ -7,7 +7,9 @@
 //! actor is busy so that a flooding client is slowed at its own socket.
 //!
 //! It never holds chat state. Frames it cannot decode get an error notice;
-//! too many of them close the connection with PROTOCOL_ERROR.
+//! too many of them close the connection with PROTOCOL_ERROR. That budget
+//! refills slowly, so only a burst of garbage closes a connection, not the
+//! odd bad frame over a long session.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,7 +82,43 @@ struct Reader<S> {
     idle_timer: Pin<Box<Sleep>>,
     last_seen: Instant,
     ctx: Arc<ConnCtx>,
-    bad_frames: u32,
+    bad_frames: BadFrames,
+}
+
+/// The bad frames a connection has sent, minus one forgiven every
+/// `rates.bad_frame_forgive_ms`: a count and when its oldest unforgiven
+/// frame started waiting to be forgiven.
+#[derive(Debug, Clone, Copy)]
+struct BadFrames {
+    count: u32,
+    since: Instant,
+}
+
+impl BadFrames {
+    fn new(now: Instant) -> BadFrames {
+        BadFrames {
+            count: 0,
+            since: now,
+        }
+    }
+
+    /// Counts one more bad frame at `now`, after forgiving one per
+    /// `forgive` elapsed; returns the count.
+    fn add(&mut self, now: Instant, forgive: Duration) -> u32 {
+        let elapsed = now.saturating_duration_since(self.since);
+        let forgiven =
+            (elapsed.as_nanos() / forgive.as_nanos().max(1)).min(u32::MAX as u128) as u32;
+        if forgiven >= self.count {
+            self.count = 0;
+            self.since = now;
+        } else {
+            self.count -= forgiven;
+            // Keep the part of an interval that has already run.
+            self.since += forgive * forgiven;
+        }
+        self.count = self.count.saturating_add(1);
+        self.count
+    }
 }
 
 /// Serves one upgraded websocket until it closes.
@@ -120,7 +158,7 @@ where
         )),
         last_seen: now,
         ctx,
-        bad_frames: 0,
+        bad_frames: BadFrames::new(now),
     };
     async move {
         // The login phase (its deadline timer, the world's reply) and the
@@ -201,7 +239,9 @@ where
     /// connection has sent too many and is being closed.
     fn bad_frame(&mut self, res: ResCode, msgid: u32, seq: u32, detail: String) -> bool {
         Stats::bump(&self.ctx.stats.bad_frames);
-        self.bad_frames += 1;
+        let count = self
+            .bad_frames
+            .add(Instant::now(), self.ctx.config.rates.bad_frame_forgive());
         let _ = self
             .conn
             .try_frame(codec::encode(&pb::ChatMessageNotifyError {
@@ -210,7 +250,7 @@ where
                 badmsgid: msgid,
                 detail,
             }));
-        if self.bad_frames >= self.ctx.config.limits.bad_frame_limit {
+        if count >= self.ctx.config.limits.bad_frame_limit {
             self.conn.kick(KickReason::KickProtocolError);
             return false;
         }
@@ -383,5 +423,46 @@ where
             while let Some(Ok(_)) = self.stream.next().await {}
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn bad_frames_are_forgiven_one_per_interval() {
+        let forgive = Duration::from_secs(10);
+        let mut b = BadFrames::new(Instant::now());
+        assert_eq!(b.add(Instant::now(), forgive), 1);
+        assert_eq!(b.add(Instant::now(), forgive), 2);
+        assert_eq!(b.add(Instant::now(), forgive), 3);
+        // 9.9 s: nothing forgiven yet.
+        tokio::time::advance(Duration::from_millis(9_900)).await;
+        assert_eq!(b.add(Instant::now(), forgive), 4);
+        // 10 s after the first: one forgiven, one added.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(b.add(Instant::now(), forgive), 4);
+        // 25 s later: two more forgiven, and the half interval carries on.
+        tokio::time::advance(Duration::from_secs(25)).await;
+        assert_eq!(b.add(Instant::now(), forgive), 3);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(b.add(Instant::now(), forgive), 3);
+        // A long quiet spell forgives everything, and no more.
+        tokio::time::advance(Duration::from_secs(3_600)).await;
+        assert_eq!(b.add(Instant::now(), forgive), 1);
+        assert_eq!(b.add(Instant::now(), forgive), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_still_reaches_the_limit() {
+        let forgive = Duration::from_secs(10);
+        let mut b = BadFrames::new(Instant::now());
+        let mut last = 0;
+        for _ in 0..8 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            last = b.add(Instant::now(), forgive);
+        }
+        assert_eq!(last, 8);
     }
 }

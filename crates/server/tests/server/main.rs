@@ -9,6 +9,7 @@ mod crash;
 mod history;
 mod login;
 mod promises;
+mod rates;
 mod resume;
 mod robustness;
 mod sessions;
