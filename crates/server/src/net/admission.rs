@@ -190,6 +190,7 @@ impl Admission {
     /// Counts a connection against its source address: the per-IP cap,
     /// then the per-IP login rate.
     pub fn admit_ip(self: &Arc<Self>, ip: IpAddr) -> Result<IpGuard, Refusal> {
+        let ip = ip_key(ip);
         {
             let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
             let open = map.entry(ip).or_insert(0);
@@ -218,6 +219,23 @@ impl Admission {
     #[cfg(test)]
     fn tracked_ips(&self) -> usize {
         self.per_ip.lock().map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// The address a connection is counted against: an IPv4 address (also
+/// when it arrives IPv4-mapped on a dual-stack socket), or an IPv6 /64,
+/// the smallest block a host is given: counting single IPv6 addresses
+/// would let one host take as many places as it likes.
+pub fn ip_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+            }
+        },
     }
 }
 
@@ -497,17 +515,28 @@ pub struct Admitted<S> {
 
 struct PreLogin {
     _permit: OwnedSemaphorePermit,
+    stats: Arc<Stats>,
+    /// The cut fired (counted once, however often the reader polls again).
+    cut_fired: bool,
     /// Boxed on its own: `Sleep` cannot move once polled.
     cut: Pin<Box<Sleep>>,
     watch: FrameWatch,
 }
 
 impl<S> Admitted<S> {
-    pub(crate) fn new(inner: S, permits: Permits, ip: Option<IpGuard>, cut_at: Instant) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        permits: Permits,
+        ip: Option<IpGuard>,
+        cut_at: Instant,
+        stats: Arc<Stats>,
+    ) -> Self {
         Admitted {
             inner,
             pre: Some(Box::new(PreLogin {
                 _permit: permits.prelogin,
+                stats,
+                cut_fired: false,
                 cut: Box::pin(tokio::time::sleep_until(cut_at)),
                 watch: FrameWatch::default(),
             })),
@@ -523,7 +552,7 @@ impl<S> Admitted<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Admitted<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Admitted<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -532,6 +561,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Admitted<S> {
         let this = &mut *self;
         if let Some(pre) = this.pre.as_mut() {
             if pre.cut.as_mut().poll(cx).is_ready() {
+                if !pre.cut_fired {
+                    pre.cut_fired = true;
+                    Stats::bump(&pre.stats.handshake_timeouts);
+                    // Tell the client at once: the reader that sees this
+                    // error may still wait a while for its writer before
+                    // the socket is dropped. Best effort (a TLS close_notify
+                    // may not fit at once), and only this once.
+                    let _ = Pin::new(&mut this.inner).poll_shutdown(cx);
+                }
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "not logged in within the login deadline",
@@ -656,6 +694,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ipv6_hosts_are_counted_by_their_64() {
+        let key = |s: &str| ip_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("10.0.0.1"), "10.0.0.1");
+        assert_eq!(key("::ffff:10.0.0.1"), "10.0.0.1");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:ffff::1"), "2001:db8:1:2::");
+    }
+
+    #[test]
     fn the_global_limit_leaves_descriptors_free() {
         assert_eq!(effective_max_connections(20_000, Some(1024)), 960);
         assert_eq!(effective_max_connections(20_000, Some(1_048_576)), 20_000);
@@ -777,12 +824,8 @@ mod tests {
         let before = a.prelogin.available_permits();
         let permits = a.admit().unwrap();
         let (client, server) = tokio::io::duplex(4096);
-        let mut s = Admitted::new(
-            server,
-            permits,
-            None,
-            Instant::now() + Duration::from_secs(60),
-        );
+        let cut_at = Instant::now() + Duration::from_secs(60);
+        let mut s = Admitted::new(server, permits, None, cut_at, a.stats.clone());
         assert_eq!(a.prelogin.available_permits(), before - 1);
         s.write_all(&frame(0x2, &login_rep(ResCode::ResOk)))
             .await

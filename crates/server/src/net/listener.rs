@@ -22,6 +22,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 
@@ -116,6 +117,7 @@ pub(crate) async fn accept_loop(
             permits,
             admission: admission.clone(),
             deadline,
+            shutdown: ctx.shutdown.clone(),
         };
         // One task type per transport, so neither carries room for the
         // other's session.
@@ -170,6 +172,8 @@ struct Start {
     admission: Arc<Admission>,
     /// The login deadline, from the accept.
     deadline: Instant,
+    /// A handshake still under way when the server stops is abandoned.
+    shutdown: CancellationToken,
 }
 
 /// The PROXY header (when configured) and the per-IP limits. Returns the
@@ -217,6 +221,7 @@ async fn plain_websocket(start: Start) -> Option<WebSocketStream<Admitted<TcpStr
         permits,
         admission,
         deadline,
+        shutdown,
     } = start;
     let stats = admission.stats.clone();
     let steps = async {
@@ -224,8 +229,8 @@ async fn plain_websocket(start: Start) -> Option<WebSocketStream<Admitted<TcpStr
         let rest = upgrade(&mut tcp, &stats).await?;
         Some((guard, rest))
     };
-    let (guard, rest) = within(deadline, &stats, steps).await?;
-    let stream = Admitted::new(tcp, permits, Some(guard), deadline + LOGIN_CUT_SLACK);
+    let (guard, rest) = within(deadline, &shutdown, &stats, steps).await?;
+    let stream = Admitted::new(tcp, permits, Some(guard), deadline + LOGIN_CUT_SLACK, stats);
     Some(into_websocket(stream, rest).await)
 }
 
@@ -241,6 +246,7 @@ async fn tls_websocket(
         permits,
         admission,
         deadline,
+        shutdown,
     } = start;
     let stats = admission.stats.clone();
     let steps = async {
@@ -255,18 +261,30 @@ async fn tls_websocket(
         let rest = upgrade(&mut stream, &stats).await?;
         Some((guard, stream, rest))
     };
-    let (guard, stream, rest) = within(deadline, &stats, steps).await?;
-    let stream = Admitted::new(stream, permits, Some(guard), deadline + LOGIN_CUT_SLACK);
+    let (guard, stream, rest) = within(deadline, &shutdown, &stats, steps).await?;
+    let stream = Admitted::new(
+        stream,
+        permits,
+        Some(guard),
+        deadline + LOGIN_CUT_SLACK,
+        stats,
+    );
     Some(into_websocket(stream, rest).await)
 }
 
-/// Runs the steps before the upgrade under the login deadline.
+/// Runs the steps before the upgrade under the login deadline, until
+/// shutdown.
 async fn within<T>(
     deadline: Instant,
+    shutdown: &CancellationToken,
     stats: &Stats,
     steps: impl Future<Output = Option<T>>,
 ) -> Option<T> {
-    match tokio::time::timeout_at(deadline, steps).await {
+    let timed = tokio::select! {
+        r = tokio::time::timeout_at(deadline, steps) => r,
+        _ = shutdown.cancelled() => return None,
+    };
+    match timed {
         Ok(done) => done,
         Err(_) => {
             Stats::bump(&stats.handshake_timeouts);

@@ -263,6 +263,27 @@ async fn the_login_deadline_starts_at_the_accept() {
 }
 
 #[tokio::test]
+async fn a_slow_upgrade_does_not_buy_a_longer_login() {
+    let server = TestServer::start_with(|c| c.limits.login_timeout_ms = 1_500).await;
+    let mut s = raw_from(&server, ip(1)).await;
+    let started = Instant::now();
+    // The upgrade comes late in the deadline; the login never comes. The
+    // reader's own login timer would wait 1.5 s from the upgrade; the
+    // deadline from the accept (plus its 1 s slack) cuts first.
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    s.write_all(UPGRADE.as_bytes()).await.unwrap();
+    let answer = read_all(&mut s).await;
+    let waited = started.elapsed();
+    assert_eq!(status_line(&answer), "HTTP/1.1 101 Switching Protocols");
+    assert!(
+        waited >= Duration::from_millis(2_300) && waited < Duration::from_millis(2_750),
+        "{waited:?}"
+    );
+    assert_eq!(get(&server.stats.handshake_timeouts), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn bad_http_on_the_game_port_gets_http() {
     let server = TestServer::start().await;
     let cases: [(String, &str); 5] = [
