@@ -495,9 +495,24 @@ pub(crate) async fn answer_http<S: AsyncRead + AsyncWrite + Unpin>(
     answer(stream, refusal.response().as_bytes()).await;
 }
 
-/// Writes the `503` for a connection refused after its accept.
-pub(crate) async fn answer_busy<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
-    answer(stream, RESPONSE_503).await;
+/// Writes the `503` for a plain connection refused after its accept (by a
+/// per-IP limit). Cheaper than [`answer`]: it does not linger, since a
+/// client over its limit could otherwise hold pre-login places with
+/// refusals; it only discards what has already arrived, so that the close
+/// does not reset the connection under the answer.
+pub(crate) async fn answer_busy(tcp: &mut TcpStream) {
+    if tcp.write_all(RESPONSE_503).await.is_err() {
+        return;
+    }
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 1024];
+    let mut total = 0;
+    while total < REFUSAL_LINGER_BYTES {
+        match tcp.try_read(&mut sink) {
+            Ok(n) if n > 0 => total += n,
+            _ => break,
+        }
+    }
 }
 
 /// A connection's stream, holding its admission for as long as it lives.
