@@ -403,3 +403,149 @@ async fn behind_a_balancer_the_proxy_header_names_the_client() {
     assert_eq!(get(&server.stats.refused_proxy), 2);
     server.stop().await;
 }
+
+/// A `wss://` server, and a TLS connector that trusts it.
+async fn tls_server(
+    adjust: impl FnOnce(&mut guildchat_server::Config),
+) -> (TestServer, tokio_rustls::TlsConnector, tempfile::TempDir) {
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let server = TestServer::start_with(|c| {
+        c.tls = Some(guildchat_server::config::TlsConfig {
+            cert: cert_path,
+            key: key_path,
+        });
+        adjust(c);
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    (
+        server,
+        tokio_rustls::TlsConnector::from(Arc::new(config)),
+        dir,
+    )
+}
+
+async fn tls_connect(
+    connector: &tokio_rustls::TlsConnector,
+    tcp: TcpStream,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn over_tls_the_deadline_covers_the_handshake_and_the_upgrade_together() {
+    let (server, connector, _dir) = tls_server(|c| c.limits.login_timeout_ms = 1_000).await;
+    let tcp = raw_from(&server, ip(1)).await;
+    let started = Instant::now();
+    // TLS late in the deadline, then no upgrade request: the upgrade does
+    // not get a deadline of its own.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut tls = tls_connect(&connector, tcp).await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(WAIT, tls.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(1_500),
+        "{waited:?}"
+    );
+    assert_eq!(get(&server.stats.handshake_timeouts), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn over_tls_bad_http_gets_http_and_a_login_frees_its_pre_login_place() {
+    use futures_util::SinkExt;
+    use guildchat_protocol::{codec, pb, ClientMsg, MsgId};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (server, connector, _dir) = tls_server(|c| c.admission.max_prelogin = 1).await;
+    let mut tls = tls_connect(&connector, raw_from(&server, ip(1)).await).await;
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: chat\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(status_line(&answer), "HTTP/1.1 400 Bad Request");
+    drop(tls);
+
+    // The one pre-login place: taken by a login over wss, given back by it.
+    let port = server_addr(&server).port();
+    let mut ws = None;
+    for _ in 0..500 {
+        let tcp = raw_from(&server, ip(1)).await;
+        let Ok(tls) = connector
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+        else {
+            // The refused connection of the 400 may not have ended yet.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        if let Ok((s, _)) =
+            tokio_tungstenite::client_async(format!("wss://localhost:{port}"), tls).await
+        {
+            ws = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut ws = ws.expect("the pre-login place came free");
+    let login = ClientMsg::Login(pb::ChatMessageLoginReq {
+        msghead: codec::head(MsgId::CchLoginReq, 1),
+        tokenstr: server.token(1, "alice", 0, 0, 0),
+        ..Default::default()
+    });
+    ws.send(Message::Binary(login.encode())).await.unwrap();
+    let frame = loop {
+        let msg = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut ws))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Binary(b) = msg {
+            break b;
+        }
+    };
+    let Ok(guildchat_protocol::ServerMsg::LoginRep(rep)) = codec::decode_server(&frame) else {
+        panic!("no login reply")
+    };
+    assert_eq!(rep.res, ResCode::ResOk as i32);
+    // Logged in: the next connection gets the place at once.
+    let mut next = tls_connect(&connector, raw_from(&server, ip(1)).await).await;
+    next.write_all(UPGRADE.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(WAIT, next.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        status_line(&String::from_utf8_lossy(&buf[..n])),
+        "HTTP/1.1 101 Switching Protocols"
+    );
+    assert_eq!(
+        get(&server.stats.refused_prelogin),
+        get(&server.stats.admission_refused)
+    );
+    server.stop().await;
+}
