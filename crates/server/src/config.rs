@@ -57,6 +57,7 @@ pub struct Config {
     pub history: crate::history::HistoryConfig,
     pub tls: Option<TlsConfig>,
     pub rates: RatesConfig,
+    pub admission: AdmissionConfig,
 }
 
 impl Default for Config {
@@ -73,7 +74,78 @@ impl Default for Config {
             history: crate::history::HistoryConfig::default(),
             tls: None,
             rates: RatesConfig::default(),
+            admission: AdmissionConfig::default(),
         }
+    }
+}
+
+/// Who may connect, and how far a connection gets before it logs in. A
+/// connection over a limit is refused before its upgrade (`503` on a plain
+/// socket, a close on TLS) and counted; players already connected are not
+/// affected.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// Most open connections, logged in or not. The limit in force is
+    /// lower if the process's soft `RLIMIT_NOFILE` minus a reserve of 64
+    /// descriptors is; it is logged at start-up.
+    pub max_connections: u32,
+    /// Most connections that have not logged in yet (in TLS, the upgrade or
+    /// the login request). A connection stops counting when its login
+    /// succeeds.
+    pub max_prelogin: u32,
+    /// Most open connections from one source address.
+    pub max_per_ip: u32,
+    /// New connections (each carries one login) per second from one source
+    /// address, sustained ...
+    pub logins_per_ip_per_sec: u32,
+    /// ... and in a burst.
+    pub login_burst_per_ip: u32,
+    /// Expect a PROXY protocol header (v1 or v2) on every connection, as
+    /// sent by a load balancer, and use the address it carries for the
+    /// per-IP limits and logs. A connection without a valid one is refused.
+    /// Turn on only behind a balancer that sends it: anyone who can reach
+    /// the port can claim any address.
+    pub proxy_protocol: bool,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            max_connections: 20_000,
+            max_prelogin: 2_048,
+            max_per_ip: 64,
+            logins_per_ip_per_sec: 20,
+            login_burst_per_ip: 40,
+            proxy_protocol: false,
+        }
+    }
+}
+
+impl AdmissionConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let keys: [(&'static str, u32); 5] = [
+            ("admission.max_connections", self.max_connections),
+            ("admission.max_prelogin", self.max_prelogin),
+            ("admission.max_per_ip", self.max_per_ip),
+            (
+                "admission.logins_per_ip_per_sec",
+                self.logins_per_ip_per_sec,
+            ),
+            ("admission.login_burst_per_ip", self.login_burst_per_ip),
+        ];
+        for (key, value) in keys {
+            if value == 0 {
+                return Err(invalid(key, "must be > 0"));
+            }
+        }
+        if self.login_burst_per_ip < self.logins_per_ip_per_sec {
+            return Err(invalid(
+                "admission.login_burst_per_ip",
+                "must be at least admission.logins_per_ip_per_sec",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -549,6 +621,7 @@ impl Config {
         if self.backlog == 0 {
             return Err(invalid("backlog", "must be > 0"));
         }
+        self.admission.validate()?;
         if self.auth.audience.is_empty() {
             return Err(invalid("auth.audience", "must not be empty"));
         }
@@ -658,6 +731,12 @@ mod tests {
         assert_eq!(c.session.replay_buffer, 256);
         assert_eq!((c.rates.history_per_sec, c.rates.history_burst), (2, 5));
         assert_eq!(c.rates.kick_factor, 5);
+        assert_eq!(c.admission.max_connections, 20_000);
+        assert_eq!(c.admission.max_prelogin, 2_048);
+        assert_eq!(c.admission.max_per_ip, 64);
+        assert_eq!(c.admission.logins_per_ip_per_sec, 20);
+        assert_eq!(c.admission.login_burst_per_ip, 40);
+        assert!(!c.admission.proxy_protocol);
     }
 
     #[test]
@@ -685,6 +764,13 @@ mod tests {
                 "rates.bad_frame_forgive_ms",
             ),
             ("[rates]\nwhat = 1", "what"),
+            ("[admission]\nmax_prelogin = 0", "admission.max_prelogin"),
+            ("[admission]\nmax_per_ip = 0", "admission.max_per_ip"),
+            (
+                "[admission]\nlogins_per_ip_per_sec = 50",
+                "admission.login_burst_per_ip",
+            ),
+            ("[admission]\nlimit = 1", "limit"),
         ];
         for (text, key) in cases {
             let err = parse(text).unwrap_err();

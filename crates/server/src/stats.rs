@@ -59,6 +59,21 @@ pub struct Stats {
     pub rate_limited: AtomicU64,
     /// Connections closed for going on far past their rate limit.
     pub rate_kicks: AtomicU64,
+    /// Connections refused by admission, in all; then by reason: the
+    /// global limit, the pre-login limit, the per-IP cap, the per-IP login
+    /// rate, a missing or invalid PROXY header.
+    pub admission_refused: AtomicU64,
+    pub refused_connections: AtomicU64,
+    pub refused_prelogin: AtomicU64,
+    pub refused_per_ip: AtomicU64,
+    pub refused_login_rate: AtomicU64,
+    pub refused_proxy: AtomicU64,
+    /// Requests on the game port answered with an HTTP error (400, 426,
+    /// 431) instead of an upgrade.
+    pub http_refused: AtomicU64,
+    /// Connections cut by the login deadline before their upgrade was done
+    /// (TLS or HTTP too slow), or by the stream's own cut after it.
+    pub handshake_timeouts: AtomicU64,
 }
 
 impl Stats {

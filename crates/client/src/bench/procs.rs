@@ -72,8 +72,8 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// The generated server config: no world cooldown (fan-out senders send
-/// many lines a second), room for every bench client, a backlog for login
-/// storms, and per-connection queues chosen by the scenario. World lines
+/// many lines a second), room for every bench client (no per-IP limits: the
+/// clients share a few loopback addresses), a backlog for login storms, and per-connection queues chosen by the scenario. World lines
 /// may be 1000 characters, so the byte bound is raised to what the server
 /// requires for a full resume replay of lines that long (841 frames of up
 /// to 4,384 bytes).
@@ -90,7 +90,13 @@ fn config_toml(opts: &ServerOpts) -> String {
          socket_send_buffer = {}\n\
          [chat.world]\n\
          cooldown_ms = 0\n\
-         max_chars = 1000\n",
+         max_chars = 1000\n\
+         [admission]\n\
+         max_connections = 65000\n\
+         max_prelogin = 65000\n\
+         max_per_ip = 65000\n\
+         logins_per_ip_per_sec = 1000000\n\
+         login_burst_per_ip = 1000000\n",
         opts.outbound_queue, opts.stall_timeout_ms, opts.socket_send_buffer
     )
 }

@@ -3,6 +3,9 @@
 //!
 //! It owns nothing but the listening socket; every connection is a task
 //! tracked by the server's `TaskTracker` so shutdown can wait for it.
+//! Whether a connection may start at all, and what its upgrade request
+//! gets, is [`super::admission`]'s business; this loop only applies it, and
+//! applies one deadline, from the accept to the login.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,15 +15,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use guildchat_protocol::limits::MAX_FRAME_BYTES;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 
+use super::admission::{self, Admission, Admitted, Head, IpGuard, Permits, LOGIN_CUT_SLACK};
 use super::conn::{self, ConnCtx};
 use crate::ids::ConnId;
 use crate::stats::Stats;
@@ -50,6 +56,10 @@ pub(crate) fn websocket_config() -> WebSocketConfig {
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
+/// How often the per-IP login limiter forgets addresses whose bucket is
+/// full again, so its memory follows the addresses seen recently.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
 /// Accepts until `ctx.shutdown` is cancelled.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
@@ -57,9 +67,16 @@ pub(crate) async fn accept_loop(
     ctx: Arc<ConnCtx>,
     tracker: TaskTracker,
 ) {
+    let admission = Arc::new(Admission::new(&ctx.config.admission, ctx.stats.clone()));
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let accepted = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
+            _ = prune.tick() => {
+                admission.prune();
+                continue;
+            }
             r = listener.accept() => r,
         };
         let (tcp, addr) = match accepted {
@@ -72,24 +89,45 @@ pub(crate) async fn accept_loop(
                 continue;
             }
         };
+        // The deadline starts here and covers the PROXY header, TLS, the
+        // upgrade and the login.
+        let deadline = Instant::now() + ctx.config.limits.login_timeout();
+        // Checked before anything is spawned, so a flood of connections
+        // costs an accept and a close each.
+        let permits = match admission.admit() {
+            Ok(p) => p,
+            Err(refusal) => {
+                refusal.count(&ctx.stats);
+                debug!(%addr, %refusal, "connection refused");
+                admission::refuse_now(tcp, tls.is_none());
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let sndbuf = ctx.config.limits.socket_send_buffer;
         if sndbuf > 0 {
             let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(sndbuf as usize);
         }
         let id = ConnId(NEXT_CONN.fetch_add(1, Ordering::Relaxed));
-        let span = info_span!("conn", id = %id, %addr);
-        let deadline = ctx.config.limits.login_timeout();
+        let span = info_span!("conn", id = %id, %addr, client = tracing::field::Empty);
         let ctx = ctx.clone();
+        let start = Start {
+            tcp,
+            addr,
+            permits,
+            admission: admission.clone(),
+            deadline,
+            shutdown: ctx.shutdown.clone(),
+        };
         // One task type per transport, so neither carries room for the
         // other's session.
         match &tls {
             None => {
-                let handshake = Box::pin(websocket(tcp, deadline));
+                let handshake = Box::pin(plain_websocket(start));
                 tracker.spawn(connection(handshake, id, ctx).instrument(span));
             }
             Some(acceptor) => {
-                let handshake = Box::pin(tls_websocket(tcp, addr, acceptor.clone(), deadline));
+                let handshake = Box::pin(tls_websocket(start, acceptor.clone()));
                 tracker.spawn(connection(handshake, id, ctx).instrument(span));
             }
         }
@@ -126,42 +164,166 @@ where
     }
 }
 
-/// The TLS handshake, then the websocket one, each within `deadline`.
-async fn tls_websocket(
+/// What a connection's handshake starts from.
+struct Start {
     tcp: TcpStream,
     addr: SocketAddr,
-    acceptor: TlsAcceptor,
-    deadline: Duration,
-) -> Option<WebSocketStream<TlsStream<TcpStream>>> {
-    let stream = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            debug!(%addr, error = %e, "TLS handshake failed");
-            return None;
-        }
-        Err(_) => {
-            debug!(%addr, "TLS handshake timed out");
-            return None;
-        }
-    };
-    websocket(stream, deadline).await
+    permits: Permits,
+    admission: Arc<Admission>,
+    /// The login deadline, from the accept.
+    deadline: Instant,
+    /// A handshake still under way when the server stops is abandoned.
+    shutdown: CancellationToken,
 }
 
-/// The websocket upgrade, with our buffers and limits, within `deadline`.
-async fn websocket<S>(stream: S, deadline: Duration) -> Option<WebSocketStream<S>>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let ws = tokio_tungstenite::accept_async_with_config(stream, Some(websocket_config()));
-    match tokio::time::timeout(deadline, ws).await {
-        Ok(Ok(ws)) => Some(ws),
-        Ok(Err(e)) => {
-            debug!(error = %e, "websocket upgrade failed");
-            None
+/// The PROXY header (when configured) and the per-IP limits. Returns the
+/// socket and the connection's count against its address, or None when
+/// the connection was refused (and answered).
+async fn admit_peer(
+    tcp: &mut TcpStream,
+    addr: SocketAddr,
+    admission: &Arc<Admission>,
+    plain: bool,
+) -> Option<IpGuard> {
+    let stats = &admission.stats;
+    let mut peer = addr;
+    if admission.proxy_protocol {
+        match admission::read_proxy_header(tcp).await {
+            Ok(Some(client)) => peer = client,
+            // A balancer's own health check: its address is the peer.
+            Ok(None) => {}
+            Err(refusal) => {
+                refusal.count(stats);
+                debug!(%refusal, "connection refused");
+                return None;
+            }
         }
-        Err(_) => {
-            debug!("websocket upgrade timed out");
+        tracing::Span::current().record("client", tracing::field::display(peer));
+    }
+    match admission.admit_ip(peer.ip()) {
+        Ok(guard) => Some(guard),
+        Err(refusal) => {
+            refusal.count(stats);
+            debug!(client = %peer, %refusal, "connection refused");
+            if plain {
+                admission::answer_busy(tcp).await;
+            }
             None
         }
     }
+}
+
+/// The plain transport: admission, then the upgrade, within the deadline.
+async fn plain_websocket(start: Start) -> Option<WebSocketStream<Admitted<TcpStream>>> {
+    let Start {
+        mut tcp,
+        addr,
+        permits,
+        admission,
+        deadline,
+        shutdown,
+    } = start;
+    let stats = admission.stats.clone();
+    let steps = async {
+        let guard = admit_peer(&mut tcp, addr, &admission, true).await?;
+        let rest = upgrade(&mut tcp, &stats).await?;
+        Some((guard, rest))
+    };
+    let (guard, rest) = within(deadline, &shutdown, &stats, steps).await?;
+    let stream = Admitted::new(tcp, permits, Some(guard), deadline + LOGIN_CUT_SLACK, stats);
+    Some(into_websocket(stream, rest).await)
+}
+
+/// The TLS transport: admission, the TLS handshake, then the upgrade, all
+/// within one deadline.
+async fn tls_websocket(
+    start: Start,
+    acceptor: TlsAcceptor,
+) -> Option<WebSocketStream<Admitted<TlsStream<TcpStream>>>> {
+    let Start {
+        mut tcp,
+        addr,
+        permits,
+        admission,
+        deadline,
+        shutdown,
+    } = start;
+    let stats = admission.stats.clone();
+    let steps = async {
+        let guard = admit_peer(&mut tcp, addr, &admission, false).await?;
+        let mut stream = match acceptor.accept(tcp).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                debug!(error = %e, "TLS handshake failed");
+                return None;
+            }
+        };
+        let rest = upgrade(&mut stream, &stats).await?;
+        Some((guard, stream, rest))
+    };
+    let (guard, stream, rest) = within(deadline, &shutdown, &stats, steps).await?;
+    let stream = Admitted::new(
+        stream,
+        permits,
+        Some(guard),
+        deadline + LOGIN_CUT_SLACK,
+        stats,
+    );
+    Some(into_websocket(stream, rest).await)
+}
+
+/// Runs the steps before the upgrade under the login deadline, until
+/// shutdown.
+async fn within<T>(
+    deadline: Instant,
+    shutdown: &CancellationToken,
+    stats: &Stats,
+    steps: impl Future<Output = Option<T>>,
+) -> Option<T> {
+    let timed = tokio::select! {
+        r = tokio::time::timeout_at(deadline, steps) => r,
+        _ = shutdown.cancelled() => return None,
+    };
+    match timed {
+        Ok(done) => done,
+        Err(_) => {
+            Stats::bump(&stats.handshake_timeouts);
+            debug!("handshake not done within the login deadline");
+            None
+        }
+    }
+}
+
+/// Reads the upgrade request and answers it: `101`, or an HTTP error for
+/// a request that is not a websocket upgrade we serve. Returns what the
+/// client sent after its request.
+async fn upgrade<S>(stream: &mut S, stats: &Stats) -> Option<Vec<u8>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match admission::read_head(stream).await {
+        Head::Upgrade { accept, rest } => {
+            let response = admission::switching_protocols(&accept);
+            if let Err(e) = stream.write_all(response.as_bytes()).await {
+                debug!(error = %e, "websocket upgrade failed");
+                return None;
+            }
+            Some(rest)
+        }
+        Head::Refused(refusal) => {
+            Stats::bump(&stats.http_refused);
+            debug!(?refusal, "not a websocket upgrade");
+            admission::answer_http(stream, refusal).await;
+            None
+        }
+        Head::Gone => None,
+    }
+}
+
+/// The websocket over an upgraded stream, with our buffers and limits.
+async fn into_websocket<S>(stream: S, rest: Vec<u8>) -> WebSocketStream<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    WebSocketStream::from_partially_read(stream, rest, Role::Server, Some(websocket_config())).await
 }

@@ -1,5 +1,8 @@
 //! The network side: everything that touches a socket.
 //!
+//! - [`admission`]: connection limits (global, pre-login, per IP), the
+//!   per-IP login rate, the PROXY header and the HTTP answer before the
+//!   upgrade.
 //! - [`listener`]: the accept loop (plain TCP or TLS) and the websocket
 //!   upgrade.
 //! - [`conn`]: one connection's reader: the login handshake, then decoding
@@ -13,6 +16,7 @@
 //! connection can be swapped under a user actor (takeover) without the
 //! logic noticing.
 
+pub mod admission;
 pub mod conn;
 pub mod listener;
 pub mod outbound;

@@ -80,6 +80,11 @@ impl TestServer {
             data_dir: dir.path().to_owned(),
             ..Config::default()
         };
+        // Tests open many connections from 127.0.0.1 at once; the per-IP
+        // limits are tested on their own (admission.rs sets its own).
+        config.admission.max_per_ip = 1_000_000;
+        config.admission.logins_per_ip_per_sec = 1_000_000;
+        config.admission.login_burst_per_ip = 1_000_000;
         adjust(&mut config);
         let listener = guildchat_server::bind("127.0.0.1:0".parse().unwrap(), 128).unwrap();
         let url = format!("ws://{}", listener.local_addr().unwrap());

@@ -1,6 +1,7 @@
 //! Integration tests: the real server on 127.0.0.1:0, real websockets, the
 //! real protocol. One test binary (faster to build), one module per area.
 
+mod admission;
 mod channels;
 mod cli;
 mod common;
