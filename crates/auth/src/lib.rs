@@ -18,6 +18,8 @@
 //!   carries exactly one [`KeyAlg`], and a header naming anything else is
 //!   refused with [`TokenError::AlgNotAllowed`] before any cryptography runs.
 
+#![forbid(unsafe_code)]
+
 mod claims;
 mod error;
 mod jose;

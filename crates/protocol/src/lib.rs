@@ -12,6 +12,8 @@
 //!   encoding a message once into [`bytes::Bytes`].
 //! - [`limits`]: sizes every peer must respect.
 
+#![forbid(unsafe_code)]
+
 pub mod codec;
 pub mod limits;
 

@@ -21,6 +21,8 @@
 //! The entry point is [`Server`]: build it from a [`Config`], then
 //! [`Server::run`] it on a listener until a shutdown token is cancelled.
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod config;
 pub mod history;

@@ -2,6 +2,8 @@
 //! the client crate. Parses arguments, sets up logging and signals, and
 //! hands off; no chat logic lives here.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

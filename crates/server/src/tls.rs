@@ -1,10 +1,11 @@
 //! Optional `wss://`: builds a rustls acceptor from PEM files named in the
 //! config. It only loads certificates; it never accepts connections itself.
 
-use std::io::BufReader;
 use std::sync::Arc;
 
 use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
@@ -20,6 +21,8 @@ pub enum TlsError {
     },
     #[error("no private key found in {0}")]
     NoKey(String),
+    #[error("{path} is not valid PEM: {reason}")]
+    BadPem { path: String, reason: String },
     #[error("no certificate found in {0}")]
     NoCert(String),
     #[error("TLS setup: {0}")]
@@ -36,16 +39,19 @@ pub fn acceptor(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
     };
     let cert_pem = read("certificate", &config.cert)?;
     let key_pem = read("private key", &config.key)?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(&cert_pem[..]))
-        .filter_map(Result::ok)
-        .collect();
+    // A malformed block is an error, not something to skip: a certificate
+    // chain missing a link fails only later, at every handshake.
+    let certs = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::BadPem {
+            path: config.cert.display().to_string(),
+            reason: e.to_string(),
+        })?;
     if certs.is_empty() {
         return Err(TlsError::NoCert(config.cert.display().to_string()));
     }
-    let key = rustls_pemfile::private_key(&mut BufReader::new(&key_pem[..]))
-        .ok()
-        .flatten()
-        .ok_or_else(|| TlsError::NoKey(config.key.display().to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|_| TlsError::NoKey(config.key.display().to_string()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
