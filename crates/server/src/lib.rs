@@ -16,7 +16,7 @@
 //!   offline whispers; [`records`] converts between its records and
 //!   notifications.
 //! - [`world`]: the world actor, its registry and the fan-out seam.
-//! - [`ids`], [`stats`]: id newtypes and counters.
+//! - [`ids`], [`stats`], [`logs`]: id newtypes, counters, log throttling.
 //!
 //! The entry point is [`Server`]: build it from a [`Config`], then
 //! [`Server::run`] it on a listener until a shutdown token is cancelled.
@@ -27,6 +27,7 @@ pub mod auth;
 pub mod config;
 pub mod history;
 pub mod ids;
+pub mod logs;
 pub mod net;
 pub mod records;
 pub mod stats;

@@ -210,15 +210,20 @@ fn mint(
     Ok(signer.mint(&claims))
 }
 
-fn init_logging() {
+/// Logs go to stderr through a non-blocking writer: the world actor and the
+/// connection tasks never wait on a slow log pipe (a full buffer drops
+/// lines instead). The guard flushes what is buffered when `main` returns.
+fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .init();
+    guard
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -322,7 +327,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => {
-            init_logging();
+            let _logs = init_logging();
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?

@@ -401,9 +401,14 @@ impl ConnTx {
 /// disconnected with SLOW_CONSUMER (notice and close frame bypass the full
 /// queue) and counted. Its session lingers, so it can resume.
 pub fn slow_consumer(conn: &ConnTx, stats: &Stats) {
+    // The world calls this from fan-out: a burst of cuts writes one line a
+    // second, with how many it stands for (the counter has them all).
+    static LOG: crate::logs::Throttle = crate::logs::Throttle::new(1000);
     if !conn.shared.kill.is_cancelled() {
         Stats::bump(&stats.slow_consumers);
-        tracing::info!(conn = %conn.id, "slow consumer disconnected");
+        if let Some(more) = LOG.allow() {
+            tracing::info!(conn = %conn.id, also_since_last = more, "slow consumer disconnected");
+        }
     }
     conn.kill(
         Some(KickReason::KickSlowConsumer),
