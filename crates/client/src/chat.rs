@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use guildchat_protocol::{codec, pb, ChatType, ClientMsg, KickReason, MsgId, ResCode, ServerMsg};
+use guildchat_protocol::{codec, pb, ChatType, ClientMsg, KickReason, MsgType, ResCode, ServerMsg};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::{Client, Event};
@@ -192,7 +192,7 @@ pub async fn run(url: &str, token: &str) -> anyhow::Result<()> {
                     Command::Online => {
                         let seq = client.next_seq();
                         client.send(&ClientMsg::Online(pb::ChatMessageOnlineReq {
-                            msghead: codec::head(MsgId::CchOnlineReq, seq),
+                            msghead: codec::head(MsgType::CchOnlineReq, seq),
                         })).await?;
                     }
                     Command::Quit => break,
@@ -216,7 +216,7 @@ pub async fn run(url: &str, token: &str) -> anyhow::Result<()> {
             _ = heartbeat.tick() => {
                 let seq = client.next_seq();
                 client.send(&ClientMsg::Heartbeat(pb::ChatMessageHeartbeatReq {
-                    msghead: codec::head(MsgId::CchHeartbeatReq, seq),
+                    msghead: codec::head(MsgType::CchHeartbeatReq, seq),
                     client_time_ms: now_ms(),
                 })).await?;
             }

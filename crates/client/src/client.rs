@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use guildchat_protocol::{codec, pb, ChatType, ClientMsg, MsgId, ServerMsg};
+use guildchat_protocol::{codec, pb, ChatType, ClientMsg, MsgType, ServerMsg};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
@@ -157,7 +157,7 @@ impl Client {
     ) -> Result<u32, ClientError> {
         let seq = self.next_seq();
         self.send(&ClientMsg::Login(pb::ChatMessageLoginReq {
-            msghead: codec::head(MsgId::CchLoginReq, seq),
+            msghead: codec::head(MsgType::CchLoginReq, seq),
             userid,
             username: username.into(),
             tokenstr: token.into(),
@@ -216,7 +216,7 @@ impl Client {
     ) -> Result<u32, ClientError> {
         let seq = self.next_seq();
         self.send(&ClientMsg::Chat(pb::ChatMessageChatReq {
-            msghead: codec::head(MsgId::CchChatReq, seq),
+            msghead: codec::head(MsgType::CchChatReq, seq),
             chattype: channel as i32,
             context: text.into(),
             targetid,
@@ -231,7 +231,7 @@ impl Client {
     pub async fn send_mask(&mut self, mask: u32) -> Result<u32, ClientError> {
         let seq = self.next_seq();
         self.send(&ClientMsg::SetMask(pb::ChatMessageSetMaskReq {
-            msghead: codec::head(MsgId::CchSetMaskReq, seq),
+            msghead: codec::head(MsgType::CchSetMaskReq, seq),
             mask,
         }))
         .await?;
@@ -246,7 +246,7 @@ impl Client {
     pub async fn heartbeat(&mut self) -> Result<Vec<ServerMsg>, ClientError> {
         let seq = self.next_seq();
         self.send(&ClientMsg::Heartbeat(pb::ChatMessageHeartbeatReq {
-            msghead: codec::head(MsgId::CchHeartbeatReq, seq),
+            msghead: codec::head(MsgType::CchHeartbeatReq, seq),
             client_time_ms: 0,
         }))
         .await?;

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use prost::Message;
 
 use crate::pb;
-use crate::MsgId;
+use crate::MsgType;
 
 /// Why a frame could not be turned into a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -135,13 +135,13 @@ impl ClientMsg {
 /// Decodes a frame sent by a client.
 pub fn decode_client(frame: &[u8]) -> Result<ClientMsg, DecodeError> {
     let (msgid, _) = read_head(frame)?;
-    let msg = match MsgId::try_from(msgid as i32) {
-        Ok(MsgId::CchLoginReq) => body(msgid, frame).map(ClientMsg::Login),
-        Ok(MsgId::CchChatReq) => body(msgid, frame).map(ClientMsg::Chat),
-        Ok(MsgId::CchHeartbeatReq) => body(msgid, frame).map(ClientMsg::Heartbeat),
-        Ok(MsgId::CchSetMaskReq) => body(msgid, frame).map(ClientMsg::SetMask),
-        Ok(MsgId::CchOnlineReq) => body(msgid, frame).map(ClientMsg::Online),
-        Ok(MsgId::CchHistoryReq) => body(msgid, frame).map(ClientMsg::History),
+    let msg = match MsgType::try_from(msgid as i32) {
+        Ok(MsgType::CchLoginReq) => body(msgid, frame).map(ClientMsg::Login),
+        Ok(MsgType::CchChatReq) => body(msgid, frame).map(ClientMsg::Chat),
+        Ok(MsgType::CchHeartbeatReq) => body(msgid, frame).map(ClientMsg::Heartbeat),
+        Ok(MsgType::CchSetMaskReq) => body(msgid, frame).map(ClientMsg::SetMask),
+        Ok(MsgType::CchOnlineReq) => body(msgid, frame).map(ClientMsg::Online),
+        Ok(MsgType::CchHistoryReq) => body(msgid, frame).map(ClientMsg::History),
         _ => Err(DecodeError::UnknownMsg(msgid)),
     }?;
     // Protobuf merges a repeated head field, so a frame can name one type
@@ -174,23 +174,23 @@ pub enum ServerMsg {
 /// Decodes a frame sent by the server.
 pub fn decode_server(frame: &[u8]) -> Result<ServerMsg, DecodeError> {
     let (msgid, _) = read_head(frame)?;
-    match MsgId::try_from(msgid as i32) {
-        Ok(MsgId::ChcLoginRep) => body(msgid, frame).map(ServerMsg::LoginRep),
-        Ok(MsgId::CchChatRep) => body(msgid, frame).map(ServerMsg::ChatRep),
-        Ok(MsgId::ChcNotifyChat) => body(msgid, frame).map(ServerMsg::Chat),
-        Ok(MsgId::ChcNotifyKick) => body(msgid, frame).map(ServerMsg::Kick),
-        Ok(MsgId::ChcNotifyError) => body(msgid, frame).map(ServerMsg::Error),
-        Ok(MsgId::ChcHeartbeatRep) => body(msgid, frame).map(ServerMsg::HeartbeatRep),
-        Ok(MsgId::ChcSetMaskRep) => body(msgid, frame).map(ServerMsg::SetMaskRep),
-        Ok(MsgId::ChcOnlineRep) => body(msgid, frame).map(ServerMsg::OnlineRep),
-        Ok(MsgId::ChcNotifyShed) => body(msgid, frame).map(ServerMsg::Shed),
-        Ok(MsgId::ChcHistoryRep) => body(msgid, frame).map(ServerMsg::HistoryRep),
+    match MsgType::try_from(msgid as i32) {
+        Ok(MsgType::ChcLoginRep) => body(msgid, frame).map(ServerMsg::LoginRep),
+        Ok(MsgType::CchChatRep) => body(msgid, frame).map(ServerMsg::ChatRep),
+        Ok(MsgType::ChcNotifyChat) => body(msgid, frame).map(ServerMsg::Chat),
+        Ok(MsgType::ChcNotifyKick) => body(msgid, frame).map(ServerMsg::Kick),
+        Ok(MsgType::ChcNotifyError) => body(msgid, frame).map(ServerMsg::Error),
+        Ok(MsgType::ChcHeartbeatRep) => body(msgid, frame).map(ServerMsg::HeartbeatRep),
+        Ok(MsgType::ChcSetMaskRep) => body(msgid, frame).map(ServerMsg::SetMaskRep),
+        Ok(MsgType::ChcOnlineRep) => body(msgid, frame).map(ServerMsg::OnlineRep),
+        Ok(MsgType::ChcNotifyShed) => body(msgid, frame).map(ServerMsg::Shed),
+        Ok(MsgType::ChcHistoryRep) => body(msgid, frame).map(ServerMsg::HistoryRep),
         _ => Err(DecodeError::UnknownMsg(msgid)),
     }
 }
 
 /// The head every message starts with.
-pub fn head(msgid: MsgId, seq: u32) -> Option<pb::ChatMessageHead> {
+pub fn head(msgid: MsgType, seq: u32) -> Option<pb::ChatMessageHead> {
     Some(pb::ChatMessageHead {
         msgid: msgid as u32,
         seq,
@@ -237,7 +237,7 @@ mod tests {
 
     fn chat_req(seq: u32, text: &str) -> pb::ChatMessageChatReq {
         pb::ChatMessageChatReq {
-            msghead: head(MsgId::CchChatReq, seq),
+            msghead: head(MsgType::CchChatReq, seq),
             chattype: ChatType::ChatWorld as i32,
             context: text.into(),
             ..Default::default()
@@ -277,7 +277,7 @@ mod tests {
     fn client_messages_round_trip() {
         let msgs = vec![
             ClientMsg::Login(pb::ChatMessageLoginReq {
-                msghead: head(MsgId::CchLoginReq, 1),
+                msghead: head(MsgType::CchLoginReq, 1),
                 userid: 42,
                 username: "alice".into(),
                 guildid: u64::from(u32::MAX) + 5,
@@ -287,18 +287,18 @@ mod tests {
             }),
             ClientMsg::Chat(chat_req(2, "hello")),
             ClientMsg::Heartbeat(pb::ChatMessageHeartbeatReq {
-                msghead: head(MsgId::CchHeartbeatReq, 3),
+                msghead: head(MsgType::CchHeartbeatReq, 3),
                 client_time_ms: 9,
             }),
             ClientMsg::SetMask(pb::ChatMessageSetMaskReq {
-                msghead: head(MsgId::CchSetMaskReq, 4),
+                msghead: head(MsgType::CchSetMaskReq, 4),
                 mask: 8,
             }),
             ClientMsg::Online(pb::ChatMessageOnlineReq {
-                msghead: head(MsgId::CchOnlineReq, 5),
+                msghead: head(MsgType::CchOnlineReq, 5),
             }),
             ClientMsg::History(pb::ChatMessageHistoryReq {
-                msghead: head(MsgId::CchHistoryReq, 6),
+                msghead: head(MsgType::CchHistoryReq, 6),
                 chattype: ChatType::ChatGuild as i32,
                 before_msg_id: 77,
                 limit: 20,
@@ -315,7 +315,7 @@ mod tests {
     #[test]
     fn server_messages_round_trip() {
         let note = pb::ChatMessageNotifyChat {
-            msghead: head(MsgId::ChcNotifyChat, 0),
+            msghead: head(MsgType::ChcNotifyChat, 0),
             chattype: ChatType::ChatGuild as i32,
             senderid: 7,
             strcontext: "héllo".into(),
@@ -325,7 +325,7 @@ mod tests {
         let frame = encode(&note);
         assert_eq!(decode_server(&frame), Ok(ServerMsg::Chat(note)));
         let rep = pb::ChatMessageChatRep {
-            msghead: head(MsgId::CchChatRep, 3),
+            msghead: head(MsgType::CchChatRep, 3),
             res: ResCode::ResOnCooldown as i32,
             cooldown_ms: 1500,
             msg_id: 0,
@@ -340,7 +340,7 @@ mod tests {
         assert_eq!(decode_client(&[0xff, 0xff, 0xff]), Err(DecodeError::NoHead));
         // A server message sent to the server is unknown there.
         let rep = encode(&pb::ChatMessageOnlineRep {
-            msghead: head(MsgId::ChcOnlineRep, 1),
+            msghead: head(MsgType::ChcOnlineRep, 1),
             ..Default::default()
         });
         assert_eq!(decode_client(&rep), Err(DecodeError::UnknownMsg(13)));
@@ -365,7 +365,7 @@ mod tests {
     fn ids_above_u32_survive_and_u32_clients_interoperate() {
         // A field declared uint32 by an older client is the same varint.
         let frame = encode(&pb::ChatMessageLoginReq {
-            msghead: head(MsgId::CchLoginReq, 0),
+            msghead: head(MsgType::CchLoginReq, 0),
             userid: 123,
             ..Default::default()
         });

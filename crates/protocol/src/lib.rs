@@ -26,7 +26,9 @@ pub mod pb {
 pub use codec::{
     decode_client, decode_server, encode, peek_msgid, ClientMsg, DecodeError, ServerMsg,
 };
-pub use pb::{Chatmsg as MsgId, Chattype as ChatType, Kickreason as KickReason, Result as ResCode};
+pub use pb::{
+    Chatmsg as MsgType, Chattype as ChatType, Kickreason as KickReason, Result as ResCode,
+};
 
 /// Bit of `channel` in a channel mask (bit N = channel N).
 pub const fn mask_bit(channel: ChatType) -> u32 {

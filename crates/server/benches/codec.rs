@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use guildchat_auth::{Claims, KeyAlg, KeyRing, Signer, TokenFormat, Verifier};
-use guildchat_protocol::{codec, pb, ChatType, ClientMsg, MsgId};
+use guildchat_protocol::{codec, pb, ChatType, ClientMsg, MsgType};
 
 /// A chat line as long as the bench's default (64 characters).
 const TEXT: &str = "gcb:3:1:42:1795920000000000:xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
@@ -24,7 +24,7 @@ fn now() -> i64 {
 
 fn codec_benches(c: &mut Criterion) {
     let note = pb::ChatMessageNotifyChat {
-        msghead: codec::head(MsgId::ChcNotifyChat, 0),
+        msghead: codec::head(MsgType::ChcNotifyChat, 0),
         chattype: ChatType::ChatWorld as i32,
         senderid: 1_000_001,
         strcontext: TEXT.into(),
@@ -38,7 +38,7 @@ fn codec_benches(c: &mut Criterion) {
     });
 
     let frame = ClientMsg::Chat(pb::ChatMessageChatReq {
-        msghead: codec::head(MsgId::CchChatReq, 7),
+        msghead: codec::head(MsgType::CchChatReq, 7),
         chattype: ChatType::ChatWorld as i32,
         context: TEXT.into(),
         ..Default::default()

@@ -4,7 +4,7 @@
 //! reaches the client exactly as the live message would have. Pure
 //! functions: nothing here touches the store's thread or a socket.
 
-use guildchat_protocol::{codec, pb, MsgId as WireMsg};
+use guildchat_protocol::{codec, pb, MsgType};
 use tokio::sync::oneshot;
 
 use crate::history::{Conversation, HistoryError, HistoryHandle, StoredMsg};
@@ -32,7 +32,7 @@ pub fn stored(n: &pb::ChatMessageNotifyChat, conversation: Conversation, nonce: 
 /// The notification a record stands for.
 pub fn notification(m: &StoredMsg) -> pb::ChatMessageNotifyChat {
     pb::ChatMessageNotifyChat {
-        msghead: codec::head(WireMsg::ChcNotifyChat, 0),
+        msghead: codec::head(MsgType::ChcNotifyChat, 0),
         chattype: m.chattype,
         senderid: m.sender_id,
         strcontext: m.text.clone(),

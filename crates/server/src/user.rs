@@ -24,7 +24,7 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 
 use bytes::Bytes;
 use guildchat_protocol::{
-    codec, pb, ChatType, ClientMsg, KickReason, MsgId as WireMsg, ResCode, UNMASKABLE,
+    codec, pb, ChatType, ClientMsg, KickReason, MsgType, ResCode, UNMASKABLE,
 };
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
@@ -424,7 +424,7 @@ impl UserActor {
         }
         match req {
             ClientMsg::Login(_) => self.reply(codec::encode(&pb::ChatMessageLoginRep {
-                msghead: codec::head(WireMsg::ChcLoginRep, seq),
+                msghead: codec::head(MsgType::ChcLoginRep, seq),
                 res: ResCode::ResAlreadyLoggedIn as i32,
                 ..Default::default()
             })),
@@ -439,7 +439,7 @@ impl UserActor {
                     Err(gone) => gone.into(),
                 };
                 self.reply(codec::encode(&pb::ChatMessageSetMaskRep {
-                    msghead: codec::head(WireMsg::ChcSetMaskRep, seq),
+                    msghead: codec::head(MsgType::ChcSetMaskRep, seq),
                     res: res as i32,
                     mask: self.mask,
                     ..Default::default()
@@ -450,7 +450,7 @@ impl UserActor {
                 // logout: no round trip through the world's mailbox.
                 let online = Stats::get(&self.stats.online).min(u32::MAX as u64) as u32;
                 self.reply(codec::encode(&pb::ChatMessageOnlineRep {
-                    msghead: codec::head(WireMsg::ChcOnlineRep, seq),
+                    msghead: codec::head(MsgType::ChcOnlineRep, seq),
                     res: ResCode::ResOk as i32,
                     online,
                     max_online: self.config.max_online,
@@ -470,14 +470,14 @@ impl UserActor {
             ClientMsg::History(m) => {
                 let rep = match self.history_page(&m).await {
                     Ok((msgs, has_more)) => pb::ChatMessageHistoryRep {
-                        msghead: codec::head(WireMsg::ChcHistoryRep, seq),
+                        msghead: codec::head(MsgType::ChcHistoryRep, seq),
                         res: ResCode::ResOk as i32,
                         msgs,
                         has_more,
                         ..Default::default()
                     },
                     Err(res) => pb::ChatMessageHistoryRep {
-                        msghead: codec::head(WireMsg::ChcHistoryRep, seq),
+                        msghead: codec::head(MsgType::ChcHistoryRep, seq),
                         res: res as i32,
                         ..Default::default()
                     },
@@ -769,7 +769,7 @@ impl Accepted {
 /// The heartbeat answer, the same before and after login.
 pub(crate) fn heartbeat_reply(seq: u32, m: &pb::ChatMessageHeartbeatReq) -> Bytes {
     codec::encode(&pb::ChatMessageHeartbeatRep {
-        msghead: codec::head(WireMsg::ChcHeartbeatRep, seq),
+        msghead: codec::head(MsgType::ChcHeartbeatRep, seq),
         client_time_ms: m.client_time_ms,
         server_time_ms: crate::world::now_ms(),
         ..Default::default()
@@ -783,26 +783,26 @@ fn rate_limited_reply(req: &ClientMsg, mask: u32, wait: Duration) -> Bytes {
     let retry_after_ms = duration_ms(wait);
     match req {
         ClientMsg::Heartbeat(m) => codec::encode(&pb::ChatMessageHeartbeatRep {
-            msghead: codec::head(WireMsg::ChcHeartbeatRep, req.seq()),
+            msghead: codec::head(MsgType::ChcHeartbeatRep, req.seq()),
             client_time_ms: m.client_time_ms,
             res,
             retry_after_ms,
             ..Default::default()
         }),
         ClientMsg::SetMask(_) => codec::encode(&pb::ChatMessageSetMaskRep {
-            msghead: codec::head(WireMsg::ChcSetMaskRep, req.seq()),
+            msghead: codec::head(MsgType::ChcSetMaskRep, req.seq()),
             res,
             mask,
             retry_after_ms,
         }),
         ClientMsg::Online(_) => codec::encode(&pb::ChatMessageOnlineRep {
-            msghead: codec::head(WireMsg::ChcOnlineRep, req.seq()),
+            msghead: codec::head(MsgType::ChcOnlineRep, req.seq()),
             res,
             retry_after_ms,
             ..Default::default()
         }),
         ClientMsg::History(_) => codec::encode(&pb::ChatMessageHistoryRep {
-            msghead: codec::head(WireMsg::ChcHistoryRep, req.seq()),
+            msghead: codec::head(MsgType::ChcHistoryRep, req.seq()),
             res,
             retry_after_ms,
             ..Default::default()
@@ -810,7 +810,7 @@ fn rate_limited_reply(req: &ClientMsg, mask: u32, wait: Duration) -> Bytes {
         // Never metered (see `Class::of`); an error notice, should that
         // ever change.
         ClientMsg::Login(_) | ClientMsg::Chat(_) => codec::encode(&pb::ChatMessageNotifyError {
-            msghead: codec::head(WireMsg::ChcNotifyError, req.seq()),
+            msghead: codec::head(MsgType::ChcNotifyError, req.seq()),
             res,
             ..Default::default()
         }),
@@ -943,7 +943,7 @@ impl Rates {
 
 fn chat_rep(seq: u32, res: ResCode, cooldown: Duration, msg_id: u64, offline: bool) -> Bytes {
     codec::encode(&pb::ChatMessageChatRep {
-        msghead: codec::head(WireMsg::CchChatRep, seq),
+        msghead: codec::head(MsgType::CchChatRep, seq),
         res: res as i32,
         cooldown_ms: duration_ms(cooldown),
         msg_id,

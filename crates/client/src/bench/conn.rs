@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use guildchat_protocol::{codec, pb, ClientMsg, MsgId, ResCode, ServerMsg};
+use guildchat_protocol::{codec, pb, ClientMsg, MsgType, ResCode, ServerMsg};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -104,7 +104,7 @@ impl BenchConn {
     ) -> Result<pb::ChatMessageLoginRep, ConnError> {
         let seq = self.next_seq();
         let req = ClientMsg::Login(pb::ChatMessageLoginReq {
-            msghead: codec::head(MsgId::CchLoginReq, seq),
+            msghead: codec::head(MsgType::CchLoginReq, seq),
             tokenstr: token.to_owned(),
             last_msg_id,
             ..Default::default()

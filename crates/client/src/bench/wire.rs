@@ -15,7 +15,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use guildchat_protocol::{codec, pb, ChatType, MsgId};
+use guildchat_protocol::{codec, pb, ChatType, MsgType};
 
 /// Start of every bench chat text; anything else is not ours.
 const MAGIC: &str = "gcb:";
@@ -114,7 +114,7 @@ fn varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
 /// notification. Unknown fields are skipped, as protobuf requires, so a
 /// server that adds fields stays readable.
 pub fn scan_notify(frame: &[u8]) -> Option<Notify<'_>> {
-    if codec::peek_msgid(frame)? != MsgId::ChcNotifyChat as u32 {
+    if codec::peek_msgid(frame)? != MsgType::ChcNotifyChat as u32 {
         return None;
     }
     let mut out = Notify {
@@ -159,7 +159,7 @@ pub fn scan_notify(frame: &[u8]) -> Option<Notify<'_>> {
 /// (`sender` in the high bits, `seq` in the low 40).
 pub fn reference_frame(tag: &Tag, text_len: usize) -> Bytes {
     codec::encode(&pb::ChatMessageNotifyChat {
-        msghead: codec::head(MsgId::ChcNotifyChat, 0),
+        msghead: codec::head(MsgType::ChcNotifyChat, 0),
         chattype: ChatType::ChatWorld as i32,
         senderid: u64::from(tag.sender),
         strcontext: write_text(tag, text_len),
@@ -221,7 +221,7 @@ mod tests {
     #[test]
     fn scan_matches_prost() {
         let note = pb::ChatMessageNotifyChat {
-            msghead: codec::head(MsgId::ChcNotifyChat, 0),
+            msghead: codec::head(MsgType::ChcNotifyChat, 0),
             chattype: ChatType::ChatGuild as i32,
             senderid: 7,
             strcontext: "héllo".into(),
@@ -248,7 +248,7 @@ mod tests {
         }
         // Other messages are not notifications.
         let rep = codec::encode(&pb::ChatMessageChatRep {
-            msghead: codec::head(MsgId::CchChatRep, 1),
+            msghead: codec::head(MsgType::CchChatRep, 1),
             ..Default::default()
         });
         assert_eq!(scan_notify(&rep), None);

@@ -22,7 +22,7 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use guildchat_auth::{Claims, KeyRing};
-use guildchat_protocol::{codec, pb, ChatType, ClientMsg, MsgId, ServerMsg};
+use guildchat_protocol::{codec, pb, ChatType, ClientMsg, MsgType, ServerMsg};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
@@ -822,7 +822,7 @@ impl Player {
         let conn = self.conn.as_mut().unwrap();
         let seq = conn.next_seq();
         let req = ClientMsg::Chat(pb::ChatMessageChatReq {
-            msghead: codec::head(MsgId::CchChatReq, seq),
+            msghead: codec::head(MsgType::CchChatReq, seq),
             chattype: channel as i32,
             context: text,
             targetid: target,
@@ -885,7 +885,7 @@ impl Player {
             // in it for a finer round-trip time.
             TargetKind::Guildchat => Message::Binary(
                 ClientMsg::Heartbeat(pb::ChatMessageHeartbeatReq {
-                    msghead: codec::head(MsgId::CchHeartbeatReq, 0),
+                    msghead: codec::head(MsgType::CchHeartbeatReq, 0),
                     client_time_ms: now,
                 })
                 .encode(),
@@ -982,7 +982,7 @@ impl Player {
 
     fn on_binary(&mut self, b: &Bytes) {
         let msgid = codec::peek_msgid(b).unwrap_or(0);
-        if msgid == MsgId::ChcNotifyChat as u32 {
+        if msgid == MsgType::ChcNotifyChat as u32 {
             self.on_notify(b);
             return;
         }

@@ -765,9 +765,9 @@ mod tests {
     }
 
     fn login_rep(res: ResCode) -> Vec<u8> {
-        use guildchat_protocol::{pb, MsgId};
+        use guildchat_protocol::{pb, MsgType};
         codec::encode(&pb::ChatMessageLoginRep {
-            msghead: codec::head(MsgId::ChcLoginRep, 1),
+            msghead: codec::head(MsgType::ChcLoginRep, 1),
             res: res as i32,
             ..Default::default()
         })

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
 use guildchat_protocol::{
-    close_code, codec, pb, ClientMsg, DecodeError, KickReason, MsgId as WireMsg, ResCode,
+    close_code, codec, pb, ClientMsg, DecodeError, KickReason, MsgType, ResCode,
 };
 use std::pin::Pin;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -245,7 +245,7 @@ where
         let _ = self
             .conn
             .try_frame(codec::encode(&pb::ChatMessageNotifyError {
-                msghead: codec::head(WireMsg::ChcNotifyError, seq),
+                msghead: codec::head(MsgType::ChcNotifyError, seq),
                 res: res as i32,
                 badmsgid: msgid,
                 detail,
@@ -311,22 +311,22 @@ where
                 ClientMsg::Login(req) => return self.try_login(req, seq).await,
                 ClientMsg::Heartbeat(m) => crate::user::heartbeat_reply(seq, &m),
                 ClientMsg::Chat(_) => codec::encode(&pb::ChatMessageChatRep {
-                    msghead: codec::head(WireMsg::CchChatRep, seq),
+                    msghead: codec::head(MsgType::CchChatRep, seq),
                     res: ResCode::ResNotLoggedIn as i32,
                     ..Default::default()
                 }),
                 ClientMsg::SetMask(_) => codec::encode(&pb::ChatMessageSetMaskRep {
-                    msghead: codec::head(WireMsg::ChcSetMaskRep, seq),
+                    msghead: codec::head(MsgType::ChcSetMaskRep, seq),
                     res: ResCode::ResNotLoggedIn as i32,
                     ..Default::default()
                 }),
                 ClientMsg::Online(_) => codec::encode(&pb::ChatMessageOnlineRep {
-                    msghead: codec::head(WireMsg::ChcOnlineRep, seq),
+                    msghead: codec::head(MsgType::ChcOnlineRep, seq),
                     res: ResCode::ResNotLoggedIn as i32,
                     ..Default::default()
                 }),
                 ClientMsg::History(_) => codec::encode(&pb::ChatMessageHistoryRep {
-                    msghead: codec::head(WireMsg::ChcHistoryRep, seq),
+                    msghead: codec::head(MsgType::ChcHistoryRep, seq),
                     res: ResCode::ResNotLoggedIn as i32,
                     ..Default::default()
                 }),
@@ -361,7 +361,7 @@ where
                 Stats::bump(&self.ctx.stats.login_failures);
                 debug!(conn = %self.conn.id(), ?code, "login refused");
                 let _ = self.conn.try_frame(codec::encode(&pb::ChatMessageLoginRep {
-                    msghead: codec::head(WireMsg::ChcLoginRep, seq),
+                    msghead: codec::head(MsgType::ChcLoginRep, seq),
                     res: code as i32,
                     ..Default::default()
                 }));

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use guildchat_protocol::{close_code, codec, pb, KickReason, MsgId};
+use guildchat_protocol::{close_code, codec, pb, KickReason, MsgType};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -245,7 +245,7 @@ pub struct ConnTx {
 /// Encodes a kick notice.
 pub fn kick_notice(reason: KickReason, detail: &str) -> Bytes {
     codec::encode(&pb::ChatMessageNotifyKick {
-        msghead: codec::head(MsgId::ChcNotifyKick, 0),
+        msghead: codec::head(MsgType::ChcNotifyKick, 0),
         reason: reason as i32,
         detail: detail.to_owned(),
     })

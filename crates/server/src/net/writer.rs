@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::SplitSink;
 use futures_util::SinkExt;
-use guildchat_protocol::{codec, pb, KickReason, MsgId};
+use guildchat_protocol::{codec, pb, KickReason, MsgType};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
@@ -228,7 +228,7 @@ where
         return Ok(());
     }
     let notice = codec::encode(&pb::ChatMessageNotifyShed {
-        msghead: codec::head(MsgId::ChcNotifyShed, 0),
+        msghead: codec::head(MsgType::ChcNotifyShed, 0),
         count,
         total: shared.shed_total.load(std::sync::atomic::Ordering::Acquire),
     });

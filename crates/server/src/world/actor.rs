@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use guildchat_protocol::{codec, mask_bit, pb, ChatType, KickReason, MsgId as WireMsg, ResCode};
+use guildchat_protocol::{codec, mask_bit, pb, ChatType, KickReason, MsgType, ResCode};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
@@ -188,7 +188,7 @@ impl World {
             WorldMsg::Announce { text, respond_to } => {
                 let id = self.next_msg_id();
                 let notify = pb::ChatMessageNotifyChat {
-                    msghead: codec::head(WireMsg::ChcNotifyChat, 0),
+                    msghead: codec::head(MsgType::ChcNotifyChat, 0),
                     chattype: ChatType::ChatAll as i32,
                     strcontext: text,
                     msg_id: id.0,
@@ -676,7 +676,7 @@ impl World {
         let sender_name = sender.name.clone();
         let id = self.next_msg_id();
         let notify = pb::ChatMessageNotifyChat {
-            msghead: codec::head(WireMsg::ChcNotifyChat, 0),
+            msghead: codec::head(MsgType::ChcNotifyChat, 0),
             chattype: line.channel as i32,
             senderid: line.from.0,
             strcontext: line.text,
@@ -919,7 +919,7 @@ fn login_reply(
     resume: &Resume,
 ) -> Bytes {
     codec::encode(&pb::ChatMessageLoginRep {
-        msghead: codec::head(WireMsg::ChcLoginRep, seq),
+        msghead: codec::head(MsgType::ChcLoginRep, seq),
         res: ResCode::ResOk as i32,
         userid: user.0,
         username: entry.name.clone(),

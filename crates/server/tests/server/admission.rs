@@ -475,7 +475,7 @@ async fn over_tls_the_deadline_covers_the_handshake_and_the_upgrade_together() {
 #[tokio::test]
 async fn over_tls_bad_http_gets_http_and_a_login_frees_its_pre_login_place() {
     use futures_util::SinkExt;
-    use guildchat_protocol::{codec, pb, ClientMsg, MsgId};
+    use guildchat_protocol::{codec, pb, ClientMsg, MsgType};
     use tokio_tungstenite::tungstenite::Message;
 
     let (server, connector, _dir) = tls_server(|c| c.admission.max_prelogin = 1).await;
@@ -512,7 +512,7 @@ async fn over_tls_bad_http_gets_http_and_a_login_frees_its_pre_login_place() {
     }
     let mut ws = ws.expect("the pre-login place came free");
     let login = ClientMsg::Login(pb::ChatMessageLoginReq {
-        msghead: codec::head(MsgId::CchLoginReq, 1),
+        msghead: codec::head(MsgType::CchLoginReq, 1),
         tokenstr: server.token(1, "alice", 0, 0, 0),
         ..Default::default()
     });

@@ -317,7 +317,10 @@ async fn online_query_counts_players() {
     let seq = c[0].next_seq();
     c[0].send(&guildchat_protocol::ClientMsg::Online(
         guildchat_protocol::pb::ChatMessageOnlineReq {
-            msghead: guildchat_protocol::codec::head(guildchat_protocol::MsgId::CchOnlineReq, seq),
+            msghead: guildchat_protocol::codec::head(
+                guildchat_protocol::MsgType::CchOnlineReq,
+                seq,
+            ),
         },
     ))
     .await

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use guildchat_client::Client;
-use guildchat_protocol::{codec, pb, ChatType, ClientMsg, MsgId, ResCode, ServerMsg};
+use guildchat_protocol::{codec, pb, ChatType, ClientMsg, MsgType, ResCode, ServerMsg};
 
 use crate::common::*;
 
@@ -31,7 +31,7 @@ pub async fn page(
 ) -> pb::ChatMessageHistoryRep {
     let seq = c.next_seq();
     c.send(&ClientMsg::History(pb::ChatMessageHistoryReq {
-        msghead: codec::head(MsgId::CchHistoryReq, seq),
+        msghead: codec::head(MsgType::CchHistoryReq, seq),
         chattype: channel as i32,
         peerid: peer,
         before_msg_id: before,

@@ -167,7 +167,7 @@ async fn request_fields_must_agree_with_the_token() {
         c.send(&guildchat_protocol::ClientMsg::Login(
             guildchat_protocol::pb::ChatMessageLoginReq {
                 msghead: guildchat_protocol::codec::head(
-                    guildchat_protocol::MsgId::CchLoginReq,
+                    guildchat_protocol::MsgType::CchLoginReq,
                     seq,
                 ),
                 userid,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use guildchat_client::{Client, Event};
 use guildchat_protocol::{
-    close_code, codec, pb, ChatType, ClientMsg, KickReason, MsgId, ResCode, ServerMsg,
+    close_code, codec, pb, ChatType, ClientMsg, KickReason, MsgType, ResCode, ServerMsg,
 };
 use guildchat_server::stats::Stats;
 
@@ -17,13 +17,13 @@ use crate::common::*;
 
 fn online_req(c: &mut Client) -> ClientMsg {
     ClientMsg::Online(pb::ChatMessageOnlineReq {
-        msghead: codec::head(MsgId::CchOnlineReq, c.next_seq()),
+        msghead: codec::head(MsgType::CchOnlineReq, c.next_seq()),
     })
 }
 
 fn history_req(c: &mut Client) -> ClientMsg {
     ClientMsg::History(pb::ChatMessageHistoryReq {
-        msghead: codec::head(MsgId::CchHistoryReq, c.next_seq()),
+        msghead: codec::head(MsgType::CchHistoryReq, c.next_seq()),
         chattype: ChatType::ChatWorld as i32,
         limit: 10,
         ..Default::default()
@@ -249,7 +249,7 @@ async fn heartbeats_past_their_limit_are_refused_with_the_wait() {
     for i in 0..25 {
         let seq = a.next_seq();
         a.send(&ClientMsg::Heartbeat(pb::ChatMessageHeartbeatReq {
-            msghead: codec::head(MsgId::CchHeartbeatReq, seq),
+            msghead: codec::head(MsgType::CchHeartbeatReq, seq),
             client_time_ms: 1_000 + i,
         }))
         .await

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use guildchat_protocol::limits::MAX_FRAME_BYTES;
-use guildchat_protocol::{close_code, codec, pb, ChatType, KickReason, MsgId, ResCode, ServerMsg};
+use guildchat_protocol::{
+    close_code, codec, pb, ChatType, KickReason, MsgType, ResCode, ServerMsg,
+};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
@@ -45,7 +47,7 @@ async fn bad_frames_get_error_notices_before_and_after_login() {
         assert_eq!(expect_error(c).await.res, ResCode::ResBadRequest as i32);
         // Invalid UTF-8 in the chat text.
         let mut frame = codec::encode(&pb::ChatMessageChatReq {
-            msghead: codec::head(MsgId::CchChatReq, 7),
+            msghead: codec::head(MsgType::CchChatReq, 7),
             chattype: ChatType::ChatWorld as i32,
             context: "abc".into(),
             ..Default::default()
@@ -57,7 +59,7 @@ async fn bad_frames_get_error_notices_before_and_after_login() {
         let e = expect_error(c).await;
         assert_eq!(
             (e.res, e.badmsgid),
-            (ResCode::ResBadUtf8 as i32, MsgId::CchChatReq as u32)
+            (ResCode::ResBadUtf8 as i32, MsgType::CchChatReq as u32)
         );
     }
     // Both connections are still usable.
@@ -180,7 +182,7 @@ async fn heartbeat_is_answered_with_the_client_time() {
     let seq = c.next_seq();
     c.send(&guildchat_protocol::ClientMsg::Heartbeat(
         pb::ChatMessageHeartbeatReq {
-            msghead: codec::head(MsgId::CchHeartbeatReq, seq),
+            msghead: codec::head(MsgType::CchHeartbeatReq, seq),
             client_time_ms: 12345,
         },
     ))

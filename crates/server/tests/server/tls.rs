@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
-use guildchat_protocol::{codec, pb, ClientMsg, MsgId, ResCode, ServerMsg};
+use guildchat_protocol::{codec, pb, ClientMsg, MsgType, ResCode, ServerMsg};
 use guildchat_server::config::TlsConfig;
 use tokio_rustls::rustls;
 use tokio_tungstenite::tungstenite::Message;
@@ -46,7 +46,7 @@ async fn login_over_wss() {
         .await
         .unwrap();
     let login = ClientMsg::Login(pb::ChatMessageLoginReq {
-        msghead: codec::head(MsgId::CchLoginReq, 1),
+        msghead: codec::head(MsgType::CchLoginReq, 1),
         tokenstr: server.token(1, "alice", 0, 0, 0),
         ..Default::default()
     });
