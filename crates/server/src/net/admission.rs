@@ -66,10 +66,9 @@ const MAX_PROXY_HEADER: usize = 1024;
 const MAX_WATCHED_FRAME: usize = 1024;
 
 /// How much later than the login deadline the stream itself cuts a
-/// connection that has not logged in. The reader's own login timer (which
-/// tells the client why, `KickLoginTimeout`) starts at the upgrade, so it
-/// fires first for every client whose handshake was quick; this cut bounds
-/// the whole accept-to-login time of the others.
+/// connection that has not logged in. The reader's login timer runs to the
+/// same deadline and tells the client why (`KickLoginTimeout`); this cut is
+/// the backstop should that kick not get through.
 pub const LOGIN_CUT_SLACK: Duration = Duration::from_secs(1);
 
 /// Answer to a connection refused before the upgrade for want of room.

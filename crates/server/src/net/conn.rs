@@ -127,10 +127,13 @@ impl BadFrames {
 /// in the state machine beside what they were moved into, for the
 /// connection's life. The set-up runs here; the returned future holds only
 /// the reader and the writer's handle.
+/// `login_deadline` is the one deadline the connection has from its accept
+/// (through TLS and the upgrade) to its login.
 pub(crate) fn serve<S>(
     ws: WebSocketStream<S>,
     id: ConnId,
     ctx: Arc<ConnCtx>,
+    login_deadline: Instant,
 ) -> impl std::future::Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -164,9 +167,10 @@ where
         // The login phase (its deadline timer, the world's reply) and the
         // closing drain are boxed: the task keeps room only for the phase
         // it is in, and an idle connection spends its life in `forward`.
-        let peer_closed = match Box::pin(reader.login()).await {
-            Some(inbound) => reader.forward(inbound).await,
-            None => false,
+        let peer_closed = match Box::pin(reader.login(login_deadline)).await {
+            Ok(inbound) => reader.forward(inbound).await,
+            // A peer that left before logging in is not waited for.
+            Err(peer_closed) => peer_closed,
         };
         if !peer_closed {
             Box::pin(reader.drain()).await;
@@ -268,32 +272,32 @@ where
         self.bad_frame(res, e.msgid(), codec::peek_seq(frame), e.to_string())
     }
 
-    /// The login handshake. Returns the request queue of the user actor
-    /// this connection now feeds, or None if the connection is closing.
-    async fn login(&mut self) -> Option<mpsc::Sender<Box<Inbound>>> {
-        let deadline = Instant::now() + self.ctx.config.limits.login_timeout();
+    /// The login handshake, until `deadline` (set at the accept). Returns
+    /// the request queue of the user actor this connection now feeds, or,
+    /// when the connection is over, whether the peer closed it.
+    async fn login(&mut self, deadline: Instant) -> Result<mpsc::Sender<Box<Inbound>>, bool> {
         let shutdown = self.ctx.shutdown.clone();
         loop {
             let event = tokio::select! {
                 e = self.next() => e,
                 _ = tokio::time::sleep_until(deadline) => {
                     self.conn.kick(KickReason::KickLoginTimeout);
-                    return None;
+                    return Err(false);
                 }
                 _ = shutdown.cancelled() => {
                     self.conn.kick(KickReason::KickShutdown);
-                    return None;
+                    return Err(false);
                 }
             };
-            if self.terminal(&event).is_some() {
-                return None;
+            if let Some(peer_closed) = self.terminal(&event) {
+                return Err(peer_closed);
             }
             if let Event::Pong(_) = event {
                 continue;
             }
             let Event::Frame(frame) = event else {
                 if !self.bad_frame(ResCode::ResBadRequest, 0, 0, "text frame".into()) {
-                    return None;
+                    return Err(false);
                 }
                 continue;
             };
@@ -301,7 +305,7 @@ where
                 Ok(msg) => msg,
                 Err(e) => {
                     if !self.decode_failed(&frame, e) {
-                        return None;
+                        return Err(false);
                     }
                     continue;
                 }
@@ -339,7 +343,7 @@ where
         &mut self,
         req: pb::ChatMessageLoginReq,
         seq: u32,
-    ) -> Option<mpsc::Sender<Box<Inbound>>> {
+    ) -> Result<mpsc::Sender<Box<Inbound>>, bool> {
         let checked = self.ctx.auth.check(&req);
         let result = match checked {
             Ok(identity) => {
@@ -356,7 +360,7 @@ where
             Err(code) => Err(code),
         };
         match result {
-            Ok(tx) => Some(tx),
+            Ok(tx) => Ok(tx),
             Err(code) => {
                 Stats::bump(&self.ctx.stats.login_failures);
                 debug!(conn = %self.conn.id(), ?code, "login refused");
@@ -366,7 +370,7 @@ where
                     ..Default::default()
                 }));
                 self.conn.kick(KickReason::KickLoginFailed);
-                None
+                Err(false)
             }
         }
     }

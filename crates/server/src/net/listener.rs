@@ -124,11 +124,11 @@ pub(crate) async fn accept_loop(
         match &tls {
             None => {
                 let handshake = Box::pin(plain_websocket(start));
-                tracker.spawn(connection(handshake, id, ctx).instrument(span));
+                tracker.spawn(connection(handshake, id, ctx, deadline).instrument(span));
             }
             Some(acceptor) => {
                 let handshake = Box::pin(tls_websocket(start, acceptor.clone()));
-                tracker.spawn(connection(handshake, id, ctx).instrument(span));
+                tracker.spawn(connection(handshake, id, ctx, deadline).instrument(span));
             }
         }
     }
@@ -147,6 +147,7 @@ fn connection<S, H>(
     handshake: Pin<Box<H>>,
     id: ConnId,
     ctx: Arc<ConnCtx>,
+    login_deadline: Instant,
 ) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -156,7 +157,7 @@ where
         let session = match handshake.await {
             Some(ws) => {
                 Stats::bump(&ctx.stats.connections);
-                conn::serve(ws, id, ctx)
+                conn::serve(ws, id, ctx, login_deadline)
             }
             None => return,
         };
