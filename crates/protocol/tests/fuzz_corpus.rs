@@ -9,10 +9,17 @@ use std::sync::OnceLock;
 use guildchat_protocol::{codec, decode_client, peek_msgid};
 use proptest::prelude::*;
 
+/// This crate's directory, read when the test runs: a test binary reused
+/// from a target dir another checkout built must read this checkout's
+/// corpus.
+fn crate_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 fn read_corpus(target: &str) -> Vec<Vec<u8>> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fuzz/corpus")
-        .join(target);
+    let dir = crate_dir().join("../../fuzz/corpus").join(target);
     let mut frames: Vec<Vec<u8>> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|entry| std::fs::read(entry.unwrap().path()).unwrap())
