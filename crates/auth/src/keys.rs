@@ -164,9 +164,9 @@ impl KeyRing {
 
     /// The TOML form read by [`KeyRing::from_toml_str`].
     pub fn to_toml_string(&self) -> String {
-        // unwrap: the ring is a table holding an array of tables of strings;
-        // TOML can represent every such value, so serialization cannot fail.
-        toml::to_string(self).unwrap()
+        // The ring is a table holding an array of tables of strings; TOML
+        // can represent every such value.
+        toml::to_string(self).expect("a key ring always serializes to TOML")
     }
 
     /// A fresh random key. Asymmetric keys get both secret and public.

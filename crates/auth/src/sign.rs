@@ -97,8 +97,8 @@ impl Signer {
             typ: "JWT",
             kid: &entry.kid,
         };
-        // unwrap: a struct of string fields always serializes to JSON.
-        let header_json = serde_json::to_vec(&header).unwrap();
+        let header_json =
+            serde_json::to_vec(&header).expect("a struct of string fields serializes to JSON");
         Ok(Signer {
             kid: entry.kid.clone(),
             alg: entry.alg,
@@ -134,9 +134,8 @@ impl Signer {
 
     /// [`Signer::mint`], reporting a random number generator failure.
     pub fn try_mint(&self, claims: &Claims) -> Result<String, KeyError> {
-        // unwrap: the claims are strings and integers with string keys,
-        // which serde_json always serializes.
-        let payload = serde_json::to_vec(&WireClaims::from(claims)).unwrap();
+        let payload = serde_json::to_vec(&WireClaims::from(claims))
+            .expect("strings and integers with string keys serialize to JSON");
         let mut out = String::with_capacity(self.header_b64.len() + payload.len() * 2 + 128);
         out.push_str(&self.header_b64);
         match &self.key {
@@ -160,15 +159,15 @@ impl Signer {
                 getrandom::fill(&mut iv).map_err(KeyError::Random)?;
                 let nonce = Nonce::<Aes256Gcm>::from(iv);
                 let mut data = payload;
-                // unwrap: AES-GCM only fails for plaintexts over 64 GiB or
-                // AAD over 2^61 bytes; claims and header are tiny.
+                // AES-GCM only fails for plaintexts over 64 GiB or AAD over
+                // 2^61 bytes; claims and header are tiny.
                 let tag = cipher
                     .encrypt_inout_detached(
                         &nonce,
                         self.header_b64.as_bytes(),
                         data.as_mut_slice().into(),
                     )
-                    .unwrap();
+                    .expect("claims are far below AES-GCM's length limits");
                 // Empty encrypted key: `dir` uses the shared key directly.
                 out.push_str("..");
                 b64_encode_into(&iv, &mut out);

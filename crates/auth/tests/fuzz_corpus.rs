@@ -3,6 +3,9 @@
 //! of it, through the property the `verify` fuzz target checks: nothing
 //! panics, and only the fixture's genuine tokens verify.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 

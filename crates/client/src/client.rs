@@ -64,7 +64,7 @@ fn parse_url(url: &str) -> Result<SocketAddr, ClientError> {
 
 /// Opens a TCP connection the way every client here does: from a chosen
 /// local address, with an optional SO_RCVBUF, Nagle off.
-pub(crate) async fn tcp_connect(
+pub async fn tcp_connect(
     addr: SocketAddr,
     local: Option<IpAddr>,
     recv_buffer: Option<u32>,

@@ -8,8 +8,9 @@
 //! Nothing here knows the server's internals: if a client here works, a game
 //! client generated from `proto/chatproto.proto` works the same way.
 
-pub mod bench;
+#![forbid(unsafe_code)]
+
 pub mod chat;
 mod client;
 
-pub use client::{Client, ClientError, Event};
+pub use client::{tcp_connect, Client, ClientError, Event};

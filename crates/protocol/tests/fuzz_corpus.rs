@@ -3,6 +3,9 @@
 //! properties the fuzz targets check, so the normal suite keeps what
 //! fuzzing found.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 

@@ -6,6 +6,9 @@
 //!
 //! `cargo bench -p guildchat-server --bench codec`
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::hint::black_box;
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -7,6 +7,9 @@
 //! system temp dir); point it at the disk you want measured, since the
 //! write figures are mostly the cost of fsync there.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use guildchat_auth::{Claims, KeyRing, Signer, TokenFormat};
 use guildchat_client::{Client, Event};
-use guildchat_protocol::{pb, ChatType, ResCode, ServerMsg};
+use guildchat_protocol::{codec, pb, ChatType, ClientMsg, MsgType, ResCode, ServerMsg};
 use guildchat_server::ids::UserId;
 use guildchat_server::stats::Stats;
 use guildchat_server::world::WorldHandle;
@@ -234,4 +234,54 @@ pub async fn until_lingering(server: &TestServer, user: u64) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     panic!("player {user} never started lingering");
+}
+
+/// Requests one history page and returns the reply.
+pub async fn page(
+    c: &mut Client,
+    channel: ChatType,
+    group: u64,
+    peer: u64,
+    before: u64,
+    limit: u32,
+) -> pb::ChatMessageHistoryRep {
+    let seq = c.next_seq();
+    c.send(&ClientMsg::History(pb::ChatMessageHistoryReq {
+        msghead: codec::head(MsgType::CchHistoryReq, seq),
+        chattype: channel as i32,
+        peerid: peer,
+        before_msg_id: before,
+        limit,
+        groupid: group,
+    }))
+    .await
+    .unwrap();
+    loop {
+        match next(c).await {
+            ServerMsg::HistoryRep(rep) => {
+                assert_eq!(rep.msghead.unwrap().seq, seq);
+                return rep;
+            }
+            ServerMsg::Chat(_) | ServerMsg::ChatRep(_) => {}
+            other => panic!("expected a history reply, got {other:?}"),
+        }
+    }
+}
+
+/// Pages back through a whole conversation; returns msg_ids oldest first.
+pub async fn all_pages(c: &mut Client, channel: ChatType, peer: u64, limit: u32) -> Vec<u64> {
+    let mut ids = Vec::new();
+    let mut before = 0;
+    for _ in 0..1000 {
+        let rep = page(c, channel, 0, peer, before, limit).await;
+        assert_eq!(rep.res, ResCode::ResOk as i32);
+        assert!(rep.msgs.len() <= limit as usize);
+        ids.extend(rep.msgs.iter().map(|m| m.msg_id));
+        if !rep.has_more {
+            ids.reverse();
+            return ids;
+        }
+        before = rep.msgs.last().unwrap().msg_id;
+    }
+    panic!("history never ended");
 }

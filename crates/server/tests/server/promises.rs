@@ -12,8 +12,8 @@ use guildchat_protocol::{close_code, ChatType, KickReason, ResCode, ServerMsg};
 use guildchat_server::ids::UserId;
 use guildchat_server::Config;
 
+use crate::common::page;
 use crate::common::*;
-use crate::history::page;
 
 /// Polls the world until `done` holds (bounded: five seconds).
 async fn until(server: &TestServer, what: &str, mut done: impl FnMut(&TestServer) -> bool) {

@@ -14,7 +14,6 @@ use guildchat_client::Client;
 use guildchat_protocol::{ChatType, ResCode, ServerMsg};
 
 use crate::common::*;
-use crate::history::all_pages;
 
 /// A `guildchat serve` child process.
 struct ServerProcess {

@@ -350,8 +350,8 @@ fn mint_tokens(plan: &Plan) -> anyhow::Result<Vec<String>> {
 async fn write_notes(mut rx: mpsc::Receiver<Note>) {
     let mut out = tokio::io::stdout();
     while let Some(note) = rx.recv().await {
-        // unwrap: notes are plain data that always serialize.
-        let mut line = serde_json::to_vec(&note).unwrap();
+        let mut line =
+            serde_json::to_vec(&note).expect("notes are plain data that always serialize");
         line.push(b'\n');
         if out.write_all(&line).await.is_err() || out.flush().await.is_err() {
             // The coordinator is gone; nobody is left to tell.
@@ -460,8 +460,11 @@ async fn connect(
     first: bool,
 ) -> Option<(BenchConn, Option<pb::ChatMessageLoginRep>)> {
     let plan = &shared.plan;
-    // unwrap: the semaphore is never closed.
-    let permit = shared.gate.acquire().await.unwrap();
+    let permit = shared
+        .gate
+        .acquire()
+        .await
+        .expect("the gate is never closed");
     let t0 = Instant::now();
     let handshake_done = std::sync::atomic::AtomicBool::new(false);
     let attempt = async {
@@ -616,9 +619,9 @@ impl Player {
                 }
                 continue;
             }
-            // unwrap: the connection is only taken while reconnecting,
-            // which `act` finishes before returning.
-            let conn = self.conn.as_mut().unwrap();
+            // The connection is only taken while reconnecting, which `act`
+            // finishes before returning.
+            let conn = self.conn.as_mut().expect("connected between acts");
             tokio::select! {
                 changed = phase_rx.changed() => {
                     if changed.is_err() {
@@ -797,8 +800,11 @@ impl Player {
             self.send_chat(channel, target, channel as u32, audience)
                 .await?;
         }
-        // unwrap: only taken while reconnecting, finished before this.
-        self.conn.as_mut().unwrap().flush().await?;
+        self.conn
+            .as_mut()
+            .expect("only taken while reconnecting, finished before this")
+            .flush()
+            .await?;
         Ok(true)
     }
 
@@ -818,8 +824,7 @@ impl Player {
             sent_us: wire::now_us(),
         };
         let text = wire::write_text(&tag, self.shared.plan.text_len);
-        // unwrap: only taken while reconnecting.
-        let conn = self.conn.as_mut().unwrap();
+        let conn = self.conn.as_mut().expect("only taken while reconnecting");
         let seq = conn.next_seq();
         let req = ClientMsg::Chat(pb::ChatMessageChatReq {
             msghead: codec::head(MsgType::CchChatReq, seq),
@@ -856,10 +861,9 @@ impl Player {
                         sent_us: wire::now_us(),
                     };
                     let frame = wire::reference_frame(&tag, text_len);
-                    // unwrap: the reference never reconnects.
                     self.conn
                         .as_mut()
-                        .unwrap()
+                        .expect("the reference never reconnects")
                         .feed(Message::Binary(frame))
                         .await?;
                     tally::bump(&self.shared.counters.sent);
@@ -868,8 +872,11 @@ impl Player {
             }
             self.step_sent += 1;
         }
-        // unwrap: as above.
-        self.conn.as_mut().unwrap().flush().await?;
+        self.conn
+            .as_mut()
+            .expect("only taken while reconnecting")
+            .flush()
+            .await?;
         if target == TargetKind::Reference {
             // The reference answers nothing: a flushed frame is accepted.
             tally::add(&self.shared.counters.acked, n);

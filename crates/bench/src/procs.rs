@@ -257,8 +257,7 @@ impl FleetReport {
     pub fn all_latency(&self) -> Histogram<u64> {
         let mut h = new_histogram();
         for s in self.latency.values() {
-            // unwrap: same bounds everywhere.
-            h.add(s).unwrap();
+            h.add(s).expect("same bounds everywhere");
         }
         h
     }
@@ -296,9 +295,8 @@ impl Fleet {
                 .kill_on_drop(true)
                 .spawn()
                 .with_context(|| format!("starting a worker from {}", exe.display()))?;
-            // unwrap: both were asked to be piped just above.
-            let stdin = child.stdin.take().unwrap();
-            let stdout = child.stdout.take().unwrap();
+            let stdin = child.stdin.take().expect("stdin was asked to be piped");
+            let stdout = child.stdout.take().expect("stdout was asked to be piped");
             let tx = tx.clone();
             let worker = plan.worker;
             tokio::spawn(async move {
@@ -345,8 +343,8 @@ impl Fleet {
     }
 
     async fn send_to(&mut self, w: usize, cmd: &Cmd) -> anyhow::Result<()> {
-        // unwrap: commands are plain data that always serialize.
-        let mut line = serde_json::to_vec(cmd).unwrap();
+        let mut line =
+            serde_json::to_vec(cmd).expect("commands are plain data that always serialize");
         line.push(b'\n');
         let stdin = &mut self.workers[w].stdin;
         stdin

@@ -77,7 +77,7 @@ impl BenchConn {
         local: Option<IpAddr>,
         recv_buffer: Option<u32>,
     ) -> Result<BenchConn, ConnError> {
-        let tcp = crate::client::tcp_connect(addr, local, recv_buffer).await?;
+        let tcp = guildchat_client::tcp_connect(addr, local, recv_buffer).await?;
         // A game client's sizes: a small read buffer (the protocol's frames
         // are small) and a write buffer that lets a sender batch a burst
         // before its one flush.

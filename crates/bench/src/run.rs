@@ -1037,8 +1037,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ProgressBar::hidden()
     } else {
         let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-        // unwrap: a constant template.
-        bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").unwrap());
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                .expect("a constant template"),
+        );
         bar.enable_steady_tick(Duration::from_millis(200));
         bar
     };

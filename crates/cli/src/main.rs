@@ -39,7 +39,7 @@ enum Command {
     Chat(ChatArgs),
     /// Load generator: real clients against a guildchat (and a reference
     /// relay), on loopback only.
-    Bench(Box<guildchat_client::bench::BenchArgs>),
+    Bench(Box<guildchat_bench::BenchArgs>),
 }
 
 #[derive(clap::Args)]
@@ -357,7 +357,7 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(guildchat_client::chat::run(&a.url, &token))
         }
-        Command::Bench(args) => guildchat_client::bench::main(*args),
+        Command::Bench(args) => guildchat_bench::main(*args),
     }
 }
 

@@ -176,8 +176,7 @@ impl Steps {
 
 /// An empty latency histogram (microseconds, 3 significant figures).
 pub fn new_histogram() -> Histogram<u64> {
-    // unwrap: constant, valid bounds.
-    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).unwrap()
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("constant, valid bounds")
 }
 
 /// Histograms keyed by step, sharded: a client records into the shard of
@@ -211,12 +210,11 @@ impl Shards {
         for shard in &self.0 {
             let map = shard.lock().unwrap_or_else(|e| e.into_inner());
             for (step, h) in map.iter() {
-                // unwrap: every histogram here has the same bounds.
                 merged
                     .entry(*step)
                     .or_insert_with(new_histogram)
                     .add(h)
-                    .unwrap();
+                    .expect("every histogram here has the same bounds");
             }
         }
         merged
