@@ -160,6 +160,10 @@ pub fn render(msg: &ServerMsg) -> String {
             "({} world/scene messages skipped: connection too slow)",
             s.count
         ),
+        ServerMsg::Recall(r) => format!("(message {} was removed by a game master)", r.msg_id),
+        ServerMsg::BlockRep(r) => format!("block {}: {}", r.userid, res_name(r.res)),
+        ServerMsg::UnblockRep(r) => format!("unblock {}: {}", r.userid, res_name(r.res)),
+        ServerMsg::BlockListRep(r) => format!("blocked: {:?} ({})", r.userids, res_name(r.res)),
     }
 }
 

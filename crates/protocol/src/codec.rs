@@ -9,7 +9,7 @@ use bytes::Bytes;
 use prost::Message;
 
 use crate::pb;
-use crate::MsgType;
+use crate::{MsgType, ResCode};
 
 /// Why a frame could not be turned into a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -100,6 +100,9 @@ pub enum ClientMsg {
     SetMask(pb::ChatMessageSetMaskReq),
     Online(pb::ChatMessageOnlineReq),
     History(pb::ChatMessageHistoryReq),
+    Block(pb::ChatMessageBlockReq),
+    Unblock(pb::ChatMessageUnblockReq),
+    BlockList(pb::ChatMessageBlockListReq),
 }
 
 impl ClientMsg {
@@ -116,6 +119,75 @@ impl ClientMsg {
             ClientMsg::SetMask(m) => m.msghead.as_ref(),
             ClientMsg::Online(m) => m.msghead.as_ref(),
             ClientMsg::History(m) => m.msghead.as_ref(),
+            ClientMsg::Block(m) => m.msghead.as_ref(),
+            ClientMsg::Unblock(m) => m.msghead.as_ref(),
+            ClientMsg::BlockList(m) => m.msghead.as_ref(),
+        }
+    }
+
+    /// The reply to this request that refuses it with `res`, of the reply
+    /// type the request expects, its seq echoed, and `retry_after_ms` where
+    /// the reply has that field. A heartbeat's reply echoes its client time.
+    /// A login has no refusal of its own here: `CHC_Login_Rep` says more
+    /// than a code, so its callers build it.
+    pub fn refusal(&self, res: ResCode, retry_after_ms: u32) -> Bytes {
+        let seq = self.seq();
+        let code = res as i32;
+        match self {
+            ClientMsg::Login(_) => encode(&pb::ChatMessageLoginRep {
+                msghead: head(MsgType::ChcLoginRep, seq),
+                res: code,
+                ..Default::default()
+            }),
+            ClientMsg::Chat(_) => encode(&pb::ChatMessageChatRep {
+                msghead: head(MsgType::CchChatRep, seq),
+                res: code,
+                cooldown_ms: retry_after_ms,
+                ..Default::default()
+            }),
+            ClientMsg::Heartbeat(m) => encode(&pb::ChatMessageHeartbeatRep {
+                msghead: head(MsgType::ChcHeartbeatRep, seq),
+                client_time_ms: m.client_time_ms,
+                res: code,
+                retry_after_ms,
+                ..Default::default()
+            }),
+            ClientMsg::SetMask(_) => encode(&pb::ChatMessageSetMaskRep {
+                msghead: head(MsgType::ChcSetMaskRep, seq),
+                res: code,
+                retry_after_ms,
+                ..Default::default()
+            }),
+            ClientMsg::Online(_) => encode(&pb::ChatMessageOnlineRep {
+                msghead: head(MsgType::ChcOnlineRep, seq),
+                res: code,
+                retry_after_ms,
+                ..Default::default()
+            }),
+            ClientMsg::History(_) => encode(&pb::ChatMessageHistoryRep {
+                msghead: head(MsgType::ChcHistoryRep, seq),
+                res: code,
+                retry_after_ms,
+                ..Default::default()
+            }),
+            ClientMsg::Block(m) => encode(&pb::ChatMessageBlockRep {
+                msghead: head(MsgType::ChcBlockRep, seq),
+                res: code,
+                userid: m.userid,
+                retry_after_ms,
+            }),
+            ClientMsg::Unblock(m) => encode(&pb::ChatMessageUnblockRep {
+                msghead: head(MsgType::ChcUnblockRep, seq),
+                res: code,
+                userid: m.userid,
+                retry_after_ms,
+            }),
+            ClientMsg::BlockList(_) => encode(&pb::ChatMessageBlockListRep {
+                msghead: head(MsgType::ChcBlockListRep, seq),
+                res: code,
+                retry_after_ms,
+                ..Default::default()
+            }),
         }
     }
 
@@ -128,6 +200,9 @@ impl ClientMsg {
             ClientMsg::SetMask(m) => encode(m),
             ClientMsg::Online(m) => encode(m),
             ClientMsg::History(m) => encode(m),
+            ClientMsg::Block(m) => encode(m),
+            ClientMsg::Unblock(m) => encode(m),
+            ClientMsg::BlockList(m) => encode(m),
         }
     }
 }
@@ -142,6 +217,9 @@ pub fn decode_client(frame: &[u8]) -> Result<ClientMsg, DecodeError> {
         Ok(MsgType::CchSetMaskReq) => body(msgid, frame).map(ClientMsg::SetMask),
         Ok(MsgType::CchOnlineReq) => body(msgid, frame).map(ClientMsg::Online),
         Ok(MsgType::CchHistoryReq) => body(msgid, frame).map(ClientMsg::History),
+        Ok(MsgType::CchBlockReq) => body(msgid, frame).map(ClientMsg::Block),
+        Ok(MsgType::CchUnblockReq) => body(msgid, frame).map(ClientMsg::Unblock),
+        Ok(MsgType::CchBlockListReq) => body(msgid, frame).map(ClientMsg::BlockList),
         _ => Err(DecodeError::UnknownMsg(msgid)),
     }?;
     // Protobuf merges a repeated head field, so a frame can name one type
@@ -169,6 +247,10 @@ pub enum ServerMsg {
     OnlineRep(pb::ChatMessageOnlineRep),
     Shed(pb::ChatMessageNotifyShed),
     HistoryRep(pb::ChatMessageHistoryRep),
+    Recall(pb::ChatMessageNotifyRecall),
+    BlockRep(pb::ChatMessageBlockRep),
+    UnblockRep(pb::ChatMessageUnblockRep),
+    BlockListRep(pb::ChatMessageBlockListRep),
 }
 
 /// Decodes a frame sent by the server.
@@ -185,6 +267,10 @@ pub fn decode_server(frame: &[u8]) -> Result<ServerMsg, DecodeError> {
         Ok(MsgType::ChcOnlineRep) => body(msgid, frame).map(ServerMsg::OnlineRep),
         Ok(MsgType::ChcNotifyShed) => body(msgid, frame).map(ServerMsg::Shed),
         Ok(MsgType::ChcHistoryRep) => body(msgid, frame).map(ServerMsg::HistoryRep),
+        Ok(MsgType::ChcNotifyRecall) => body(msgid, frame).map(ServerMsg::Recall),
+        Ok(MsgType::ChcBlockRep) => body(msgid, frame).map(ServerMsg::BlockRep),
+        Ok(MsgType::ChcUnblockRep) => body(msgid, frame).map(ServerMsg::UnblockRep),
+        Ok(MsgType::ChcBlockListRep) => body(msgid, frame).map(ServerMsg::BlockListRep),
         _ => Err(DecodeError::UnknownMsg(msgid)),
     }
 }
@@ -206,7 +292,7 @@ pub fn encode<M: Message>(msg: &M) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ChatType, ResCode};
+    use crate::ChatType;
 
     /// Found by the `decode_client` and `peek_msgid` fuzz targets: a second
     /// head with another msgid merges into the first.
@@ -330,6 +416,7 @@ mod tests {
             cooldown_ms: 1500,
             msg_id: 0,
             offline: false,
+            muted_ms: 0,
         };
         assert_eq!(decode_server(&encode(&rep)), Ok(ServerMsg::ChatRep(rep)));
     }

@@ -484,6 +484,9 @@ impl UserActor {
                 };
                 self.reply(codec::encode(&rep));
             }
+            other @ (ClientMsg::Block(_) | ClientMsg::Unblock(_) | ClientMsg::BlockList(_)) => {
+                self.reply(other.refusal(ResCode::ResUnknownMsg, 0))
+            }
         }
     }
 
@@ -807,6 +810,9 @@ fn rate_limited_reply(req: &ClientMsg, mask: u32, wait: Duration) -> Bytes {
             retry_after_ms,
             ..Default::default()
         }),
+        ClientMsg::Block(_) | ClientMsg::Unblock(_) | ClientMsg::BlockList(_) => {
+            req.refusal(ResCode::ResRateLimited, retry_after_ms)
+        }
         // Never metered (see `Class::of`); an error notice, should that
         // ever change.
         ClientMsg::Login(_) | ClientMsg::Chat(_) => codec::encode(&pb::ChatMessageNotifyError {
@@ -836,6 +842,9 @@ impl Class {
             ClientMsg::Heartbeat(_) => Some(Class::Cheap),
             ClientMsg::SetMask(_) | ClientMsg::Online(_) => Some(Class::World),
             ClientMsg::History(_) => Some(Class::History),
+            ClientMsg::Block(_) | ClientMsg::Unblock(_) | ClientMsg::BlockList(_) => {
+                Some(Class::History)
+            }
             ClientMsg::Login(_) | ClientMsg::Chat(_) => None,
         }
     }
@@ -948,6 +957,7 @@ fn chat_rep(seq: u32, res: ResCode, cooldown: Duration, msg_id: u64, offline: bo
         cooldown_ms: duration_ms(cooldown),
         msg_id,
         offline,
+        muted_ms: 0,
     })
 }
 

@@ -314,26 +314,7 @@ where
             let refusal = match msg {
                 ClientMsg::Login(req) => return self.try_login(req, seq).await,
                 ClientMsg::Heartbeat(m) => crate::user::heartbeat_reply(seq, &m),
-                ClientMsg::Chat(_) => codec::encode(&pb::ChatMessageChatRep {
-                    msghead: codec::head(MsgType::CchChatRep, seq),
-                    res: ResCode::ResNotLoggedIn as i32,
-                    ..Default::default()
-                }),
-                ClientMsg::SetMask(_) => codec::encode(&pb::ChatMessageSetMaskRep {
-                    msghead: codec::head(MsgType::ChcSetMaskRep, seq),
-                    res: ResCode::ResNotLoggedIn as i32,
-                    ..Default::default()
-                }),
-                ClientMsg::Online(_) => codec::encode(&pb::ChatMessageOnlineRep {
-                    msghead: codec::head(MsgType::ChcOnlineRep, seq),
-                    res: ResCode::ResNotLoggedIn as i32,
-                    ..Default::default()
-                }),
-                ClientMsg::History(_) => codec::encode(&pb::ChatMessageHistoryRep {
-                    msghead: codec::head(MsgType::ChcHistoryRep, seq),
-                    res: ResCode::ResNotLoggedIn as i32,
-                    ..Default::default()
-                }),
+                other => other.refusal(ResCode::ResNotLoggedIn, 0),
             };
             let _ = self.conn.try_frame(refusal);
         }

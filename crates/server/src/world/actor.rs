@@ -932,5 +932,6 @@ fn login_reply(
         replayed: u32::try_from(replayed).unwrap_or(u32::MAX),
         replay_gap: resume.gap,
         missed: resume.missed.min(u64::from(u32::MAX)) as u32,
+        banned_ms: 0,
     })
 }
