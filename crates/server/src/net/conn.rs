@@ -17,9 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
-use guildchat_protocol::{
-    close_code, codec, pb, ClientMsg, DecodeError, KickReason, MsgType, ResCode,
-};
+use guildchat_protocol::{codec, pb, ClientMsg, DecodeError, KickReason, MsgType, ResCode};
 use std::pin::Pin;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -30,7 +28,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
 
-use super::outbound::{ConnTx, Shared};
+use super::outbound::{Close, ConnTx, Shared};
 use super::writer;
 use crate::auth::Authenticator;
 use crate::config::Config;
@@ -176,7 +174,7 @@ where
             Box::pin(reader.drain()).await;
         }
         reader.done.cancel();
-        reader.conn.reader_gone();
+        reader.conn.close(Close::ReaderGone, &reader.ctx.stats);
         let _ = writer.await;
     }
 }
@@ -227,12 +225,13 @@ where
             Event::Closed => Some(true),
             Event::Closing => Some(false),
             Event::Idle => {
-                self.conn.kick(KickReason::KickIdle);
+                self.conn
+                    .close(Close::Kick(KickReason::KickIdle), &self.ctx.stats);
                 Some(false)
             }
             Event::TooBig => {
                 Stats::bump(&self.ctx.stats.bad_frames);
-                self.conn.kill(None, close_code::TOO_BIG);
+                self.conn.close(Close::TooBig, &self.ctx.stats);
                 Some(false)
             }
             Event::Frame(_) | Event::Text | Event::Pong(_) => None,
@@ -255,7 +254,8 @@ where
                 detail,
             }));
         if count >= self.ctx.config.limits.bad_frame_limit {
-            self.conn.kick(KickReason::KickProtocolError);
+            self.conn
+                .close(Close::Kick(KickReason::KickProtocolError), &self.ctx.stats);
             return false;
         }
         true
@@ -281,11 +281,11 @@ where
             let event = tokio::select! {
                 e = self.next() => e,
                 _ = tokio::time::sleep_until(deadline) => {
-                    self.conn.kick(KickReason::KickLoginTimeout);
+                    self.conn.close(Close::Kick(KickReason::KickLoginTimeout), &self.ctx.stats);
                     return Err(false);
                 }
                 _ = shutdown.cancelled() => {
-                    self.conn.kick(KickReason::KickShutdown);
+                    self.conn.close(Close::Kick(KickReason::KickShutdown), &self.ctx.stats);
                     return Err(false);
                 }
             };
@@ -369,7 +369,8 @@ where
                     res: code as i32,
                     ..Default::default()
                 }));
-                self.conn.kick(KickReason::KickLoginFailed);
+                self.conn
+                    .close(Close::Kick(KickReason::KickLoginFailed), &self.ctx.stats);
                 Err(false)
             }
         }

@@ -22,7 +22,7 @@ use super::{heartbeat_reply, Attach, Handoff, Inbound, UserMsg};
 use crate::config::Config;
 use crate::history::HistoryHandle;
 use crate::ids::UserId;
-use crate::net::ConnTx;
+use crate::net::{Close, ConnTx};
 use crate::stats::Stats;
 use crate::world::WorldHandle;
 
@@ -161,7 +161,7 @@ impl UserActor {
             self.reply_on(conn, reply);
         }
         if let Some(conn) = &self.conn {
-            conn.kick(reason);
+            conn.close(Close::Kick(reason), &self.stats);
         }
     }
 
@@ -201,7 +201,7 @@ impl UserActor {
                 Stats::bump(&self.stats.rate_kicks);
                 debug!(?class, "rate limit ignored: closing the connection");
                 if let Some(conn) = &self.conn {
-                    conn.kick(KickReason::KickRateLimited);
+                    conn.close(Close::Kick(KickReason::KickRateLimited), &self.stats);
                 }
                 // Stop reading this connection now rather than meter
                 // whatever it still has in flight.
