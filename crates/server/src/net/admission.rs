@@ -519,7 +519,7 @@ pub(crate) async fn answer_busy(tcp: &mut TcpStream) {
 /// Before login it also carries the login cut (a timer polled by reads)
 /// and a watcher of the server's outgoing frames, which drops the pre-login
 /// permit when the successful login reply goes out. Both are boxed and
-/// freed at login, so a logged-in connection pays only for its permits.
+/// freed at login (see Memory layout in ARCHITECTURE.md).
 pub struct Admitted<S> {
     inner: S,
     pre: Option<Box<PreLogin>>,

@@ -119,14 +119,13 @@ impl BadFrames {
     }
 }
 
-/// Serves one upgraded websocket until it closes.
+/// Serves one upgraded websocket until it closes. `login_deadline` is the
+/// one deadline the connection has from its accept (through TLS and the
+/// upgrade) to its login.
 ///
-/// Not an `async fn`: one keeps its arguments (here the whole websocket)
-/// in the state machine beside what they were moved into, for the
-/// connection's life. The set-up runs here; the returned future holds only
-/// the reader and the writer's handle.
-/// `login_deadline` is the one deadline the connection has from its accept
-/// (through TLS and the upgrade) to its login.
+/// Not an `async fn`: the set-up runs here, and the returned future holds
+/// only the reader and the writer's handle (see Memory layout in
+/// ARCHITECTURE.md).
 pub(crate) fn serve<S>(
     ws: WebSocketStream<S>,
     id: ConnId,
@@ -162,9 +161,8 @@ where
         bad_frames: BadFrames::new(now),
     };
     async move {
-        // The login phase (its deadline timer, the world's reply) and the
-        // closing drain are boxed: the task keeps room only for the phase
-        // it is in, and an idle connection spends its life in `forward`.
+        // Login and the closing drain are boxed; an idle connection spends
+        // its life in `forward` (see Memory layout in ARCHITECTURE.md).
         let peer_closed = match Box::pin(reader.login(login_deadline)).await {
             Ok(inbound) => reader.forward(inbound).await,
             // A peer that left before logging in is not waited for.
@@ -400,8 +398,7 @@ where
                 }
                 continue;
             };
-            // Boxed before the await: a `ClientMsg` bound across it would
-            // take room in every reader's state machine.
+            // Boxed before the await (see Memory layout in ARCHITECTURE.md).
             let req = match codec::decode_client(&frame) {
                 Ok(msg) => Box::new(Inbound::Request(msg)),
                 Err(e) => {
@@ -469,5 +466,40 @@ mod tests {
             last = b.add(Instant::now(), forgive);
         }
         assert_eq!(last, 8);
+    }
+
+    /// The reader's task is per-connection memory for the connection's life.
+    #[tokio::test]
+    async fn an_idle_reader_task_stays_small() {
+        use crate::world::LocalFanout;
+        use tokio_tungstenite::tungstenite::protocol::Role;
+
+        let mut config = Config::default();
+        config.auth.insecure_dev_auth = true;
+        let config = Arc::new(config);
+        let stats = Arc::new(Stats::default());
+        let world = WorldHandle::new(
+            config.clone(),
+            stats.clone(),
+            Box::new(LocalFanout),
+            None,
+            0,
+        );
+        let ctx = Arc::new(ConnCtx {
+            world,
+            auth: Authenticator::from_config(&config).unwrap(),
+            config,
+            stats,
+            shutdown: CancellationToken::new(),
+        });
+        let (io, _peer) = tokio::io::duplex(64);
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+        let reader = serve(ws, ConnId(1), ctx, Instant::now() + Duration::from_secs(5));
+        let size = std::mem::size_of_val(&reader);
+        // 448 bytes today (see Memory layout in ARCHITECTURE.md).
+        assert!(
+            size <= 480,
+            "reader future is {size} bytes (see Memory layout in ARCHITECTURE.md)"
+        );
     }
 }

@@ -31,12 +31,8 @@ use tokio_util::sync::CancellationToken;
 use crate::ids::ConnId;
 use crate::stats::Stats;
 
-/// What a connection's writer task is asked to do.
-///
-/// 32 bytes, the size of a `Bytes`: a tokio channel allocates its slots 32
-/// at a time when it is created, so every idle connection pays 32 × the
-/// size of this enum. Frames, the hot path, stay unboxed; the rare rest is
-/// boxed (a test guards the size).
+/// What a connection's writer task is asked to do. Frames stay unboxed,
+/// the rare rest is boxed (see Memory layout in ARCHITECTURE.md).
 #[derive(Debug)]
 pub enum Outbound {
     /// Write one encoded message as a binary frame.
@@ -470,7 +466,7 @@ impl ConnTx {
 mod tests {
     use super::*;
 
-    /// Every connection's frame queue preallocates 32 slots of this.
+    /// See Memory layout in ARCHITECTURE.md.
     #[test]
     fn an_outbound_slot_is_the_size_of_a_frame() {
         assert_eq!(

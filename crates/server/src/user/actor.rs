@@ -43,7 +43,7 @@ pub(super) struct UserActor {
     /// are handled meanwhile, so one fsync does not stall them.
     pub(super) pending: Option<Box<FuturesOrdered<PendingReply>>>,
     /// When each channel may be used again; allocated on the first chat
-    /// line, so a player who never chats does not carry it.
+    /// line (see Memory layout in ARCHITECTURE.md).
     pub(super) ready_at: Option<Box<[Option<Instant>; CHANNELS]>>,
     pub(super) muted_until: Option<Instant>,
     /// The offline-whisper barrier outstanding on the current connection.
@@ -96,9 +96,8 @@ impl UserActor {
         }
     }
 
-    /// Every handler that awaits is boxed: the actor waits in this loop for
-    /// its whole life, and its task is as large as the largest future held
-    /// across an await.
+    /// The actor waits in this loop for its whole life; every handler that
+    /// awaits is boxed (see Memory layout in ARCHITECTURE.md).
     pub(super) async fn run(&mut self) {
         let handoff = self.handoff.clone();
         loop {

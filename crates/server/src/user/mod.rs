@@ -56,12 +56,8 @@ const USER_MAILBOX: usize = 16;
 /// own socket and costs nobody else anything.
 pub const INBOUND_QUEUE: usize = 32;
 
-/// What a connection's reader hands the user actor.
-///
-/// It travels boxed (the queue carries `Box<Inbound>`): a tokio channel
-/// allocates its slots 32 at a time when it is created, so every idle
-/// connection pays 32 × the size of a slot. A pointer makes that 256 bytes
-/// instead of about 5 KiB.
+/// What a connection's reader hands the user actor. The queue carries it
+/// boxed (see Memory layout in ARCHITECTURE.md).
 #[derive(Debug)]
 pub enum Inbound {
     /// A decoded request.
@@ -71,8 +67,8 @@ pub enum Inbound {
     Pong(Bytes),
 }
 
-/// Messages from the world actor. The mailbox carries them boxed, to keep
-/// its preallocated slots small (see [`Inbound`]).
+/// Messages from the world actor. The mailbox carries them boxed (see
+/// Memory layout in ARCHITECTURE.md).
 pub(crate) enum UserMsg {
     /// Mute for this long from now; `None` lifts it.
     Mute { duration: Option<Duration> },
@@ -147,7 +143,7 @@ impl UserHandle {
         // The rest of the identity (name, groups) is the world's business;
         // the name only goes into the span.
         let span = info_span!("user", user = %identity.user, name = %identity.name);
-        let mut actor = UserActor::new(
+        let actor = UserActor::new(
             identity.user,
             mailbox,
             handoff.clone(),
@@ -156,7 +152,7 @@ impl UserHandle {
             config,
             stats,
         );
-        tokio::spawn(async move { actor.run().await }.instrument(span));
+        tokio::spawn(task(actor).instrument(span));
         UserHandle { tx, handoff }
     }
 
@@ -172,6 +168,13 @@ impl UserHandle {
     }
 }
 
+/// The actor's task: a plain async block (see Memory layout in
+/// ARCHITECTURE.md).
+#[allow(clippy::manual_async_fn)]
+fn task(mut actor: UserActor) -> impl std::future::Future<Output = ()> + Send {
+    async move { actor.run().await }
+}
+
 /// The heartbeat answer, the same before and after login.
 pub(crate) fn heartbeat_reply(seq: u32, m: &pb::ChatMessageHeartbeatReq) -> Bytes {
     codec::encode(&pb::ChatMessageHeartbeatRep {
@@ -180,4 +183,45 @@ pub(crate) fn heartbeat_reply(seq: u32, m: &pb::ChatMessageHeartbeatReq) -> Byte
         server_time_ms: crate::world::now_ms(),
         ..Default::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::world::LocalFanout;
+
+    /// The user actor's task is per-player memory for the session's life.
+    #[tokio::test]
+    async fn an_idle_user_actor_task_stays_small() {
+        let config = Arc::new(Config::default());
+        let stats = Arc::new(Stats::default());
+        let world = WorldHandle::new(
+            config.clone(),
+            stats.clone(),
+            Box::new(LocalFanout),
+            None,
+            0,
+        );
+        let (_tx, mailbox) = mpsc::channel(USER_MAILBOX);
+        let handoff = Arc::new(Handoff {
+            slot: Mutex::new(None),
+            ready: Notify::new(),
+        });
+        let actor = UserActor::new(
+            crate::ids::UserId(1),
+            mailbox,
+            handoff,
+            world,
+            None,
+            config,
+            stats,
+        );
+        let run = task(actor);
+        let size = std::mem::size_of_val(&run);
+        // 480 bytes today (see Memory layout in ARCHITECTURE.md).
+        assert!(
+            size <= 512,
+            "user actor future is {size} bytes (see Memory layout in ARCHITECTURE.md)"
+        );
+    }
 }

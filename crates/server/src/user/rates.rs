@@ -109,9 +109,9 @@ pub(super) enum Verdict {
 /// interval on.
 ///
 /// Hand-rolled rather than `governor`: it reads tokio's clock, so tests can
-/// pause it, and it is one `Instant` (16 bytes) where a governor direct
-/// limiter carries its own clock and state (and would need one per class
-/// per player, 20,000 players at a time).
+/// pause it, and it is one `Instant` where a governor direct limiter
+/// carries its own clock and state, one per class per player (see Memory
+/// layout in ARCHITECTURE.md).
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tat: Instant,
@@ -151,8 +151,7 @@ struct Metered {
 }
 
 /// A player's request buckets, each made on the first request of its kind.
-/// Boxed in the actor: 8 bytes for a player who never sends a metered
-/// request, 96 more once one did (checked by a test).
+/// Boxed in the actor (see Memory layout in ARCHITECTURE.md).
 #[derive(Debug, Default)]
 pub(super) struct Rates {
     classes: [Option<Metered>; 3],
