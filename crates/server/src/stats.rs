@@ -68,6 +68,9 @@ pub struct Stats {
     pub refused_per_ip: AtomicU64,
     pub refused_login_rate: AtomicU64,
     pub refused_proxy: AtomicU64,
+    /// Connections holding a pre-login place now: accepted and not yet
+    /// logged in (a gauge, bounded by `admission.max_prelogin`).
+    pub prelogin: AtomicU64,
     /// Requests on the game port answered with an HTTP error (400, 426,
     /// 431) instead of an upgrade.
     pub http_refused: AtomicU64,

@@ -123,7 +123,32 @@ pub(crate) struct Admission {
 /// The permits a connection holds from its accept on.
 pub(crate) struct Permits {
     connection: OwnedSemaphorePermit,
-    prelogin: OwnedSemaphorePermit,
+    prelogin: PreLoginPlace,
+}
+
+/// A pre-login place, counted in [`Stats::prelogin`] for exactly as long
+/// as it is held, however the connection ends.
+struct PreLoginPlace {
+    _permit: OwnedSemaphorePermit,
+    stats: Arc<Stats>,
+}
+
+impl PreLoginPlace {
+    fn new(permit: OwnedSemaphorePermit, stats: Arc<Stats>) -> PreLoginPlace {
+        Stats::bump(&stats.prelogin);
+        PreLoginPlace {
+            _permit: permit,
+            stats,
+        }
+    }
+}
+
+impl Drop for PreLoginPlace {
+    fn drop(&mut self) {
+        self.stats
+            .prelogin
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The global connection limit in force: `max_connections`, lowered to
@@ -182,7 +207,7 @@ impl Admission {
             .map_err(|_| Refusal::PreLogin)?;
         Ok(Permits {
             connection,
-            prelogin,
+            prelogin: PreLoginPlace::new(prelogin, self.stats.clone()),
         })
     }
 
@@ -519,7 +544,7 @@ pub(crate) async fn answer_busy(tcp: &mut TcpStream) {
 /// Before login it also carries the login cut (a timer polled by reads)
 /// and a watcher of the server's outgoing frames, which drops the pre-login
 /// permit when the successful login reply goes out. Both are boxed and
-/// freed at login, so a logged-in connection pays only for its permits.
+/// freed at login (see Memory layout in ARCHITECTURE.md).
 pub struct Admitted<S> {
     inner: S,
     pre: Option<Box<PreLogin>>,
@@ -528,7 +553,7 @@ pub struct Admitted<S> {
 }
 
 struct PreLogin {
-    _permit: OwnedSemaphorePermit,
+    _place: PreLoginPlace,
     stats: Arc<Stats>,
     /// The cut fired (counted once, however often the reader polls again).
     cut_fired: bool,
@@ -548,7 +573,7 @@ impl<S> Admitted<S> {
         Admitted {
             inner,
             pre: Some(Box::new(PreLogin {
-                _permit: permits.prelogin,
+                _place: permits.prelogin,
                 stats,
                 cut_fired: false,
                 cut: Box::pin(tokio::time::sleep_until(cut_at)),
@@ -841,11 +866,13 @@ mod tests {
         let cut_at = Instant::now() + Duration::from_secs(60);
         let mut s = Admitted::new(server, permits, None, cut_at, a.stats.clone());
         assert_eq!(a.prelogin.available_permits(), before - 1);
+        assert_eq!(Stats::get(&a.stats.prelogin), 1);
         s.write_all(&frame(0x2, &login_rep(ResCode::ResOk)))
             .await
             .unwrap();
         assert!(!s.pre_login());
         assert_eq!(a.prelogin.available_permits(), before);
+        assert_eq!(Stats::get(&a.stats.prelogin), 0);
         assert_eq!(
             a.connections.available_permits(),
             a.connections.available_permits()

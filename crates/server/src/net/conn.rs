@@ -17,9 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
-use guildchat_protocol::{
-    close_code, codec, pb, ClientMsg, DecodeError, KickReason, MsgType, ResCode,
-};
+use guildchat_protocol::{codec, pb, ClientMsg, DecodeError, KickReason, MsgType, ResCode};
 use std::pin::Pin;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -30,7 +28,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
 
-use super::outbound::{ConnTx, Shared};
+use super::outbound::{Close, ConnTx, Shared};
 use super::writer;
 use crate::auth::Authenticator;
 use crate::config::Config;
@@ -121,14 +119,13 @@ impl BadFrames {
     }
 }
 
-/// Serves one upgraded websocket until it closes.
+/// Serves one upgraded websocket until it closes. `login_deadline` is the
+/// one deadline the connection has from its accept (through TLS and the
+/// upgrade) to its login.
 ///
-/// Not an `async fn`: one keeps its arguments (here the whole websocket)
-/// in the state machine beside what they were moved into, for the
-/// connection's life. The set-up runs here; the returned future holds only
-/// the reader and the writer's handle.
-/// `login_deadline` is the one deadline the connection has from its accept
-/// (through TLS and the upgrade) to its login.
+/// Not an `async fn`: the set-up runs here, and the returned future holds
+/// only the reader and the writer's handle (see Memory layout in
+/// ARCHITECTURE.md).
 pub(crate) fn serve<S>(
     ws: WebSocketStream<S>,
     id: ConnId,
@@ -164,9 +161,8 @@ where
         bad_frames: BadFrames::new(now),
     };
     async move {
-        // The login phase (its deadline timer, the world's reply) and the
-        // closing drain are boxed: the task keeps room only for the phase
-        // it is in, and an idle connection spends its life in `forward`.
+        // Login and the closing drain are boxed; an idle connection spends
+        // its life in `forward` (see Memory layout in ARCHITECTURE.md).
         let peer_closed = match Box::pin(reader.login(login_deadline)).await {
             Ok(inbound) => reader.forward(inbound).await,
             // A peer that left before logging in is not waited for.
@@ -176,7 +172,7 @@ where
             Box::pin(reader.drain()).await;
         }
         reader.done.cancel();
-        reader.conn.reader_gone();
+        reader.conn.close(Close::ReaderGone, &reader.ctx.stats);
         let _ = writer.await;
     }
 }
@@ -227,12 +223,13 @@ where
             Event::Closed => Some(true),
             Event::Closing => Some(false),
             Event::Idle => {
-                self.conn.kick(KickReason::KickIdle);
+                self.conn
+                    .close(Close::Kick(KickReason::KickIdle), &self.ctx.stats);
                 Some(false)
             }
             Event::TooBig => {
                 Stats::bump(&self.ctx.stats.bad_frames);
-                self.conn.kill(None, close_code::TOO_BIG);
+                self.conn.close(Close::TooBig, &self.ctx.stats);
                 Some(false)
             }
             Event::Frame(_) | Event::Text | Event::Pong(_) => None,
@@ -255,7 +252,8 @@ where
                 detail,
             }));
         if count >= self.ctx.config.limits.bad_frame_limit {
-            self.conn.kick(KickReason::KickProtocolError);
+            self.conn
+                .close(Close::Kick(KickReason::KickProtocolError), &self.ctx.stats);
             return false;
         }
         true
@@ -281,11 +279,11 @@ where
             let event = tokio::select! {
                 e = self.next() => e,
                 _ = tokio::time::sleep_until(deadline) => {
-                    self.conn.kick(KickReason::KickLoginTimeout);
+                    self.conn.close(Close::Kick(KickReason::KickLoginTimeout), &self.ctx.stats);
                     return Err(false);
                 }
                 _ = shutdown.cancelled() => {
-                    self.conn.kick(KickReason::KickShutdown);
+                    self.conn.close(Close::Kick(KickReason::KickShutdown), &self.ctx.stats);
                     return Err(false);
                 }
             };
@@ -350,7 +348,8 @@ where
                     res: code as i32,
                     ..Default::default()
                 }));
-                self.conn.kick(KickReason::KickLoginFailed);
+                self.conn
+                    .close(Close::Kick(KickReason::KickLoginFailed), &self.ctx.stats);
                 Err(false)
             }
         }
@@ -380,8 +379,7 @@ where
                 }
                 continue;
             };
-            // Boxed before the await: a `ClientMsg` bound across it would
-            // take room in every reader's state machine.
+            // Boxed before the await (see Memory layout in ARCHITECTURE.md).
             let req = match codec::decode_client(&frame) {
                 Ok(msg) => Box::new(Inbound::Request(msg)),
                 Err(e) => {
@@ -449,5 +447,40 @@ mod tests {
             last = b.add(Instant::now(), forgive);
         }
         assert_eq!(last, 8);
+    }
+
+    /// The reader's task is per-connection memory for the connection's life.
+    #[tokio::test]
+    async fn an_idle_reader_task_stays_small() {
+        use crate::world::LocalFanout;
+        use tokio_tungstenite::tungstenite::protocol::Role;
+
+        let mut config = Config::default();
+        config.auth.insecure_dev_auth = true;
+        let config = Arc::new(config);
+        let stats = Arc::new(Stats::default());
+        let world = WorldHandle::new(
+            config.clone(),
+            stats.clone(),
+            Box::new(LocalFanout),
+            None,
+            0,
+        );
+        let ctx = Arc::new(ConnCtx {
+            world,
+            auth: Authenticator::from_config(&config).unwrap(),
+            config,
+            stats,
+            shutdown: CancellationToken::new(),
+        });
+        let (io, _peer) = tokio::io::duplex(64);
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+        let reader = serve(ws, ConnId(1), ctx, Instant::now() + Duration::from_secs(5));
+        let size = std::mem::size_of_val(&reader);
+        // 448 bytes today (see Memory layout in ARCHITECTURE.md).
+        assert!(
+            size <= 480,
+            "reader future is {size} bytes (see Memory layout in ARCHITECTURE.md)"
+        );
     }
 }

@@ -134,14 +134,8 @@ pub(crate) async fn accept_loop(
     }
 }
 
-/// A connection's task: the handshakes, then [`conn::serve`].
-///
-/// Every connection keeps this task for its whole life, so it holds only
-/// what the session needs. The handshakes (TLS, websocket) are boxed
-/// before the task starts and freed when they finish; the session runs
-/// inline (boxing it would cost a second allocation per connection). Not
-/// an `async fn`, and nothing moved into the session is bound across its
-/// await: a moved-from local still takes room in the state machine.
+/// A connection's task: the handshakes (boxed), then [`conn::serve`]
+/// inline. Not an `async fn` (see Memory layout in ARCHITECTURE.md).
 #[allow(clippy::manual_async_fn)]
 fn connection<S, H>(
     handshake: Pin<Box<H>>,

@@ -22,4 +22,4 @@ pub mod listener;
 pub mod outbound;
 pub mod writer;
 
-pub use outbound::{ConnTx, Control, Outbound, Priority, SendError};
+pub use outbound::{Close, ConnTx, Control, Outbound, Priority, SendError};

@@ -1,5 +1,5 @@
-//! [`ConnTx`]: the only way logic code reaches a client, and the
-//! slow-consumer policy.
+//! [`ConnTx`]: the only way logic code reaches a client, the slow-consumer
+//! policy, and the one way a connection is ended.
 //!
 //! It wraps the connection's bounded frame queue, a byte count of what is
 //! queued, and a kill switch. Queuing never waits. Every frame enters the
@@ -10,6 +10,11 @@
 //! client is told how many); anything else that cannot be queued, or a queue
 //! that has not drained for `stall_timeout`, makes it a slow consumer, which
 //! is disconnected through the kill switch, bypassing the full queue.
+//!
+//! Every end of a connection is a [`Close`] verdict given to
+//! [`ConnTx::close`]; nothing else here ends one. It must never queue a
+//! frame uncounted, never wait, and never let a later verdict rewrite the
+//! first.
 
 use std::sync::atomic::{
     AtomicBool, AtomicI32, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering,
@@ -26,12 +31,8 @@ use tokio_util::sync::CancellationToken;
 use crate::ids::ConnId;
 use crate::stats::Stats;
 
-/// What a connection's writer task is asked to do.
-///
-/// 32 bytes, the size of a `Bytes`: a tokio channel allocates its slots 32
-/// at a time when it is created, so every idle connection pays 32 × the
-/// size of this enum. Frames, the hot path, stay unboxed; the rare rest is
-/// boxed (a test guards the size).
+/// What a connection's writer task is asked to do. Frames stay unboxed,
+/// the rare rest is boxed (see Memory layout in ARCHITECTURE.md).
 #[derive(Debug)]
 pub enum Outbound {
     /// Write one encoded message as a binary frame.
@@ -232,6 +233,49 @@ impl Shared {
     }
 }
 
+/// Why a connection ends: the one input of [`ConnTx::close`]. Each verdict
+/// decides whether the client is told why (a kick notice), the close code,
+/// and whether what is already queued is delivered first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// Tell the client why, behind everything already queued, then close
+    /// with the reason's 4xxx code. If notice or close frame do not fit the
+    /// queue, the kill switch does it instead, dropping what was queued.
+    Kick(KickReason),
+    /// The client is not reading: counted and logged once, then notice and
+    /// close 4002 through the kill switch, bypassing the full queue. Its
+    /// session lingers, so it can resume.
+    SlowConsumer,
+    /// The client sent a frame over the size limit: close 1009 at once,
+    /// without a notice, skipping whatever is queued.
+    TooBig,
+    /// The reader has finished (it already cancelled the kill switch): the
+    /// writer stops too, writing nothing more. The peer is gone or was
+    /// already given a verdict, so there is no close code of its own.
+    ReaderGone,
+}
+
+impl Close {
+    /// The websocket close code this verdict sends, if it sends one.
+    pub const fn code(self) -> Option<u16> {
+        match self {
+            Close::Kick(reason) => Some(close_code::for_reason(reason)),
+            Close::SlowConsumer => Some(close_code::SLOW_CONSUMER),
+            Close::TooBig => Some(close_code::TOO_BIG),
+            Close::ReaderGone => None,
+        }
+    }
+
+    /// The kick notice written before the close frame, if any.
+    pub const fn notice(self) -> Option<KickReason> {
+        match self {
+            Close::Kick(reason) => Some(reason),
+            Close::SlowConsumer => Some(KickReason::KickSlowConsumer),
+            Close::TooBig | Close::ReaderGone => None,
+        }
+    }
+}
+
 /// Handle to one connection's writer. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ConnTx {
@@ -324,7 +368,7 @@ impl ConnTx {
         match self.try_frame(frame) {
             Ok(()) => true,
             Err(SendError::Full) => {
-                slow_consumer(self, stats);
+                self.close(Close::SlowConsumer, stats);
                 false
             }
             Err(SendError::Closed) => false,
@@ -343,32 +387,53 @@ impl ConnTx {
         self.frames.try_send(Outbound::control(control)).is_ok()
     }
 
-    /// Tells the client why it is being closed (a kick notice), then closes
-    /// with the reason's 4xxx code. Goes through the queue (counted, like
-    /// every frame) so that every frame queued before it is delivered
-    /// first; if the queue is full, in frames or bytes, the kill switch
-    /// does it instead, dropping what was queued.
-    pub fn kick(&self, reason: KickReason) {
-        let code = close_code::for_reason(reason);
-        let queued =
-            self.try_frame(kick_notice(reason, "")).is_ok() && self.control(Control::Close(code));
-        if !queued {
-            self.kill(Some(reason), code);
+    /// Ends the connection: the one way to, whatever the reason. The
+    /// first verdict wins: once the kill switch has fired (or the reader or
+    /// writer has ended), a later verdict changes neither the notice nor
+    /// the code. `stats` counts slow consumers.
+    pub fn close(&self, verdict: Close, stats: &Stats) {
+        match verdict {
+            Close::Kick(reason) => {
+                // Through the queue, counted like every frame, so that every
+                // frame queued before it is delivered first.
+                let queued = self.try_frame(kick_notice(reason, "")).is_ok()
+                    && self.control(Control::Close(close_code::for_reason(reason)));
+                if !queued {
+                    self.kill(verdict);
+                }
+            }
+            Close::SlowConsumer => {
+                // The world gives this verdict from fan-out: a burst of cuts
+                // writes one line a second, with how many it stands for (the
+                // counter has them all).
+                static LOG: crate::logs::Throttle = crate::logs::Throttle::new(1000);
+                if !self.shared.kill.is_cancelled() {
+                    Stats::bump(&stats.slow_consumers);
+                    if let Some(more) = LOG.allow() {
+                        tracing::info!(conn = %self.id, also_since_last = more, "slow consumer disconnected");
+                    }
+                }
+                self.kill(verdict);
+            }
+            Close::TooBig => self.kill(verdict),
+            Close::ReaderGone => {
+                self.shared.reader_gone.store(true, Ordering::Release);
+                let _ = self.control(Control::Wake);
+            }
         }
     }
 
-    /// Closes at once, skipping whatever is queued: for clients that are not
-    /// reading (slow consumers) or sent something unacceptable.
-    pub fn kill(&self, reason: Option<KickReason>, code: u16) {
-        self.shared.fire(reason, code);
+    /// Fires the kill switch with this verdict's notice and code: the
+    /// writer skips whatever is queued. Only [`ConnTx::close`] calls it.
+    fn kill(&self, verdict: Close) {
+        // Every verdict that kills has a code; one without (the reader's
+        // end) has nothing to write.
+        let Some(code) = verdict.code() else {
+            return;
+        };
+        self.shared.fire(verdict.notice(), code);
         // If the queue is full the writer is busy and checks the flag after
         // its batch; if not, this wakes it.
-        let _ = self.control(Control::Wake);
-    }
-
-    /// The reader has stopped: the writer stops as well.
-    pub(crate) fn reader_gone(&self) {
-        self.shared.reader_gone.store(true, Ordering::Release);
         let _ = self.control(Control::Wake);
     }
 
@@ -390,37 +455,18 @@ impl ConnTx {
     /// per world tick (the rule is exact to within a tick).
     pub fn check_stall(&self, limit: Duration, stats: &Stats) -> bool {
         if !self.shared.kill.is_cancelled() && self.shared.stalled_for() >= limit {
-            slow_consumer(self, stats);
+            self.close(Close::SlowConsumer, stats);
             return true;
         }
         false
     }
 }
 
-/// The slow-consumer policy's last resort, in one place: the client is
-/// disconnected with SLOW_CONSUMER (notice and close frame bypass the full
-/// queue) and counted. Its session lingers, so it can resume.
-pub fn slow_consumer(conn: &ConnTx, stats: &Stats) {
-    // The world calls this from fan-out: a burst of cuts writes one line a
-    // second, with how many it stands for (the counter has them all).
-    static LOG: crate::logs::Throttle = crate::logs::Throttle::new(1000);
-    if !conn.shared.kill.is_cancelled() {
-        Stats::bump(&stats.slow_consumers);
-        if let Some(more) = LOG.allow() {
-            tracing::info!(conn = %conn.id, also_since_last = more, "slow consumer disconnected");
-        }
-    }
-    conn.kill(
-        Some(KickReason::KickSlowConsumer),
-        close_code::SLOW_CONSUMER,
-    );
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Every connection's frame queue preallocates 32 slots of this.
+    /// See Memory layout in ARCHITECTURE.md.
     #[test]
     fn an_outbound_slot_is_the_size_of_a_frame() {
         assert_eq!(
@@ -455,7 +501,7 @@ mod tests {
     fn a_kick_notice_is_counted_like_any_frame() {
         let (conn, mut rx) = conn(8, 1024);
         conn.try_frame(Bytes::from_static(b"hello")).unwrap();
-        conn.kick(KickReason::KickIdle);
+        conn.close(Close::Kick(KickReason::KickIdle), &Stats::default());
         assert!(queued(&conn) > 5, "the notice is counted");
         drain(&conn, &mut rx);
         assert_eq!(queued(&conn), 0);
@@ -494,7 +540,7 @@ mod tests {
     fn a_kick_that_does_not_fit_fires_the_kill_switch() {
         let (conn, _rx) = conn(8, 16);
         conn.try_frame(Bytes::from(vec![0; 16])).unwrap();
-        conn.kick(KickReason::KickIdle);
+        conn.close(Close::Kick(KickReason::KickIdle), &Stats::default());
         assert!(conn.shared.is_killed());
         assert_eq!(
             conn.shared.verdict(),
@@ -511,5 +557,92 @@ mod tests {
         conn.shared.shed_one();
         assert_eq!(conn.shared.shed_pending.load(Ordering::Acquire), u32::MAX);
         assert_eq!(conn.shared.shed_total.load(Ordering::Acquire), u64::MAX);
+    }
+
+    #[test]
+    fn each_verdict_has_its_code_and_notice() {
+        use KickReason::*;
+        for reason in [
+            KickLoggedInElsewhere,
+            KickShutdown,
+            KickIdle,
+            KickRateLimited,
+        ] {
+            let close = Close::Kick(reason);
+            assert_eq!(close.code(), Some(close_code::for_reason(reason)));
+            assert_eq!(close.notice(), Some(reason));
+        }
+        assert_eq!(Close::SlowConsumer.code(), Some(close_code::SLOW_CONSUMER));
+        assert_eq!(Close::SlowConsumer.notice(), Some(KickSlowConsumer));
+        assert_eq!(Close::TooBig.code(), Some(close_code::TOO_BIG));
+        assert_eq!(Close::TooBig.notice(), None);
+        assert_eq!(Close::ReaderGone.code(), None);
+    }
+
+    #[test]
+    fn the_first_verdict_wins() {
+        let stats = Stats::default();
+        let (conn, _rx) = conn(8, 1024);
+        conn.close(Close::TooBig, &stats);
+        assert_eq!(conn.shared.verdict(), (None, close_code::TOO_BIG));
+        conn.close(Close::SlowConsumer, &stats);
+        // A kick finds the queue open, but the kill switch has fired.
+        conn.close(Close::Kick(KickReason::KickShutdown), &stats);
+        assert_eq!(conn.shared.verdict(), (None, close_code::TOO_BIG));
+        assert_eq!(
+            Stats::get(&stats.slow_consumers),
+            0,
+            "a connection already closing is not counted as a slow consumer"
+        );
+    }
+
+    #[test]
+    fn a_slow_consumer_is_counted_once_and_bypasses_the_queue() {
+        let stats = Stats::default();
+        let (conn, _rx) = conn(8, 1024);
+        conn.try_frame(Bytes::from_static(b"unread")).unwrap();
+        conn.close(Close::SlowConsumer, &stats);
+        conn.close(Close::SlowConsumer, &stats);
+        assert_eq!(Stats::get(&stats.slow_consumers), 1);
+        assert!(conn.shared.is_killed());
+        assert_eq!(
+            conn.shared.verdict(),
+            (
+                Some(KickReason::KickSlowConsumer),
+                close_code::SLOW_CONSUMER
+            )
+        );
+        assert_eq!(queued(&conn), 6, "no notice was queued behind the backlog");
+    }
+
+    #[test]
+    fn a_full_queue_makes_a_slow_consumer() {
+        let stats = Stats::default();
+        let (conn, _rx) = conn(8, 8);
+        assert!(conn.deliver(Bytes::from(vec![0; 8]), Priority::Keep, &stats));
+        assert!(!conn.deliver(Bytes::from_static(b"x"), Priority::Keep, &stats));
+        assert_eq!(Stats::get(&stats.slow_consumers), 1);
+        assert_eq!(
+            conn.shared.verdict(),
+            (
+                Some(KickReason::KickSlowConsumer),
+                close_code::SLOW_CONSUMER
+            )
+        );
+    }
+
+    #[test]
+    fn the_readers_end_stops_the_writer_without_a_verdict() {
+        let stats = Stats::default();
+        let (conn, _rx) = conn(8, 1024);
+        // The reader cancels the kill switch first, then says it is gone.
+        conn.shared.kill.cancel();
+        conn.close(Close::ReaderGone, &stats);
+        assert!(conn.shared.is_reader_gone());
+        assert!(!conn.shared.is_killed());
+        // Nothing given after that counts.
+        conn.close(Close::SlowConsumer, &stats);
+        assert!(!conn.shared.is_killed());
+        assert_eq!(Stats::get(&stats.slow_consumers), 0);
     }
 }

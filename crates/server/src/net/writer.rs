@@ -51,8 +51,8 @@ pub(crate) fn close_message(code: u16) -> Message {
 /// cancelled on exit, which stops the reader, and a reader that ends first
 /// cancels it too, which stops the writer.
 ///
-/// A plain async block rather than an `async fn`, which would keep a
-/// second copy of its arguments in every writer's task.
+/// A plain async block rather than an `async fn` (see Memory layout in
+/// ARCHITECTURE.md).
 #[allow(clippy::manual_async_fn)]
 pub(crate) fn run<S>(
     mut sink: Sink<S>,
@@ -64,8 +64,8 @@ pub(crate) fn run<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    // Built here rather than in the block, which would otherwise keep
-    // `ping_every` for the writer's whole life.
+    // Built here rather than in the block (see Memory layout in
+    // ARCHITECTURE.md).
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     async move {
@@ -78,14 +78,14 @@ where
         // never waits.
         let now = tokio::time::Instant::now();
         let mut last_write = now.checked_sub(coalesce).unwrap_or(now);
-        // The cork timer, allocated the first time this connection corks: an
-        // inline one would take room in every idle writer's task.
+        // The cork timer, allocated the first time this connection corks
+        // (see Memory layout in ARCHITECTURE.md).
         let mut cork_timer: Option<Pin<Box<Sleep>>> = None;
         loop {
             if shared.is_killed() {
                 let (reason, code) = shared.verdict();
-                // Boxed, like every once-only path: the task is as large as
-                // the largest future it holds across an await.
+                // Boxed, like every once-only path (see Memory layout in
+                // ARCHITECTURE.md).
                 Box::pin(killed(&mut sink, reason, code)).await;
                 break;
             }
@@ -103,8 +103,7 @@ where
                     };
                     // One clock read per batch: the batch counts as written
                     // when it starts, at once or when the cork ends. Only
-                    // `last_write` is kept across the wait, so the task
-                    // stays small.
+                    // `last_write` is kept across the wait.
                     let cork = last_write + coalesce;
                     let now = tokio::time::Instant::now();
                     let wait = matches!(first, Outbound::Frame(_)) && now < cork;
@@ -168,7 +167,7 @@ where
 /// `try_frame` counted for those frames, also when the socket fails midway,
 /// so the queued count never drifts. Ok(true) when the batch ended with a
 /// close frame. Frames go from the queue straight to the sink: no batch
-/// buffer, which every connection would keep.
+/// buffer (see Memory layout in ARCHITECTURE.md).
 async fn write_batch<S>(
     sink: &mut Sink<S>,
     first: Outbound,
@@ -256,9 +255,7 @@ mod tests {
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::protocol::Role;
 
-    /// Every connection keeps a writer task for its whole life, so the
-    /// writer's state machine is per-connection memory: what it holds across
-    /// its idle await must stay small (once-only paths are boxed).
+    /// The writer's task is per-connection memory for the connection's life.
     #[tokio::test]
     async fn an_idle_writer_task_stays_small() {
         let (io, _peer) = tokio::io::duplex(64);
@@ -273,10 +270,11 @@ mod tests {
             Duration::from_secs(15),
             Duration::from_millis(5),
         );
-        // tokio adds 96 bytes of task header and trailer and rounds the
-        // allocation up to 128 bytes: up to 672 would keep the task at 768;
-        // it is 680 today (the cork state), so the task is 896.
+        // 680 bytes today (see Memory layout in ARCHITECTURE.md).
         let size = std::mem::size_of_val(&writer);
-        assert!(size <= 680, "writer future is {size} bytes");
+        assert!(
+            size <= 680,
+            "writer future is {size} bytes (see Memory layout in ARCHITECTURE.md)"
+        );
     }
 }

@@ -19,7 +19,7 @@ use super::{ChatLine, ChatOutcome, LoginArgs, Target, WeakWorld, WorldMsg};
 use crate::config::Config;
 use crate::history::{Conversation, HistoryHandle, StoredMsg};
 use crate::ids::{ConnId, MsgId, UserId};
-use crate::net::Priority;
+use crate::net::{Close, Priority};
 use crate::records;
 use crate::stats::Stats;
 use crate::user::{Attach, UserHandle, UserMsg};
@@ -220,14 +220,14 @@ impl World {
                 info!(players = entries.len(), "ending every session for shutdown");
                 for (user, mut entry) in entries {
                     if let Some(pending) = &entry.pending {
-                        abandon(user, &entry, pending, KickReason::KickShutdown);
+                        abandon(user, &entry, pending, KickReason::KickShutdown, &self.stats);
                     }
                     // The actor answers its pending chat replies first, then
                     // kicks its connection; if it cannot be told, the world
                     // kicks it now.
                     if let Some(conn) = &entry.conn {
                         if !entry.actor.try_send(UserMsg::End(KickReason::KickShutdown)) {
-                            conn.kick(KickReason::KickShutdown);
+                            conn.close(Close::Kick(KickReason::KickShutdown), &self.stats);
                         }
                     }
                     self.spill(user, &mut entry);
@@ -278,10 +278,16 @@ impl World {
             // answered first, so each of many concurrent logins gets its
             // RES_OK before it is told it was replaced.
             if let Some(old) = entry.conn.take() {
-                old.kick(KickReason::KickLoggedInElsewhere);
+                old.close(Close::Kick(KickReason::KickLoggedInElsewhere), &self.stats);
             }
             if let Some(old) = entry.pending.take() {
-                abandon(user, entry, &old, KickReason::KickLoggedInElsewhere);
+                abandon(
+                    user,
+                    entry,
+                    &old,
+                    KickReason::KickLoggedInElsewhere,
+                    &self.stats,
+                );
             }
             entry.lingering = None;
             Stats::bump(&self.stats.takeovers);
@@ -525,10 +531,10 @@ impl World {
         };
         if let Some(reason) = kick {
             if let Some(conn) = &entry.conn {
-                conn.kick(reason);
+                conn.close(Close::Kick(reason), &self.stats);
             }
             if let Some(pending) = &entry.pending {
-                abandon(user, &entry, pending, reason);
+                abandon(user, &entry, pending, reason, &self.stats);
             }
         }
         self.spill(user, &mut entry);
@@ -863,7 +869,7 @@ async fn read_offline(
 
 /// A pending login that will never become visible (kick, shutdown): it
 /// still gets its login reply first, then the kick.
-fn abandon(user: UserId, entry: &Entry, pending: &PendingLogin, reason: KickReason) {
+fn abandon(user: UserId, entry: &Entry, pending: &PendingLogin, reason: KickReason, stats: &Stats) {
     let reply = login_reply(
         pending.seq,
         user,
@@ -874,7 +880,7 @@ fn abandon(user: UserId, entry: &Entry, pending: &PendingLogin, reason: KickReas
         &Resume::default(),
     );
     let _ = pending.conn.try_frame(reply);
-    pending.conn.kick(reason);
+    pending.conn.close(Close::Kick(reason), stats);
 }
 
 /// Pong payload prefix of a receipt ping: the client read every whisper up

@@ -364,3 +364,34 @@ impl WeakWorld {
         self.0.upgrade().map(|tx| WorldHandle { tx })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// There is one world actor, so its size is not per-player memory; the
+    /// guard catches a handler that starts keeping a large value inline in
+    /// the run loop across an await, which shows as a jump here.
+    #[tokio::test]
+    async fn the_world_actor_task_stays_small() {
+        let config = Arc::new(Config::default());
+        let (tx, rx) = mpsc::channel(WORLD_INBOX);
+        let handle = WorldHandle { tx };
+        let actor = actor::World::new(
+            config,
+            Arc::new(Stats::default()),
+            Box::new(LocalFanout),
+            rx,
+            handle.downgrade(),
+            None,
+            0,
+        );
+        let run = actor.run();
+        let size = std::mem::size_of_val(&run);
+        // 1080 bytes today (see Memory layout in ARCHITECTURE.md).
+        assert!(
+            size <= 1152,
+            "world actor future is {size} bytes (see Memory layout in ARCHITECTURE.md)"
+        );
+    }
+}

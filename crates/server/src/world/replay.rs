@@ -39,7 +39,7 @@ pub struct Ring {
 
 impl Ring {
     pub fn new(cap: usize) -> Self {
-        // Allocated on first use: an idle player costs no buffer.
+        // Allocated on first use (see Memory layout in ARCHITECTURE.md).
         Ring {
             cap,
             entries: VecDeque::new(),
@@ -114,9 +114,8 @@ pub struct Resume {
     pub missed: u64,
 }
 
-/// A player's two replay rings, allocated on the first notification: the
-/// registry keeps one of these inline per player, and a player who has
-/// received nothing costs 16 bytes instead of two rings' bookkeeping.
+/// A player's two replay rings, allocated on the first notification (see
+/// Memory layout in ARCHITECTURE.md).
 #[derive(Debug)]
 pub struct Replay {
     rings: Option<Box<Rings>>,

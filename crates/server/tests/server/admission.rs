@@ -549,3 +549,100 @@ async fn over_tls_bad_http_gets_http_and_a_login_frees_its_pre_login_place() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn over_tls_a_slow_handshake_and_upgrade_leave_one_login_deadline() {
+    use futures_util::StreamExt;
+    use guildchat_protocol::{close_code, codec, KickReason, ServerMsg};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (server, connector, _dir) = tls_server(|c| c.limits.login_timeout_ms = 1_000).await;
+    let tcp = raw_from(&server, ip(1)).await;
+    let accepted = Instant::now();
+    // TLS and the upgrade both come late, then no login. A login timer
+    // started at the upgrade would fire at about 1.7 s, and the stream's
+    // own cut at 2 s; the one deadline from the accept fires at 1 s, with
+    // the reader's kick (not the cut).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let tls = tls_connect(&connector, tcp).await;
+    let port = server_addr(&server).port();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("wss://localhost:{port}"), tls)
+        .await
+        .unwrap();
+    assert!(
+        accepted.elapsed() < Duration::from_millis(900),
+        "set-up too slow"
+    );
+    let mut kick = None;
+    let code = loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("closed") {
+            Some(Ok(Message::Binary(b))) => {
+                if let Ok(ServerMsg::Kick(k)) = codec::decode_server(&b) {
+                    kick = Some(k.reason);
+                }
+            }
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    let waited = accepted.elapsed();
+    assert_eq!(kick, Some(KickReason::KickLoginTimeout as i32));
+    assert_eq!(code, Some(close_code::LOGIN_TIMEOUT));
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(1_600),
+        "closed {waited:?} after the accept"
+    );
+    assert_eq!(get(&server.stats.handshake_timeouts), 0, "the cut fired");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_peer_that_leaves_before_logging_in_is_not_waited_for() {
+    const PEERS: usize = 40;
+    let server = TestServer::start_with(|c| {
+        c.admission.max_prelogin = PEERS as u32;
+        c.limits.login_timeout_ms = 30_000;
+    })
+    .await;
+    // Every pre-login place taken by a peer that upgrades and never logs in.
+    let mut peers = Vec::new();
+    for i in 0..PEERS {
+        let from = ip(2 + (i % 4) as u8);
+        peers.push(Client::connect_from(&server.url, Some(from)).await.unwrap());
+    }
+    assert_eq!(get(&server.stats.prelogin), PEERS as u64);
+    assert!(
+        Client::connect_from(&server.url, Some(ip(1)))
+            .await
+            .is_err(),
+        "the pre-login places are not all taken"
+    );
+
+    // They leave: half with a close frame, half by dropping the socket.
+    let left = Instant::now();
+    for (i, peer) in peers.into_iter().enumerate() {
+        if i % 2 == 0 {
+            peer.close().await;
+        } else {
+            drop(peer);
+        }
+    }
+    // Each reader lets its place go as soon as it sees the peer gone,
+    // rather than after the close grace (2 s) it gives a peer it closes.
+    while get(&server.stats.prelogin) != 0 {
+        assert!(
+            left.elapsed() < Duration::from_secs(1),
+            "{} pre-login places still held",
+            get(&server.stats.prelogin)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // An honest player gets a place at once, logs in and gives it back.
+    let mut alice = login_from(&server, ip(1), 1, 7).await;
+    let mut bob = login_from(&server, ip(1), 2, 7).await;
+    assert_eq!(get(&server.stats.prelogin), 0);
+    chat_quickly(&mut alice, &mut bob, "nobody waited").await;
+    server.stop().await;
+}

@@ -1,0 +1,301 @@
+//! Chat policy: what a chat request must pass before the world sees it
+//! (channel, mute, text, per-channel cooldown), the whisper lookup of a
+//! player the registry does not know, and idempotent retries by client
+//! message id ([`RecentSends`]).
+//!
+//! It owns the cooldown clocks and the memory of recent sends, and decides
+//! each chat reply's code. It must never write a frame itself: a chat reply
+//! always goes through the ordered queue in `replies`, and a line already
+//! fanned out is never fanned out again.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::{FutureExt, Shared};
+use guildchat_protocol::{codec, pb, ChatType, MsgType, ResCode};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::actor::UserActor;
+use super::replies::duration_ms;
+use crate::history::{HistoryError, PlayerRef};
+use crate::ids::UserId;
+use crate::stats::Stats;
+use crate::world::{ChatLine, Target};
+
+/// Number of chat channels (CHATTYPE values 0..=6).
+pub(super) const CHANNELS: usize = 7;
+
+/// How many client message ids a session remembers for retries.
+const RECENT_SENDS: usize = 256;
+
+/// A chat reply, before it is tagged with its connection.
+pub(super) type ReplyFuture = Pin<Box<dyn Future<Output = Bytes> + Send + Sync>>;
+
+/// The result of one accepted line, shared by its first reply and any
+/// retry of the same client message id.
+type OutcomeFuture = Pin<Box<dyn Future<Output = ResCode> + Send + Sync>>;
+type SharedOutcome = Shared<OutcomeFuture>;
+
+/// A clock reading later than any real deadline (for durations too large
+/// to add to now).
+pub(super) fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365 * 30)
+}
+
+/// One remembered send.
+struct Sent {
+    msg_id: u64,
+    offline: bool,
+    outcome: SharedOutcome,
+}
+
+/// The last [`RECENT_SENDS`] sends with a client message id, oldest first.
+#[derive(Default)]
+pub(super) struct RecentSends {
+    by_nonce: HashMap<u64, Sent>,
+    order: VecDeque<u64>,
+    /// Whether the store's ids were loaded (once per session).
+    loaded: bool,
+}
+
+impl RecentSends {
+    fn get(&self, nonce: u64) -> Option<&Sent> {
+        self.by_nonce.get(&nonce)
+    }
+
+    fn insert(&mut self, nonce: u64, msg_id: u64, offline: bool, outcome: SharedOutcome) {
+        if self.order.len() == RECENT_SENDS {
+            if let Some(old) = self.order.pop_front() {
+                self.by_nonce.remove(&old);
+            }
+        }
+        self.order.push_back(nonce);
+        self.by_nonce.insert(
+            nonce,
+            Sent {
+                msg_id,
+                offline,
+                outcome,
+            },
+        );
+    }
+}
+
+/// A line the world has fanned out; its reply waits until it is durable.
+struct Accepted {
+    msg_id: u64,
+    cooldown: Duration,
+    durable: Option<oneshot::Receiver<Result<(), HistoryError>>>,
+    offline: Option<oneshot::Receiver<Result<(), HistoryError>>>,
+}
+
+impl Accepted {
+    /// Waits for the store (the offline row, then the group commit): OK
+    /// only once the line is durable.
+    async fn settle(self) -> ResCode {
+        for rx in [self.offline, self.durable].into_iter().flatten() {
+            match rx.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return store_code(e),
+                Err(_) => return ResCode::ResStoreFailed,
+            }
+        }
+        ResCode::ResOk
+    }
+}
+
+fn chat_rep(seq: u32, res: ResCode, cooldown: Duration, msg_id: u64, offline: bool) -> Bytes {
+    codec::encode(&pb::ChatMessageChatRep {
+        msghead: codec::head(MsgType::CchChatRep, seq),
+        res: res as i32,
+        cooldown_ms: duration_ms(cooldown),
+        msg_id,
+        offline,
+        muted_ms: 0,
+    })
+}
+
+fn store_code(e: HistoryError) -> ResCode {
+    match e {
+        HistoryError::InboxFull => ResCode::ResInboxFull,
+        HistoryError::SenderLimit => ResCode::ResSenderLimit,
+        _ => ResCode::ResStoreFailed,
+    }
+}
+
+impl UserActor {
+    /// A chat request's reply, still to settle: a retry of a known client
+    /// message id gets the original outcome; anything else is checked and
+    /// sent.
+    pub(super) async fn chat_reply(&mut self, m: pb::ChatMessageChatReq, seq: u32) -> ReplyFuture {
+        let nonce = m.client_msg_id;
+        let slot = m.chattype.clamp(0, CHANNELS as i32 - 1) as usize;
+        if nonce != 0 {
+            self.load_sends().await;
+            // Whatever the first send's outcome, a retry gets the same: a
+            // line that was fanned out is never fanned out again, even if
+            // storing it failed. A client tries again with a new id.
+            if let Some(sent) = self.sends.as_ref().and_then(|s| s.get(nonce)) {
+                Stats::bump(&self.stats.chat_retries);
+                let remaining = self.cooldown_left(slot);
+                let (msg_id, offline, outcome) = (sent.msg_id, sent.offline, sent.outcome.clone());
+                return Box::pin(async move {
+                    let res = outcome.await;
+                    let id = if res == ResCode::ResOk { msg_id } else { 0 };
+                    chat_rep(seq, res, remaining, id, offline && res == ResCode::ResOk)
+                });
+            }
+        }
+        match self.chat(m).await {
+            Ok(accepted) => {
+                let (msg_id, cooldown, offline) = (
+                    accepted.msg_id,
+                    accepted.cooldown,
+                    accepted.offline.is_some(),
+                );
+                let outcome: SharedOutcome =
+                    (Box::pin(accepted.settle()) as OutcomeFuture).shared();
+                if nonce != 0 {
+                    self.sends.get_or_insert_with(Default::default).insert(
+                        nonce,
+                        msg_id,
+                        offline,
+                        outcome.clone(),
+                    );
+                }
+                Box::pin(async move {
+                    let res = outcome.await;
+                    if res == ResCode::ResOk {
+                        chat_rep(seq, res, cooldown, msg_id, offline)
+                    } else {
+                        chat_rep(seq, res, Duration::ZERO, 0, false)
+                    }
+                })
+            }
+            Err((res, cooldown)) => {
+                let rep = chat_rep(seq, res, cooldown, 0, false);
+                Box::pin(std::future::ready(rep))
+            }
+        }
+    }
+
+    /// After a restart the session is new, but a retry may still come: the
+    /// first send with a client message id loads the ids of the player's
+    /// latest stored lines.
+    async fn load_sends(&mut self) {
+        if self.sends.as_ref().is_some_and(|s| s.loaded) {
+            return;
+        }
+        let sends = self.sends.get_or_insert_with(Default::default);
+        sends.loaded = true;
+        let Some(history) = &self.history else {
+            return;
+        };
+        match history.recent_nonces(self.id.0, RECENT_SENDS as u32).await {
+            Ok(stored) => {
+                // Oldest first, so the newest stay when the map is full.
+                for (nonce, msg_id) in stored.into_iter().rev() {
+                    if sends.get(nonce).is_none() {
+                        let done: SharedOutcome = (Box::pin(std::future::ready(ResCode::ResOk))
+                            as OutcomeFuture)
+                            .shared();
+                        sends.insert(nonce, msg_id, false, done);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read recent client message ids"),
+        }
+    }
+
+    fn cooldown_left(&self, slot: usize) -> Duration {
+        let now = Instant::now();
+        self.ready_at
+            .as_ref()
+            .and_then(|r| r[slot])
+            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now))
+    }
+
+    /// Checks a chat request against this player's state, then hands it to
+    /// the world. Returns the accepted line (its reply still to settle) or
+    /// (code, remaining cooldown).
+    async fn chat(&mut self, m: pb::ChatMessageChatReq) -> Result<Accepted, (ResCode, Duration)> {
+        let none = Duration::ZERO;
+        let channel = match ChatType::try_from(m.chattype) {
+            Ok(ChatType::ChatAll) => return Err((ResCode::ResNoPermission, none)),
+            Ok(c) => c,
+            Err(_) => return Err((ResCode::ResBadRequest, none)),
+        };
+        let Some(rule) = self.config.chat.rule(channel).copied() else {
+            return Err((ResCode::ResBadRequest, none));
+        };
+        let now = Instant::now();
+        if self.muted_until.is_some_and(|t| now < t) {
+            return Err((ResCode::ResMuted, none));
+        }
+        if m.context.trim().is_empty() {
+            return Err((ResCode::ResTextEmpty, none));
+        }
+        if m.context.chars().count() > rule.max_chars {
+            return Err((ResCode::ResTextTooLong, none));
+        }
+        let slot = channel as usize;
+        let ready_at = self.ready_at.as_ref().and_then(|r| r[slot]);
+        if let Some(ready) = ready_at.filter(|t| now < *t) {
+            return Err((ResCode::ResOnCooldown, ready - now));
+        }
+        let target = match (m.targetid, m.targetname.is_empty()) {
+            (0, true) => Target::None,
+            (0, false) => Target::Name(m.targetname),
+            (id, _) => Target::Id(UserId(id)),
+        };
+        let mut line = ChatLine {
+            from: self.id,
+            channel,
+            text: m.context,
+            target,
+            nonce: m.client_msg_id,
+        };
+        // A whisper to someone not registered: kept for them only if the
+        // store knows them (they have logged in at least once).
+        let retry = (channel == ChatType::ChatPrivate).then(|| line.clone());
+        let outcome = match (self.world.chat(line).await, retry, &self.history) {
+            (Err(ResCode::ResTargetOffline), Some(mut retry), Some(history)) => {
+                let who = match &retry.target {
+                    Target::Id(id) => PlayerRef::Id(id.0),
+                    Target::Name(name) => PlayerRef::Name(name.clone()),
+                    _ => return Err((ResCode::ResNoSuchTarget, none)),
+                };
+                match history.find_player(who).await {
+                    Ok(Some((id, name))) => {
+                        retry.target = Target::Known(UserId(id), name);
+                        line = retry;
+                        self.world.chat(line).await
+                    }
+                    Ok(None) => Err(ResCode::ResNoSuchTarget),
+                    Err(_) => Err(ResCode::ResInternal),
+                }
+            }
+            (result, _, _) => result,
+        }
+        .map_err(|code| (code, none))?;
+        // The clock starts when the world has accepted the line (read after
+        // the world's answer, so backpressure cannot squeeze two lines into
+        // one cooldown); it lives in this actor, so neither a reconnect nor
+        // a takeover resets it.
+        let ready = Instant::now()
+            .checked_add(rule.cooldown())
+            .unwrap_or_else(far_future);
+        self.ready_at
+            .get_or_insert_with(|| Box::new([None; CHANNELS]))[slot] = Some(ready);
+        Ok(Accepted {
+            msg_id: outcome.msg_id.0,
+            cooldown: rule.cooldown(),
+            durable: outcome.durable,
+            offline: outcome.offline,
+        })
+    }
+}
