@@ -42,6 +42,9 @@ async fn sanctions_and_revocations_survive_a_reopen() {
     h.set_sanction(7, SanctionKind::Ban, u64::MAX, "cheating".into())
         .await
         .expect("banned for ever");
+    h.set_sanction(u64::MAX, SanctionKind::Mute, later, "last id".into())
+        .await
+        .expect("muted");
     h.set_sanction(3, SanctionKind::Mute, later, "first reason".into())
         .await
         .expect("muted");
@@ -52,6 +55,7 @@ async fn sanctions_and_revocations_survive_a_reopen() {
     h.revoke_tokens(7, 1_000).await.expect("revoked");
     h.revoke_tokens(7, 900).await.expect("an older revocation");
     h.revoke_tokens(5, 2_000).await.expect("revoked");
+    h.revoke_tokens(u64::MAX, 3_000).await.expect("revoked");
 
     let loaded = h.load_moderation().await.expect("loaded");
     let found: Vec<_> = loaded
@@ -65,12 +69,13 @@ async fn sanctions_and_revocations_survive_a_reopen() {
             (3, SanctionKind::Mute, later + 1, "second reason"),
             (7, SanctionKind::Mute, later, "spam"),
             (7, SanctionKind::Ban, u64::MAX, "cheating"),
+            (u64::MAX, SanctionKind::Mute, later, "last id"),
         ]
     );
     assert!(loaded.sanctions.iter().all(|s| s.set_ms <= now_ms()));
     assert_eq!(
         loaded.revocations,
-        [(5, 2_000), (7, 1_000)],
+        [(5, 2_000), (7, 1_000), (u64::MAX, 3_000)],
         "a revocation is never narrowed"
     );
     assert_eq!(h.sanctions().await.expect("sanctions"), loaded.sanctions);
@@ -91,7 +96,14 @@ async fn sanctions_and_revocations_survive_a_reopen() {
         .iter()
         .map(|s| (s.user, s.kind))
         .collect();
-    assert_eq!(kinds, [(3, SanctionKind::Mute), (7, SanctionKind::Ban)]);
+    assert_eq!(
+        kinds,
+        [
+            (3, SanctionKind::Mute),
+            (7, SanctionKind::Ban),
+            (u64::MAX, SanctionKind::Mute)
+        ]
+    );
 }
 
 #[tokio::test]

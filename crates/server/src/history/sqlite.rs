@@ -827,14 +827,15 @@ impl Db {
     }
 
     /// The sanctions in force at `now_ms` and every revocation, from one
-    /// read transaction so both lists are the same moment's.
+    /// read transaction so both lists are the same moment's. Sorted here,
+    /// as [`blocks`](Self::blocks) is, so ids past 2^63 sort as ids.
     pub(super) fn moderation(&self, now_ms: u64) -> rusqlite::Result<Moderation> {
         // Deferred: on this read-only connection it only pins a snapshot.
         let tx = self.conn.unchecked_transaction()?;
-        let sanctions = tx
+        let mut sanctions = tx
             .prepare_cached(
                 "SELECT user_id, kind, until_ms, reason, set_ms FROM sanctions
-                 WHERE until_ms > ?1 ORDER BY user_id, kind",
+                 WHERE until_ms > ?1",
             )?
             .query_map([sql_bound(now_ms)], |row| {
                 let code = row.get(1)?;
@@ -847,11 +848,13 @@ impl Db {
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        let revocations = tx
-            .prepare_cached("SELECT user_id, before_s FROM revocations ORDER BY user_id")?
+        let mut revocations = tx
+            .prepare_cached("SELECT user_id, before_s FROM revocations")?
             .query_map([], |row| Ok((unsql(row.get(0)?), unsql_bound(row.get(1)?))))?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         tx.finish()?;
+        sanctions.sort_unstable_by_key(|s: &Sanction| (s.user, sanction_code(s.kind)));
+        revocations.sort_unstable();
         Ok(Moderation {
             sanctions,
             revocations,
