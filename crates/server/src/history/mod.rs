@@ -1,13 +1,16 @@
-//! The history store: durable chat history, offline whispers and the
-//! players who have ever logged in, in one embedded SQLite file
+//! The history store: durable chat history, offline whispers, the players
+//! who have ever logged in, and the game-master records (sanctions, token
+//! revocations, blocks between players, the operators' audit log,
+//! announcement keys), in one embedded SQLite file
 //! (`<data_dir>/history.sqlite3`, WAL mode, readable by its owner only).
 //!
 //! It owns the database file and the two threads that touch it: a writer
 //! that group-commits every write (one transaction, one fsync, for whatever
 //! queued up in the last few milliseconds) and also answers offline-whisper
-//! reads, in queue order, so that a read sees every store queued before it;
-//! and a reader that serves history pages, player look-ups and recent
-//! nonces from a second, read-only connection. Callers only see
+//! and block-list reads, in queue order, so that a read sees every write
+//! queued before it; and a reader that serves history pages, player
+//! look-ups, recent nonces and the game-master reads from a second,
+//! read-only connection. Callers only see
 //! [`HistoryHandle`], a cloneable handle over two bounded queues, and
 //! [`HistoryThreads`], which joins the threads at shutdown. Either thread
 //! dying (a panic, or its loop ending while handles remain) is logged once
@@ -21,20 +24,27 @@
 //! is an error the caller sees at once. Nothing here knows about sockets,
 //! sessions or the world's state. It never decides *what* is stored or to
 //! whom: the world picks the [`Conversation`], the message id and whether a
-//! recipient is offline.
+//! recipient is offline; nor who is muted, banned or blocked, only that
+//! the caller said so.
 //!
 //! # Layout
 //! - [`config`]: [`HistoryConfig`] and per-conversation [`Retention`].
-//! - `writer`: the writer thread (group commit, offline reads, pruning).
-//! - `reader`: the reader thread (pages, players, nonces).
+//! - `moderation`: the game-master types ([`Sanction`], [`AuditEntry`]...)
+//!   and their [`HistoryHandle`] methods.
+//! - `writer`: the writer thread (group commit, queued reads, pruning).
+//! - `reader`: the reader thread (pages, players, nonces, game-master
+//!   reads).
 //! - `sqlite`: the schema, its migrations, the file's permissions and
 //!   every SQL statement; synchronous code only.
 
 pub mod config;
+mod moderation;
 mod reader;
 mod sqlite;
 mod writer;
 
+#[cfg(test)]
+mod moderation_tests;
 #[cfg(test)]
 mod tests;
 
@@ -53,9 +63,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 pub use config::{HistoryConfig, Retention, Synchronous};
+pub use moderation::{AuditEntry, BlockOutcome, Moderation, Sanction, SanctionKind};
 use reader::{ReadCmd, READ_QUEUE};
 use sqlite::{Db, WriteOp};
-use writer::{Command, Control, PendingRead, Write, WRITE_QUEUE};
+use writer::{Command, Control, QueuedRead, Responder, Write, WRITE_QUEUE};
 
 /// A conversation whose messages are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -456,13 +467,11 @@ impl HistoryHandle {
         before: u64,
         limit: u32,
     ) -> Result<(Vec<StoredMsg>, bool), HistoryError> {
-        let max = self.shared.config.max_page;
-        let limit = if limit == 0 { max } else { limit.min(max) };
         let (respond_to, rx) = oneshot::channel();
         self.read(ReadCmd::Page {
             conv,
             before,
-            limit,
+            limit: self.page_limit(limit),
             respond_to,
         })
         .await?;
@@ -550,7 +559,7 @@ impl HistoryHandle {
         }
         self.shared.counters.offline_reads.fetch_add(1, Relaxed);
         let (respond_to, rx) = oneshot::channel();
-        match self.send(Command::PendingOffline(PendingRead { user, respond_to })) {
+        match self.send(Command::Read(QueuedRead::Offline { user, respond_to })) {
             Ok(()) => rx,
             Err(e) => ready(Err(e)),
         }
@@ -623,7 +632,8 @@ impl HistoryHandle {
 
     /// Applies retention now instead of at the next prune tick (operators,
     /// tests). Returns how many history messages were deleted; expired
-    /// offline whispers are counted in `offline_expired`.
+    /// offline whispers are counted in `offline_expired`. Ended sanctions
+    /// and day-old announcement keys are deleted too.
     pub async fn prune_now(&self) -> Result<u64, HistoryError> {
         let (respond_to, rx) = oneshot::channel();
         self.send(Command::Control(Control::Prune { respond_to }))?;
@@ -690,7 +700,10 @@ impl HistoryHandle {
         op: WriteOp,
         respond_to: Option<oneshot::Sender<Result<(), HistoryError>>>,
     ) -> Result<(), HistoryError> {
-        self.send(Command::Write(Write { op, respond_to }))
+        self.send(Command::Write(Write {
+            op,
+            respond_to: respond_to.map(Responder::Done),
+        }))
     }
 
     /// Every command to the writer goes through here: its queue is a std
@@ -704,6 +717,16 @@ impl HistoryHandle {
                 Err(HistoryError::Unavailable)
             }
             Err(TrySendError::Disconnected(_)) => Err(HistoryError::Unavailable),
+        }
+    }
+
+    /// A client's page size: `max_page` caps it, and 0 asks for `max_page`.
+    fn page_limit(&self, limit: u32) -> u32 {
+        let max = self.shared.config.max_page;
+        if limit == 0 {
+            max
+        } else {
+            limit.min(max)
         }
     }
 

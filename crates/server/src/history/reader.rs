@@ -1,4 +1,6 @@
-//! The reader thread: history pages, player look-ups and recent nonces.
+//! The reader thread: history pages, player look-ups, recent nonces, and
+//! the game-master reads (moderation state, block lists, the audit log, a
+//! player's own messages).
 //!
 //! It owns a second, read-only connection. Under WAL a reader sees the last
 //! committed state and neither waits for nor delays the writer, so a player
@@ -15,6 +17,7 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
+use super::moderation::{AuditEntry, Moderation};
 use super::sqlite::Db;
 use super::{supervise, Conversation, HistoryError, PlayerRef, Shared, StoredMsg};
 
@@ -41,6 +44,26 @@ pub(super) enum ReadCmd {
         sender: u64,
         limit: u32,
         respond_to: oneshot::Sender<Result<Vec<(u64, u64)>, HistoryError>>,
+    },
+    /// Sanctions in force at `now_ms`, and every revocation.
+    Moderation {
+        now_ms: u64,
+        respond_to: oneshot::Sender<Result<Moderation, HistoryError>>,
+    },
+    Blocks {
+        user: u64,
+        respond_to: oneshot::Sender<Result<Vec<u64>, HistoryError>>,
+    },
+    AuditPage {
+        before: u64,
+        limit: u32,
+        respond_to: oneshot::Sender<Result<Vec<AuditEntry>, HistoryError>>,
+    },
+    MessagesBySender {
+        sender: u64,
+        since_ms: u64,
+        limit: u32,
+        respond_to: oneshot::Sender<Result<Vec<StoredMsg>, HistoryError>>,
     },
 }
 
@@ -89,6 +112,43 @@ fn run(db: Db, mut rx: mpsc::Receiver<ReadCmd>) {
             } => {
                 let result = db.recent_nonces(sender, limit).map_err(|e| {
                     warn!(error = %e, sender, "recent nonce read failed");
+                    HistoryError::Unavailable
+                });
+                let _ = respond_to.send(result);
+            }
+            ReadCmd::Moderation { now_ms, respond_to } => {
+                let result = db.moderation(now_ms).map_err(|e| {
+                    warn!(error = %e, "moderation state read failed");
+                    HistoryError::Unavailable
+                });
+                let _ = respond_to.send(result);
+            }
+            ReadCmd::Blocks { user, respond_to } => {
+                let result = db.blocks(user).map_err(|e| {
+                    warn!(error = %e, user, "block list read failed");
+                    HistoryError::Unavailable
+                });
+                let _ = respond_to.send(result);
+            }
+            ReadCmd::AuditPage {
+                before,
+                limit,
+                respond_to,
+            } => {
+                let result = db.audit_page(before, limit).map_err(|e| {
+                    warn!(error = %e, before, "audit log read failed");
+                    HistoryError::Unavailable
+                });
+                let _ = respond_to.send(result);
+            }
+            ReadCmd::MessagesBySender {
+                sender,
+                since_ms,
+                limit,
+                respond_to,
+            } => {
+                let result = db.messages_by_sender(sender, since_ms, limit).map_err(|e| {
+                    warn!(error = %e, sender, "sender's messages read failed");
                     HistoryError::Unavailable
                 });
                 let _ = respond_to.send(result);

@@ -5,7 +5,7 @@
 //! encoded; it never sees a channel or an async runtime, and it runs only on
 //! the store's own writer and reader threads (and once at open).
 //!
-//! Layout (schema version 2):
+//! Layout (schema version 3):
 //! - `messages` is keyed by (conversation, msg_id) without a rowid, so a
 //!   page is one range scan of the primary key; `messages_by_age` lets
 //!   age-based retention delete by range instead of scanning;
@@ -18,6 +18,14 @@
 //!   name and time of the last login; `players_by_name` resolves a name to
 //!   its most recent holder.
 //! - `meta` holds the msg_id high-water mark.
+//! - Since version 3, the game-master store: `sanctions` (mutes and bans,
+//!   one per player and kind), `revocations` (per player, tokens issued
+//!   before a time are refused), `blocks` (who a player blocked, keyed so
+//!   one player's list is one range scan), `audit` (every operator action,
+//!   newest by id) and `announce_keys` (which announcement a retried
+//!   request already made). `messages_by_id` finds a line to recall without
+//!   knowing its conversation, `messages_by_sender` lists one player's
+//!   lines, and `offline_by_msg` finds a recalled whisper still waiting.
 //!
 //! Both message tables carry `nonce`, the client's id for a send (0 = none).
 
@@ -29,6 +37,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transactio
 use tracing::{info, warn};
 
 use super::config::{HistoryConfig, Synchronous, DAY_MS};
+use super::moderation::{AuditEntry, BlockOutcome, Moderation, Sanction, SanctionKind};
 use super::{Conversation, HistoryError, OpenError, PlayerRef, StoredMsg};
 
 /// The database file inside the data directory.
@@ -43,7 +52,7 @@ pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// (version 0) runs them all. Each is on disk in some deployment: never edit
 /// one, append a new one. They run in a single transaction with the version
 /// bump, so a crash mid-upgrade leaves the old version intact.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     // 1: messages, offline whispers, the high-water mark. `IF NOT EXISTS`
     // because a version-0 file may already hold them (a crash between the
     // tables and the version bump, before migrations were transactional).
@@ -104,6 +113,46 @@ CREATE TABLE players (
 );
 CREATE INDEX players_by_name ON players (name, last_login_ms);
 ",
+    // 3: moderation, blocks, the audit log and announcement keys. The new
+    // indexes over `messages` are built from the existing rows, so this
+    // upgrade takes a while on a large file (once).
+    "
+CREATE TABLE sanctions (
+    user_id  INTEGER NOT NULL,
+    kind     INTEGER NOT NULL,
+    until_ms INTEGER NOT NULL,
+    reason   TEXT    NOT NULL,
+    set_ms   INTEGER NOT NULL,
+    PRIMARY KEY (user_id, kind)
+);
+CREATE TABLE revocations (
+    user_id  INTEGER PRIMARY KEY,
+    before_s INTEGER NOT NULL
+);
+CREATE TABLE blocks (
+    user_id    INTEGER NOT NULL,
+    blocked_id INTEGER NOT NULL,
+    since_ms   INTEGER NOT NULL,
+    PRIMARY KEY (user_id, blocked_id)
+) WITHOUT ROWID;
+CREATE TABLE audit (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_ms INTEGER NOT NULL,
+    key_id  TEXT    NOT NULL,
+    action  TEXT    NOT NULL,
+    target  TEXT    NOT NULL,
+    reason  TEXT    NOT NULL,
+    result  TEXT    NOT NULL
+);
+CREATE TABLE announce_keys (
+    key     TEXT    PRIMARY KEY NOT NULL,
+    msg_id  INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX messages_by_id ON messages (msg_id);
+CREATE INDEX messages_by_sender ON messages (sender_id, msg_id);
+CREATE INDEX offline_by_msg ON offline (msg_id);
+",
 ];
 
 /// The columns every read selects, in the order [`read_msg`] expects.
@@ -142,6 +191,27 @@ pub(super) enum Kind {
     Whisper = 6,
 }
 
+/// How long an announcement key holds its msg_id; an older claim of the
+/// same key is replaced, and the prune deletes it.
+pub(super) const ANNOUNCE_KEY_MS: u64 = DAY_MS;
+
+/// A [`SanctionKind`] as stored in `sanctions.kind`. On disk: never reuse
+/// or renumber.
+fn sanction_code(kind: SanctionKind) -> i64 {
+    match kind {
+        SanctionKind::Mute => 1,
+        SanctionKind::Ban => 2,
+    }
+}
+
+fn sanction_kind(code: i64) -> Option<SanctionKind> {
+    match code {
+        1 => Some(SanctionKind::Mute),
+        2 => Some(SanctionKind::Ban),
+        _ => None,
+    }
+}
+
 /// SQLite integers are signed 64-bit, so ids are stored bit for bit.
 /// User, guild... ids are only compared for equality, which that keeps
 /// exact over the whole `u64` range; msg_ids and times are also compared
@@ -160,6 +230,16 @@ fn sql_bound(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// The inverse of [`sql_bound`] for a time that may mean "never": the
+/// clamped value reads back as `u64::MAX`.
+fn unsql_bound(v: i64) -> u64 {
+    if v == i64::MAX {
+        u64::MAX
+    } else {
+        unsql(v)
+    }
+}
+
 /// `(conv_kind, conv_id, conv_id2)` of a conversation.
 fn conv_key(c: &Conversation) -> (i64, i64, i64) {
     match *c {
@@ -172,11 +252,22 @@ fn conv_key(c: &Conversation) -> (i64, i64, i64) {
     }
 }
 
-/// A `conv_kind` this server does not know: the file was written by
-/// something else.
+/// A `conv_kind` or sanction kind this server does not know: the file was
+/// written by something else.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown conversation kind {0}")]
-struct UnknownKind(i64);
+#[error("unknown {what} kind {code}")]
+struct UnknownKind {
+    what: &'static str,
+    code: i64,
+}
+
+fn unknown_kind(column: usize, what: &'static str, code: i64) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        column,
+        Type::Integer,
+        Box::new(UnknownKind { what, code }),
+    )
+}
 
 fn conversation(kind: i64, id: i64, id2: i64) -> Option<Conversation> {
     let id_u = unsql(id);
@@ -196,24 +287,28 @@ fn conversation(kind: i64, id: i64, id2: i64) -> Option<Conversation> {
 
 /// A row selected with `msg_columns!()`.
 fn read_msg(row: &Row<'_>) -> rusqlite::Result<StoredMsg> {
-    let kind: i64 = row.get(0)?;
-    let conversation = conversation(kind, row.get(1)?, row.get(2)?).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(0, Type::Integer, Box::new(UnknownKind(kind)))
-    })?;
+    read_msg_at(row, 0)
+}
+
+/// The `msg_columns!()` of a row that has `at` other columns before them.
+fn read_msg_at(row: &Row<'_>, at: usize) -> rusqlite::Result<StoredMsg> {
+    let kind: i64 = row.get(at)?;
+    let conversation = conversation(kind, row.get(at + 1)?, row.get(at + 2)?)
+        .ok_or_else(|| unknown_kind(at, "conversation", kind))?;
     Ok(StoredMsg {
-        msg_id: unsql(row.get(3)?),
+        msg_id: unsql(row.get(at + 3)?),
         conversation,
-        chattype: row.get(4)?,
-        sender_id: unsql(row.get(5)?),
-        sender_name: row.get(6)?,
-        text: row.get(7)?,
-        time_ms: unsql(row.get(8)?),
-        guild_id: unsql(row.get(9)?),
-        team_id: unsql(row.get(10)?),
-        scene_id: unsql(row.get(11)?),
-        target_id: unsql(row.get(12)?),
-        target_name: row.get(13)?,
-        nonce: unsql(row.get(14)?),
+        chattype: row.get(at + 4)?,
+        sender_id: unsql(row.get(at + 5)?),
+        sender_name: row.get(at + 6)?,
+        text: row.get(at + 7)?,
+        time_ms: unsql(row.get(at + 8)?),
+        guild_id: unsql(row.get(at + 9)?),
+        team_id: unsql(row.get(at + 10)?),
+        scene_id: unsql(row.get(at + 11)?),
+        target_id: unsql(row.get(at + 12)?),
+        target_name: row.get(at + 13)?,
+        nonce: unsql(row.get(at + 14)?),
     })
 }
 
@@ -242,6 +337,100 @@ pub(super) enum WriteOp {
         name: String,
         time_ms: u64,
     },
+    /// A game-master write; see [`ModWrite`].
+    Moderation(ModWrite),
+}
+
+/// A write of the game-master tables, one step of a batch.
+#[derive(Debug)]
+pub(super) enum ModWrite {
+    /// Upserts one sanction.
+    SetSanction {
+        user: u64,
+        kind: SanctionKind,
+        until_ms: u64,
+        reason: String,
+        set_ms: u64,
+    },
+    ClearSanction {
+        user: u64,
+        kind: SanctionKind,
+    },
+    /// Keeps the later of the stored and the new `before_s`.
+    RevokeTokens {
+        user: u64,
+        before_s: u64,
+    },
+    /// Counts `user`'s blocks and inserts, in this op's own step of the
+    /// transaction, so earlier blocks of the same batch are counted.
+    Block {
+        user: u64,
+        blocked: u64,
+        since_ms: u64,
+        cap: usize,
+    },
+    Unblock {
+        user: u64,
+        blocked: u64,
+    },
+    Audit(AuditEntry),
+    AnnounceKey {
+        key: String,
+        msg_id: u64,
+        now_ms: u64,
+    },
+    RemoveMessage {
+        msg_id: u64,
+    },
+}
+
+/// What one write of a batch did.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    /// Rows added or deleted: 1 or 0 for a whisper stored, the number an
+    /// ack deleted or a spill stored; 0 for the other message writes.
+    Rows(usize),
+    /// Whether a clear or an unblock deleted a row.
+    Removed(bool),
+    Block(BlockOutcome),
+    /// An audit entry's new id, or the msg_id owning an announcement key.
+    Id(u64),
+    /// A recalled message, and the recipient of every offline copy deleted
+    /// (so the inbox counts drop by exactly that).
+    Message {
+        removed: Option<StoredMsg>,
+        offline_for: Vec<u64>,
+    },
+}
+
+impl Outcome {
+    pub(super) fn into_removed(self) -> Option<bool> {
+        match self {
+            Outcome::Removed(removed) => Some(removed),
+            _ => None,
+        }
+    }
+
+    pub(super) fn into_block(self) -> Option<BlockOutcome> {
+        match self {
+            Outcome::Block(outcome) => Some(outcome),
+            _ => None,
+        }
+    }
+
+    pub(super) fn into_id(self) -> Option<u64> {
+        match self {
+            Outcome::Id(id) => Some(id),
+            _ => None,
+        }
+    }
+
+    pub(super) fn into_message(self) -> Option<Option<StoredMsg>> {
+        match self {
+            Outcome::Message { removed, .. } => Some(removed),
+            _ => None,
+        }
+    }
 }
 
 /// What refuses an offline whisper, fixed for one batch.
@@ -270,6 +459,10 @@ pub(super) struct Pruned {
     pub(super) expired_for: Vec<u64>,
     /// The expiry stopped at its chunk size: more expired whispers remain.
     pub(super) more_expired: bool,
+    /// Sanctions past their end.
+    pub(super) sanctions: u64,
+    /// Announcement keys past [`ANNOUNCE_KEY_MS`].
+    pub(super) announce_keys: u64,
 }
 
 /// Creates the database file readable by its owner only, or warns about an
@@ -454,10 +647,10 @@ impl Db {
 
     /// Applies `ops` in one transaction, with the high-water mark. On `Ok`
     /// everything is committed and each op has its own outcome: a
-    /// `StoreOffline` is `Ok(1)` when stored, `Ok(0)` when that whisper was
-    /// already waiting, or refused (`InboxFull`, `SenderLimit`) writing
-    /// nothing; an ack reports how many whispers it deleted. On `Err`
-    /// nothing is.
+    /// `StoreOffline` is `Ok(Rows(1))` when stored, `Ok(Rows(0))` when that
+    /// whisper was already waiting, or refused (`InboxFull`, `SenderLimit`)
+    /// writing nothing; an ack reports how many whispers it deleted; each
+    /// moderation op answers with its own variant. On `Err` nothing is.
     ///
     /// Re-appending a message already stored is a no-op, not an error, so
     /// one duplicate cannot fail the other writes of its batch.
@@ -466,7 +659,7 @@ impl Db {
         ops: impl IntoIterator<Item = &'a WriteOp>,
         limits: OfflineLimits,
         high_water: u64,
-    ) -> rusqlite::Result<Vec<Result<usize, HistoryError>>> {
+    ) -> rusqlite::Result<Vec<Result<Outcome, HistoryError>>> {
         // IMMEDIATE takes the write lock now, so a lock conflict (another
         // process) shows up at BEGIN, before any work is done.
         let tx = self
@@ -477,10 +670,10 @@ impl Db {
             let outcome = match op {
                 WriteOp::Append(msg) => {
                     insert_message(&tx, msg)?;
-                    Ok(0)
+                    Ok(Outcome::Rows(0))
                 }
                 WriteOp::StoreOffline { to_user, msg } => {
-                    store_offline(&tx, *to_user, msg, limits)?
+                    store_offline(&tx, *to_user, msg, limits)?.map(Outcome::Rows)
                 }
                 WriteOp::AckOffline { user, ids } => {
                     let mut delete = tx
@@ -489,14 +682,14 @@ impl Db {
                     for id in ids {
                         deleted += delete.execute([sql(*user), sql(*id)])?;
                     }
-                    Ok(deleted)
+                    Ok(Outcome::Rows(deleted))
                 }
                 WriteOp::Spill { whispers } => {
                     let mut stored = 0;
                     for (to_user, msg) in whispers {
                         stored += insert_offline(&tx, *to_user, msg)?;
                     }
-                    Ok(stored)
+                    Ok(Outcome::Rows(stored))
                 }
                 WriteOp::RecordLogin {
                     user,
@@ -509,8 +702,9 @@ impl Db {
                          SET name = excluded.name, last_login_ms = excluded.last_login_ms",
                     )?
                     .execute(params![sql(*user), name, sql(*time_ms)])?;
-                    Ok(0)
+                    Ok(Outcome::Rows(0))
                 }
+                WriteOp::Moderation(op) => Ok(moderation_write(&tx, op)?),
             };
             outcomes.push(outcome);
         }
@@ -632,10 +826,110 @@ impl Db {
         rows.collect()
     }
 
+    /// The sanctions in force at `now_ms` and every revocation, from one
+    /// read transaction so both lists are the same moment's. Sorted here,
+    /// as [`blocks`](Self::blocks) is, so ids past 2^63 sort as ids.
+    pub(super) fn moderation(&self, now_ms: u64) -> rusqlite::Result<Moderation> {
+        // Deferred: on this read-only connection it only pins a snapshot.
+        let tx = self.conn.unchecked_transaction()?;
+        let mut sanctions = tx
+            .prepare_cached(
+                "SELECT user_id, kind, until_ms, reason, set_ms FROM sanctions
+                 WHERE until_ms > ?1",
+            )?
+            .query_map([sql_bound(now_ms)], |row| {
+                let code = row.get(1)?;
+                Ok(Sanction {
+                    user: unsql(row.get(0)?),
+                    kind: sanction_kind(code).ok_or_else(|| unknown_kind(1, "sanction", code))?,
+                    until_ms: unsql_bound(row.get(2)?),
+                    reason: row.get(3)?,
+                    set_ms: unsql(row.get(4)?),
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut revocations = tx
+            .prepare_cached("SELECT user_id, before_s FROM revocations")?
+            .query_map([], |row| Ok((unsql(row.get(0)?), unsql_bound(row.get(1)?))))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        tx.finish()?;
+        sanctions.sort_unstable_by_key(|s: &Sanction| (s.user, sanction_code(s.kind)));
+        revocations.sort_unstable();
+        Ok(Moderation {
+            sanctions,
+            revocations,
+        })
+    }
+
+    /// Who `user` has blocked, in increasing id order. Sorted here rather
+    /// than by SQL because ids are stored bit for bit: an id from 2^63 on
+    /// sorts negative in SQLite.
+    pub(super) fn blocks(&self, user: u64) -> rusqlite::Result<Vec<u64>> {
+        let mut blocked = self
+            .conn
+            .prepare_cached("SELECT blocked_id FROM blocks WHERE user_id = ?1")?
+            .query_map([sql(user)], |row| row.get(0).map(unsql))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        blocked.sort_unstable();
+        Ok(blocked)
+    }
+
+    /// Up to `limit` audit entries with id < `before` (0: newest), newest
+    /// first.
+    pub(super) fn audit_page(&self, before: u64, limit: u32) -> rusqlite::Result<Vec<AuditEntry>> {
+        let before = if before == 0 {
+            i64::MAX
+        } else {
+            sql_bound(before)
+        };
+        self.conn
+            .prepare_cached(
+                "SELECT id, time_ms, key_id, action, target, reason, result FROM audit
+                 WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+            )?
+            .query_map(params![before, i64::from(limit)], |row| {
+                Ok(AuditEntry {
+                    id: unsql(row.get(0)?),
+                    time_ms: unsql(row.get(1)?),
+                    key_id: row.get(2)?,
+                    action: row.get(3)?,
+                    target: row.get(4)?,
+                    reason: row.get(5)?,
+                    result: row.get(6)?,
+                })
+            })?
+            .collect()
+    }
+
+    /// `sender`'s newest `limit` history messages from `since_ms` on,
+    /// newest first. Walks `messages_by_sender` backwards and stops at
+    /// `limit`.
+    pub(super) fn messages_by_sender(
+        &self,
+        sender: u64,
+        since_ms: u64,
+        limit: u32,
+    ) -> rusqlite::Result<Vec<StoredMsg>> {
+        self.conn
+            .prepare_cached(concat!(
+                "SELECT ",
+                msg_columns!(),
+                " FROM messages INDEXED BY messages_by_sender
+                 WHERE sender_id = ?1 AND time_ms >= ?2 ORDER BY msg_id DESC LIMIT ?3"
+            ))?
+            .query_map(
+                params![sql(sender), sql_bound(since_ms), i64::from(limit)],
+                read_msg,
+            )?
+            .collect()
+    }
+
     /// Deletes what retention no longer keeps, in one transaction: by count
     /// in each of `grown` (the conversations written since the last prune,
     /// the only ones that can have gone over), by age in every kind, and up
-    /// to [`OFFLINE_PRUNE_CHUNK`] offline whispers past `offline_ttl_days`.
+    /// to [`OFFLINE_PRUNE_CHUNK`] offline whispers past `offline_ttl_days`;
+    /// also the sanctions that have ended and the announcement keys older
+    /// than [`ANNOUNCE_KEY_MS`].
     pub(super) fn prune<'a>(
         &mut self,
         grown: impl IntoIterator<Item = &'a Conversation>,
@@ -689,6 +983,15 @@ impl Db {
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             pruned.more_expired = pruned.expired_for.len() as i64 >= OFFLINE_PRUNE_CHUNK;
         }
+        // Both tables stay small (one row per sanctioned player, one per
+        // announcement a day), so a scan is cheaper than another index to
+        // maintain.
+        pruned.sanctions = tx
+            .prepare_cached("DELETE FROM sanctions WHERE until_ms <= ?1")?
+            .execute([sql_bound(now_ms)])? as u64;
+        pruned.announce_keys =
+            tx.prepare_cached("DELETE FROM announce_keys WHERE time_ms <= ?1")?
+                .execute([sql_bound(now_ms.saturating_sub(ANNOUNCE_KEY_MS))])? as u64;
         tx.commit()?;
         Ok(pruned)
     }
@@ -736,6 +1039,157 @@ fn insert_message(conn: &Connection, m: &StoredMsg) -> rusqlite::Result<()> {
         sql(m.nonce),
     ])?;
     Ok(())
+}
+
+/// One game-master write inside a batch's transaction.
+fn moderation_write(tx: &Connection, op: &ModWrite) -> rusqlite::Result<Outcome> {
+    Ok(match op {
+        ModWrite::SetSanction {
+            user,
+            kind,
+            until_ms,
+            reason,
+            set_ms,
+        } => {
+            tx.prepare_cached(
+                "INSERT INTO sanctions (user_id, kind, until_ms, reason, set_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (user_id, kind) DO UPDATE
+                 SET until_ms = excluded.until_ms, reason = excluded.reason,
+                     set_ms = excluded.set_ms",
+            )?
+            .execute(params![
+                sql(*user),
+                sanction_code(*kind),
+                sql_bound(*until_ms),
+                reason,
+                sql(*set_ms)
+            ])?;
+            Outcome::Rows(0)
+        }
+        ModWrite::ClearSanction { user, kind } => {
+            let deleted = tx
+                .prepare_cached("DELETE FROM sanctions WHERE user_id = ?1 AND kind = ?2")?
+                .execute(params![sql(*user), sanction_code(*kind)])?;
+            Outcome::Removed(deleted > 0)
+        }
+        ModWrite::RevokeTokens { user, before_s } => {
+            tx.prepare_cached(
+                "INSERT INTO revocations (user_id, before_s) VALUES (?1, ?2)
+                 ON CONFLICT (user_id) DO UPDATE
+                 SET before_s = max(before_s, excluded.before_s)",
+            )?
+            .execute(params![sql(*user), sql_bound(*before_s)])?;
+            Outcome::Rows(0)
+        }
+        ModWrite::Block {
+            user,
+            blocked,
+            since_ms,
+            cap,
+        } => Outcome::Block(block(tx, *user, *blocked, *since_ms, *cap)?),
+        ModWrite::Unblock { user, blocked } => {
+            let deleted = tx
+                .prepare_cached("DELETE FROM blocks WHERE user_id = ?1 AND blocked_id = ?2")?
+                .execute([sql(*user), sql(*blocked)])?;
+            Outcome::Removed(deleted > 0)
+        }
+        ModWrite::Audit(entry) => {
+            let id: i64 = tx
+                .prepare_cached(
+                    "INSERT INTO audit (time_ms, key_id, action, target, reason, result)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+                )?
+                .query_row(
+                    params![
+                        sql(entry.time_ms),
+                        entry.key_id,
+                        entry.action,
+                        entry.target,
+                        entry.reason,
+                        entry.result
+                    ],
+                    |row| row.get(0),
+                )?;
+            Outcome::Id(unsql(id))
+        }
+        ModWrite::AnnounceKey {
+            key,
+            msg_id,
+            now_ms,
+        } => {
+            // One statement: insert the claim, or replace one that is too
+            // old; a live claim is left alone and read back below.
+            let fresh_from = now_ms.saturating_sub(ANNOUNCE_KEY_MS).saturating_add(1);
+            tx.prepare_cached(
+                "INSERT INTO announce_keys (key, msg_id, time_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (key) DO UPDATE
+                 SET msg_id = excluded.msg_id, time_ms = excluded.time_ms
+                 WHERE time_ms < ?4",
+            )?
+            .execute(params![
+                key,
+                sql(*msg_id),
+                sql_bound(*now_ms),
+                sql_bound(fresh_from)
+            ])?;
+            let owner: i64 = tx
+                .prepare_cached("SELECT msg_id FROM announce_keys WHERE key = ?1")?
+                .query_row([key], |row| row.get(0))?;
+            Outcome::Id(unsql(owner))
+        }
+        ModWrite::RemoveMessage { msg_id } => {
+            let removed = tx
+                .prepare_cached(concat!(
+                    "DELETE FROM messages WHERE msg_id = ?1 RETURNING ",
+                    msg_columns!()
+                ))?
+                .query_map([sql(*msg_id)], read_msg)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut offline_for = Vec::new();
+            let mut offline_copy = None;
+            let mut stmt = tx.prepare_cached(concat!(
+                "DELETE FROM offline WHERE msg_id = ?1 RETURNING to_user, ",
+                msg_columns!()
+            ))?;
+            let mut rows = stmt.query([sql(*msg_id)])?;
+            while let Some(row) = rows.next()? {
+                offline_for.push(unsql(row.get(0)?));
+                if offline_copy.is_none() {
+                    offline_copy = Some(read_msg_at(row, 1)?);
+                }
+            }
+            Outcome::Message {
+                removed: removed.into_iter().next().or(offline_copy),
+                offline_for,
+            }
+        }
+    })
+}
+
+/// `user` blocks `blocked` unless already so or at `cap`.
+fn block(
+    tx: &Connection,
+    user: u64,
+    blocked: u64,
+    since_ms: u64,
+    cap: usize,
+) -> rusqlite::Result<BlockOutcome> {
+    let exists = tx
+        .prepare_cached("SELECT 1 FROM blocks WHERE user_id = ?1 AND blocked_id = ?2")?
+        .exists([sql(user), sql(blocked)])?;
+    if exists {
+        return Ok(BlockOutcome::Already);
+    }
+    let count: i64 = tx
+        .prepare_cached("SELECT COUNT(*) FROM blocks WHERE user_id = ?1")?
+        .query_row([sql(user)], |row| row.get(0))?;
+    if usize::try_from(count).unwrap_or(usize::MAX) >= cap {
+        return Ok(BlockOutcome::Full);
+    }
+    tx.prepare_cached("INSERT INTO blocks (user_id, blocked_id, since_ms) VALUES (?1, ?2, ?3)")?
+        .execute([sql(user), sql(blocked), sql(since_ms)])?;
+    Ok(BlockOutcome::Added)
 }
 
 /// One offline store inside a batch's transaction: a no-op if that whisper

@@ -7,14 +7,14 @@ use tokio::sync::oneshot;
 
 use super::*;
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     let since = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970");
     u64::try_from(since.as_millis()).expect("time fits in u64")
 }
 
-fn msg(conversation: Conversation, msg_id: u64) -> StoredMsg {
+pub(super) fn msg(conversation: Conversation, msg_id: u64) -> StoredMsg {
     let (guild_id, team_id, scene_id, target_id) = match conversation {
         Conversation::Guild(g) => (g, 0, 0, 0),
         Conversation::Team(t) => (0, t, 0, 0),
@@ -43,12 +43,12 @@ fn msg(conversation: Conversation, msg_id: u64) -> StoredMsg {
     }
 }
 
-fn open(dir: &Path, config: HistoryConfig) -> HistoryHandle {
+pub(super) fn open(dir: &Path, config: HistoryConfig) -> HistoryHandle {
     HistoryHandle::open(dir, config).expect("open store").0
 }
 
 /// Appends every message, then waits for all of them: one burst.
-async fn append_all(h: &HistoryHandle, msgs: impl IntoIterator<Item = StoredMsg>) {
+pub(super) async fn append_all(h: &HistoryHandle, msgs: impl IntoIterator<Item = StoredMsg>) {
     let waiters: Vec<_> = msgs
         .into_iter()
         .map(|m| h.append(m).expect("queue has room"))
@@ -58,12 +58,12 @@ async fn append_all(h: &HistoryHandle, msgs: impl IntoIterator<Item = StoredMsg>
     }
 }
 
-fn ids(page: &[StoredMsg]) -> Vec<u64> {
+pub(super) fn ids(page: &[StoredMsg]) -> Vec<u64> {
     page.iter().map(|m| m.msg_id).collect()
 }
 
 /// Waits (without blocking the runtime) for the store's threads to end.
-async fn joined(threads: HistoryThreads, within: Duration) -> bool {
+pub(super) async fn joined(threads: HistoryThreads, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     while !threads.is_finished() {
         if Instant::now() >= deadline {
@@ -76,14 +76,14 @@ async fn joined(threads: HistoryThreads, within: Duration) -> bool {
 }
 
 /// Stores an offline whisper and waits for the outcome.
-async fn store(h: &HistoryHandle, to: u64, m: StoredMsg) -> Result<(), HistoryError> {
+pub(super) async fn store(h: &HistoryHandle, to: u64, m: StoredMsg) -> Result<(), HistoryError> {
     h.store_offline(to, m)
         .await
         .unwrap_or(Err(HistoryError::Unavailable))
 }
 
 /// The whispers waiting for `user`.
-async fn pending(h: &HistoryHandle, user: u64) -> Vec<StoredMsg> {
+pub(super) async fn pending(h: &HistoryHandle, user: u64) -> Vec<StoredMsg> {
     h.pending_offline(user)
         .await
         .expect("writer answered")
@@ -507,7 +507,7 @@ async fn a_normal_shutdown_is_not_a_death() {
 }
 
 /// A whisper from `sender` to `to`.
-fn whisper(sender: u64, to: u64, msg_id: u64) -> StoredMsg {
+pub(super) fn whisper(sender: u64, to: u64, msg_id: u64) -> StoredMsg {
     StoredMsg {
         sender_id: sender,
         ..msg(Conversation::between(sender, to), msg_id)
@@ -516,7 +516,7 @@ fn whisper(sender: u64, to: u64, msg_id: u64) -> StoredMsg {
 
 /// Waits until every write queued so far has committed: writes commit in
 /// queue order, so awaiting one that changes nothing is enough.
-async fn flushed(h: &HistoryHandle) {
+pub(super) async fn flushed(h: &HistoryHandle) {
     h.ack_offline(0, vec![0]).await.expect("flush write");
 }
 
@@ -764,7 +764,7 @@ async fn recent_nonces_are_the_senders_newest_first() {
 }
 
 /// The schema as schema version 1 shipped it, to build an old database.
-const SCHEMA_V1: &str = "
+pub(super) const SCHEMA_V1: &str = "
 CREATE TABLE messages (
     conv_kind INTEGER NOT NULL, conv_id INTEGER NOT NULL, conv_id2 INTEGER NOT NULL,
     msg_id INTEGER NOT NULL, chattype INTEGER NOT NULL, sender_id INTEGER NOT NULL,
@@ -842,7 +842,7 @@ async fn a_version_1_database_is_upgraded_in_place() {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("version");
     assert_eq!(version, sqlite::SCHEMA_VERSION);
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
 }
 
 #[tokio::test]
@@ -850,12 +850,12 @@ async fn a_newer_schema_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let conn = rusqlite::Connection::open(dir.path().join(sqlite::FILE_NAME)).expect("create");
-        conn.pragma_update(None, "user_version", 3)
+        conn.pragma_update(None, "user_version", 4)
             .expect("set version");
     }
     assert!(matches!(
         HistoryHandle::open(dir.path(), HistoryConfig::default()),
-        Err(OpenError::TooNew { found: 3, .. })
+        Err(OpenError::TooNew { found: 4, .. })
     ));
 }
 

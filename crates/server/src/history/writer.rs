@@ -1,15 +1,17 @@
 //! The writer thread: the only code that writes to the history database.
 //!
 //! It owns the read-write connection, batches queued writes into group
-//! commits, answers offline-whisper reads in queue order, and applies
-//! retention on a timer. It runs on a dedicated OS thread because every
+//! commits, answers offline-whisper and block reads in queue order, and
+//! applies retention (and expires sanctions and announcement keys) on a
+//! timer. It runs on a dedicated OS thread because every
 //! SQLite call blocks; it must never run on (or wait for) the async
 //! runtime, and it never answers a waiter before that waiter's transaction
 //! has committed or failed.
 //!
-//! An offline read is answered after the batch holding every write queued
+//! A queued read is answered after the batch holding every write queued
 //! before it has committed, and before any write queued after it joins a
-//! batch: a login sees exactly the whispers stored before it asked.
+//! batch: a login sees exactly the whispers stored, and the blocks made,
+//! before it asked.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-use super::sqlite::{Db, OfflineLimits, WriteOp};
+use super::sqlite::{Db, OfflineLimits, Outcome, WriteOp};
 use super::{now_ms, supervise, Conversation, HistoryError, Shared, StoredMsg};
 
 /// Capacity of the writer's queue, shared by writes and offline reads. When
@@ -38,7 +40,7 @@ pub(super) enum Command {
     /// Joins the next group commit.
     Write(Write),
     /// Answered once every write queued before it has committed.
-    PendingOffline(PendingRead),
+    Read(QueuedRead),
     /// Runs on its own, after the batch being gathered has committed.
     Control(Control),
 }
@@ -47,13 +49,43 @@ pub(super) enum Command {
 /// nobody waits for (a login record) has no waiter.
 pub(super) struct Write {
     pub(super) op: WriteOp,
-    pub(super) respond_to: Option<oneshot::Sender<Result<(), HistoryError>>>,
+    pub(super) respond_to: Option<Responder>,
 }
 
-/// A read of one player's waiting whispers.
-pub(super) struct PendingRead {
-    pub(super) user: u64,
-    pub(super) respond_to: oneshot::Sender<Result<Vec<StoredMsg>, HistoryError>>,
+/// Who waits for a write, and for how much of its outcome.
+pub(super) enum Responder {
+    /// Only whether it committed (message and whisper writes).
+    Done(oneshot::Sender<Result<(), HistoryError>>),
+    /// Its [`Outcome`] (game-master writes, which answer with a value).
+    Outcome(oneshot::Sender<Result<Outcome, HistoryError>>),
+}
+
+impl Responder {
+    fn send(self, outcome: Result<Outcome, HistoryError>) {
+        // The requester may have gone; nothing to do then.
+        match self {
+            Responder::Done(tx) => {
+                let _ = tx.send(outcome.map(|_| ()));
+            }
+            Responder::Outcome(tx) => {
+                let _ = tx.send(outcome);
+            }
+        }
+    }
+}
+
+/// A read answered from the writer's connection, in queue order.
+pub(super) enum QueuedRead {
+    /// One player's waiting whispers.
+    Offline {
+        user: u64,
+        respond_to: oneshot::Sender<Result<Vec<StoredMsg>, HistoryError>>,
+    },
+    /// Who one player has blocked.
+    Blocks {
+        user: u64,
+        respond_to: oneshot::Sender<Result<Vec<u64>, HistoryError>>,
+    },
 }
 
 pub(super) enum Control {
@@ -127,9 +159,9 @@ struct Writer {
 /// What gathering a batch ended with.
 struct Gathered {
     batch: Vec<Write>,
-    /// Offline reads queued after every write of `batch` (and before any
-    /// write not in it), answered once it has committed.
-    reads: Vec<PendingRead>,
+    /// Reads queued after every write of `batch` (and before any write not
+    /// in it), answered once it has committed.
+    reads: Vec<QueuedRead>,
     /// A control command that arrived while gathering; it runs after the
     /// batch so that commands still take effect in queue order.
     control: Option<Control>,
@@ -178,7 +210,7 @@ impl Writer {
 
     /// Collects a batch starting with `first`: everything already queued
     /// joins at once, then stragglers until `flush_interval` after the first
-    /// or until `max_batch` commands. Once an offline read has joined, only
+    /// or until `max_batch` commands. Once a queued read has joined, only
     /// more reads may: the first write or control after it is carried to
     /// the next round, so each read sees exactly what was queued before it.
     fn gather(&mut self, first: Command) -> Gathered {
@@ -192,7 +224,7 @@ impl Writer {
         let mut next = first;
         loop {
             match next {
-                Command::PendingOffline(read) => gathered.reads.push(read),
+                Command::Read(read) => gathered.reads.push(read),
                 cmd if !gathered.reads.is_empty() => {
                     self.carried = Some(cmd);
                     return gathered;
@@ -261,7 +293,7 @@ impl Writer {
                             self.grown.insert(msg.conversation);
                         }
                         WriteOp::StoreOffline { to_user, .. } => match outcome {
-                            Ok(1) => {
+                            Ok(Outcome::Rows(1)) => {
                                 counters.offline_stored.fetch_add(1, Relaxed);
                             }
                             // Refused, or already waiting (and counted by
@@ -270,21 +302,29 @@ impl Writer {
                             _ => shared.inboxes.forget(*to_user, 1),
                         },
                         WriteOp::AckOffline { user, .. } => {
-                            if let Ok(deleted) = outcome {
+                            if let Ok(Outcome::Rows(deleted)) = outcome {
                                 shared.inboxes.forget(*user, deleted);
                             }
                         }
                         // A whisper already waiting keeps its count high:
                         // a needless read at login, never a missed one.
                         WriteOp::Spill { .. } => {
-                            if let Ok(stored) = outcome {
+                            if let Ok(Outcome::Rows(stored)) = outcome {
                                 counters.offline_stored.fetch_add(stored as u64, Relaxed);
                             }
                         }
                         WriteOp::RecordLogin { .. } => {}
+                        // A recalled whisper no longer waits for anyone.
+                        WriteOp::Moderation(_) => {
+                            if let Ok(Outcome::Message { offline_for, .. }) = &outcome {
+                                for user in offline_for {
+                                    shared.inboxes.forget(*user, 1);
+                                }
+                            }
+                        }
                     }
                     if let Some(respond_to) = write.respond_to {
-                        let _ = respond_to.send(outcome.map(|_| ()));
+                        respond_to.send(outcome);
                     }
                 }
             }
@@ -319,31 +359,42 @@ impl Writer {
                         _ => {}
                     }
                     if let Some(respond_to) = write.respond_to {
-                        let _ = respond_to.send(Err(HistoryError::WriteFailed));
+                        respond_to.send(Err(HistoryError::WriteFailed));
                     }
                 }
             }
         }
     }
 
-    /// Answers offline reads from the committed state. Runs after the batch
+    /// Answers queued reads from the committed state. Runs after the batch
     /// of the writes queued before them, so nothing they must see is still
     /// in flight.
-    fn answer_reads(&self, reads: Vec<PendingRead>) {
+    fn answer_reads(&self, reads: Vec<QueuedRead>) {
         if reads.is_empty() {
             return;
         }
         let config = &self.shared.config;
         let cutoff = config.offline_cutoff_ms(now_ms());
         for read in reads {
-            let result = self
-                .db
-                .pending_offline(read.user, config.max_offline_whispers, cutoff)
-                .map_err(|e| {
-                    warn!(error = %e, user = read.user, "offline whisper read failed");
-                    HistoryError::Unavailable
-                });
-            let _ = read.respond_to.send(result);
+            match read {
+                QueuedRead::Offline { user, respond_to } => {
+                    let result = self
+                        .db
+                        .pending_offline(user, config.max_offline_whispers, cutoff)
+                        .map_err(|e| {
+                            warn!(error = %e, user, "offline whisper read failed");
+                            HistoryError::Unavailable
+                        });
+                    let _ = respond_to.send(result);
+                }
+                QueuedRead::Blocks { user, respond_to } => {
+                    let result = self.db.blocks(user).map_err(|e| {
+                        warn!(error = %e, user, "block list read failed");
+                        HistoryError::Unavailable
+                    });
+                    let _ = respond_to.send(result);
+                }
+            }
         }
     }
 
@@ -387,8 +438,14 @@ impl Writer {
                     // long transaction that would hold every commit.
                     self.next_prune = Instant::now();
                 }
-                if pruned.messages > 0 || expired > 0 {
-                    debug!(messages = pruned.messages, expired, "history pruned");
+                if pruned.messages > 0 || expired > 0 || pruned.sanctions > 0 {
+                    debug!(
+                        messages = pruned.messages,
+                        expired,
+                        sanctions = pruned.sanctions,
+                        announce_keys = pruned.announce_keys,
+                        "history pruned"
+                    );
                 }
                 Ok(pruned.messages)
             }
