@@ -16,6 +16,8 @@
 //!   offline whispers; [`records`] converts between its records and
 //!   notifications.
 //! - [`world`]: the world actor, its registry and the fan-out seam.
+//! - [`filter`]: the sensitive-word list and the filter that masks it in
+//!   chat lines (normalised, Aho-Corasick); callers choose the [`filter::Policy`].
 //! - [`ids`], [`stats`], [`logs`]: id newtypes, counters, log throttling.
 //!
 //! The entry point is [`Server`]: build it from a [`Config`], then
@@ -25,6 +27,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod filter;
 pub mod history;
 pub mod ids;
 pub mod logs;
