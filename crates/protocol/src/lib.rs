@@ -54,6 +54,7 @@ pub mod close_code {
     pub const PROTOCOL_ERROR: u16 = 4006;
     pub const LOGIN_FAILED: u16 = 4007;
     pub const RATE_LIMITED: u16 = 4008;
+    pub const BANNED: u16 = 4009;
 
     /// The close code that goes with a kick reason.
     pub const fn for_reason(reason: KickReason) -> u16 {
@@ -68,6 +69,7 @@ pub mod close_code {
             KickReason::KickProtocolError => PROTOCOL_ERROR,
             KickReason::KickLoginFailed => LOGIN_FAILED,
             KickReason::KickRateLimited => RATE_LIMITED,
+            KickReason::KickBanned => BANNED,
         }
     }
 }

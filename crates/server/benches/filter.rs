@@ -10,6 +10,9 @@
 //!
 //! `cargo bench -p guildchat-server --bench filter`
 
+// Bench code: a failed unwrap is a failed run.
+#![allow(clippy::unwrap_used)]
+
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};

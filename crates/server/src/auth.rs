@@ -10,7 +10,8 @@
 //! instead of serialised in an actor.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use guildchat_auth::{KeyRing, TokenError, Verifier};
 use guildchat_protocol::{limits::MAX_NAME_CHARS, pb, ResCode};
@@ -18,6 +19,7 @@ use tracing::warn;
 
 use crate::config::Config;
 use crate::ids::{GuildId, SceneId, TeamId, UserId};
+use crate::moderation::Moderation;
 use crate::world::Identity;
 
 /// Why keys could not be loaded.
@@ -42,7 +44,35 @@ pub enum KeysError {
 
 /// Verifies login requests.
 pub struct Authenticator {
-    verifier: Option<Verifier>,
+    /// The verifier in force; a reload swaps it whole, and a login being
+    /// checked keeps the one it started with. `None` with
+    /// `insecure_dev_auth`.
+    verifier: Option<RwLock<Arc<Verifier>>>,
+    /// Revocations refuse old tokens of a player; bans refuse the player.
+    moderation: Arc<Moderation>,
+}
+
+/// Why a login was refused, with what the reply says beyond the code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Code(ResCode),
+    /// RES_BANNED, with the time left.
+    Banned(Duration),
+}
+
+impl From<ResCode> for Refusal {
+    fn from(code: ResCode) -> Self {
+        Refusal::Code(code)
+    }
+}
+
+impl Refusal {
+    pub fn code(self) -> ResCode {
+        match self {
+            Refusal::Code(c) => c,
+            Refusal::Banned(_) => ResCode::ResBanned,
+        }
+    }
 }
 
 /// Reads the key ring, generating development keys when the default file
@@ -78,6 +108,15 @@ pub fn load_or_create_keys(config: &Config) -> Result<(KeyRing, bool), KeysError
         source,
     })?;
     Ok((ring, false))
+}
+
+fn verifier_for(config: &Config, ring: &KeyRing) -> Result<Verifier, KeysError> {
+    Verifier::new(ring, &config.auth.audience, config.auth.leeway_secs).map_err(|source| {
+        KeysError::Invalid {
+            path: config.keys_file().display().to_string(),
+            source,
+        }
+    })
 }
 
 /// The permission bits of a file that group or others may access, if so
@@ -126,28 +165,66 @@ pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 impl Authenticator {
     /// Builds the verifier from the configured keys. With
     /// `insecure_dev_auth` no key is needed and every token is accepted.
-    pub fn from_config(config: &Config) -> Result<Authenticator, KeysError> {
+    pub fn from_config(
+        config: &Config,
+        moderation: Arc<Moderation>,
+    ) -> Result<Authenticator, KeysError> {
         if config.auth.insecure_dev_auth {
             warn!("INSECURE: --insecure-dev-auth accepts ANY token and trusts the login request; never use it with real players");
-            return Ok(Authenticator { verifier: None });
+            return Ok(Authenticator {
+                verifier: None,
+                moderation,
+            });
         }
         let (ring, generated) = load_or_create_keys(config)?;
         if generated {
             warn!(path = %config.keys_file().display(), "generated DEVELOPMENT keys (one AES key, one Ed25519 key pair): tokens from a real logic server will fail; set auth.keys_file in production");
         }
-        let verifier = Verifier::new(&ring, &config.auth.audience, config.auth.leeway_secs)
-            .map_err(|source| KeysError::Invalid {
-                path: config.keys_file().display().to_string(),
-                source,
-            })?;
+        let verifier = verifier_for(config, &ring)?;
         Ok(Authenticator {
-            verifier: Some(verifier),
+            verifier: Some(RwLock::new(Arc::new(verifier))),
+            moderation,
         })
     }
 
-    /// Checks a login request.
-    pub fn check(&self, req: &pb::ChatMessageLoginReq) -> Result<Identity, ResCode> {
-        let identity = match &self.verifier {
+    /// Reads the key ring file again and builds its verifier, without
+    /// putting it in force (see [`Authenticator::install`]). Never
+    /// generates keys. `None` with `insecure_dev_auth`.
+    pub fn prepare_reload(&self, config: &Config) -> Result<Option<Verifier>, KeysError> {
+        if self.verifier.is_none() {
+            return Ok(None);
+        }
+        let path = config.keys_file();
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|source| KeysError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let ring = KeyRing::from_toml_str(&text).map_err(|source| KeysError::Invalid {
+            path: shown,
+            source,
+        })?;
+        verifier_for(config, &ring).map(Some)
+    }
+
+    /// Puts a verifier from [`Authenticator::prepare_reload`] in force for
+    /// every login from now on.
+    pub fn install(&self, verifier: Verifier) {
+        if let Some(slot) = &self.verifier {
+            *slot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(verifier);
+        }
+    }
+
+    fn current(&self) -> Option<Arc<Verifier>> {
+        self.verifier
+            .as_ref()
+            .map(|v| v.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// Checks a login request: the token, then the player's revocations
+    /// and ban.
+    pub fn check(&self, req: &pb::ChatMessageLoginReq) -> Result<Identity, Refusal> {
+        let identity = match self.current() {
             None => Identity {
                 user: UserId(req.userid),
                 name: req.username.clone(),
@@ -160,11 +237,17 @@ impl Authenticator {
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs() as i64);
                 let claims = verifier.verify(&req.tokenstr, now).map_err(token_code)?;
+                if self
+                    .moderation
+                    .is_revoked(UserId(claims.user_id), claims.iat)
+                {
+                    return Err(ResCode::ResTokenRevoked.into());
+                }
                 let mismatch = (req.userid != 0 && req.userid != claims.user_id)
                     || (!req.username.is_empty() && req.username != claims.name)
                     || (req.guildid != 0 && req.guildid != claims.guild);
                 if mismatch {
-                    return Err(ResCode::ResTokenMismatch);
+                    return Err(ResCode::ResTokenMismatch.into());
                 }
                 Identity {
                     user: UserId(claims.user_id),
@@ -176,10 +259,13 @@ impl Authenticator {
             }
         };
         if identity.user.0 == 0 || identity.name.is_empty() {
-            return Err(ResCode::ResBadRequest);
+            return Err(ResCode::ResBadRequest.into());
         }
         if identity.name.chars().count() > MAX_NAME_CHARS {
-            return Err(ResCode::ResNameTooLong);
+            return Err(ResCode::ResNameTooLong.into());
+        }
+        if let Some(left) = self.moderation.ban_left(identity.user) {
+            return Err(Refusal::Banned(left));
         }
         Ok(identity)
     }

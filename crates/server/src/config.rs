@@ -58,6 +58,87 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     pub rates: RatesConfig,
     pub admission: AdmissionConfig,
+    pub admin: AdminConfig,
+    /// Most players one player may block.
+    pub max_blocks: usize,
+}
+
+/// The admin HTTP API's listener and keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where it listens (`"off"`: no admin listener). Port 0 picks a free
+    /// port, which is logged.
+    #[serde(deserialize_with = "listen_or_off")]
+    pub listen: Option<SocketAddr>,
+    /// `[[admin.keys]]`: who may call the API. With none, the listener
+    /// serves only `/metrics`, `/healthz` and `/readyz`, and only on a
+    /// loopback address.
+    pub keys: Vec<crate::admin::AdminKey>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 7001))),
+            keys: Vec::new(),
+        }
+    }
+}
+
+/// Parses `--admin-listen` and `admin.listen`: an address, or `off`.
+pub fn parse_admin_listen(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e| format!("`{s}`: not an address or `off` ({e})"))
+}
+
+fn listen_or_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_admin_listen(&s).map_err(serde::de::Error::custom)
+}
+
+impl AdminConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut ids = std::collections::HashSet::new();
+        let mut keys = std::collections::HashSet::new();
+        for k in &self.keys {
+            if k.id.is_empty() || k.id.len() > 64 {
+                return Err(invalid(
+                    "admin.keys",
+                    "every key needs an id of 1 to 64 bytes",
+                ));
+            }
+            if k.key.len() < crate::admin::keys::MIN_KEY_LEN {
+                return Err(invalid(
+                    "admin.keys",
+                    format!(
+                        "key `{}` is shorter than {} characters",
+                        k.id,
+                        crate::admin::keys::MIN_KEY_LEN
+                    ),
+                ));
+            }
+            if !ids.insert(k.id.as_str()) || !keys.insert(k.key.as_str()) {
+                return Err(invalid(
+                    "admin.keys",
+                    format!("key `{}` is listed twice", k.id),
+                ));
+            }
+        }
+        if let Some(addr) = self.listen {
+            if self.keys.is_empty() && !addr.ip().is_loopback() {
+                return Err(invalid(
+                    "admin.listen",
+                    "with no admin.keys the admin listener must be on a loopback address",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -75,6 +156,8 @@ impl Default for Config {
             tls: None,
             rates: RatesConfig::default(),
             admission: AdmissionConfig::default(),
+            admin: AdminConfig::default(),
+            max_blocks: 500,
         }
     }
 }
@@ -387,6 +470,9 @@ pub struct ChannelRule {
     pub cooldown_ms: u64,
     /// Longest text, in characters.
     pub max_chars: usize,
+    /// What a line with words from the sensitive-word list gets: masked
+    /// with `*` (the default) or refused with RES_FILTERED.
+    pub filter: crate::filter::Policy,
 }
 
 impl ChannelRule {
@@ -394,6 +480,7 @@ impl ChannelRule {
         ChannelRule {
             cooldown_ms,
             max_chars: 200,
+            filter: crate::filter::Policy::Mask,
         }
     }
 
@@ -435,6 +522,7 @@ impl Default for ChatConfig {
 struct RuleTable {
     cooldown_ms: Option<u64>,
     max_chars: Option<usize>,
+    filter: Option<crate::filter::Policy>,
 }
 
 impl RuleTable {
@@ -442,6 +530,7 @@ impl RuleTable {
         ChannelRule {
             cooldown_ms: self.cooldown_ms.unwrap_or(default.cooldown_ms),
             max_chars: self.max_chars.unwrap_or(default.max_chars),
+            filter: self.filter.unwrap_or(default.filter),
         }
     }
 }
@@ -546,6 +635,10 @@ impl Config {
 
     /// Checks cross-field rules that serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.admin.validate()?;
+        if !(1..=10_000).contains(&self.max_blocks) {
+            return Err(invalid("max_blocks", "must be in 1..=10000"));
+        }
         let l = &self.limits;
         let timers: [(&'static str, u64); 6] = [
             ("limits.login_timeout_ms", l.login_timeout_ms),

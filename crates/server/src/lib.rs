@@ -18,6 +18,10 @@
 //! - [`world`]: the world actor, its registry and the fan-out seam.
 //! - [`filter`]: the sensitive-word list and the filter that masks it in
 //!   chat lines (normalised, Aho-Corasick); callers choose the [`filter::Policy`].
+//! - [`moderation`]: mutes, bans and token revocations in force.
+//! - [`admin`]: the admin HTTP API (its own listener); [`metrics`]: the
+//!   labelled metrics behind `/metrics`; [`reload`]: key, certificate and
+//!   word-list reload.
 //! - [`ids`], [`stats`], [`logs`]: id newtypes, counters, log throttling.
 //!
 //! The entry point is [`Server`]: build it from a [`Config`], then
@@ -25,14 +29,18 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod filter;
 pub mod history;
 pub mod ids;
 pub mod logs;
+pub mod metrics;
+pub mod moderation;
 pub mod net;
 pub mod records;
+pub mod reload;
 pub mod stats;
 pub mod tls;
 pub mod user;
@@ -61,6 +69,10 @@ pub enum ServerError {
     Keys(#[from] auth::KeysError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("cannot read the sanctions in force: {0}")]
+    LoadModeration(history::HistoryError),
+    #[error("sensitive-word list: {0}")]
+    Filter(#[from] filter::FilterError),
     #[error("history store: {0}")]
     History(history::OpenError),
     #[error("cannot listen on {addr}: {source}")]
@@ -77,7 +89,10 @@ pub enum ServerError {
 /// A configured server, not yet accepting.
 pub struct Server {
     ctx: Arc<ConnCtx>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<tls::TlsSwap>,
+    history: Option<history::HistoryHandle>,
+    services: Arc<user::Services>,
+    reloader: Arc<reload::Reloader>,
     store: Option<Store>,
 }
 
@@ -100,8 +115,19 @@ impl Server {
     /// first start) and spawns the world actor. Call inside a runtime.
     pub fn new(config: Config) -> Result<Server, ServerError> {
         config.validate()?;
-        let auth = auth::Authenticator::from_config(&config)?;
-        let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+        let moderation = Arc::new(moderation::Moderation::default());
+        let auth = Arc::new(auth::Authenticator::from_config(
+            &config,
+            moderation.clone(),
+        )?);
+        let tls = config
+            .tls
+            .as_ref()
+            .map(tls::acceptor)
+            .transpose()?
+            .map(tls::TlsSwap::new);
+        let words = filter::load(&filter::path_in(&config.data_dir))?;
+        let filter = filter::FilterHandle::new(filter::Filter::new(words)?);
         let (history, first_msg_id, store) = if config.history.enabled {
             let (handle, high_water, threads) =
                 history::HistoryHandle::open(&config.data_dir, config.history.clone())
@@ -118,13 +144,30 @@ impl Server {
         };
         let config = Arc::new(config);
         let stats = Arc::new(Stats::default());
+        let services = Arc::new(user::Services {
+            moderation,
+            filter: filter.clone(),
+        });
+        if let Some(history) = &history {
+            let stats = stats.clone();
+            history.observe_commits(Box::new(move |batch, took| {
+                stats.metrics.commit(batch, took)
+            }));
+        }
         let world = WorldHandle::new(
             config.clone(),
             stats.clone(),
             Box::new(LocalFanout),
-            history,
+            history.clone(),
             first_msg_id,
+            services.clone(),
         );
+        let reloader = Arc::new(reload::Reloader::new(
+            config.clone(),
+            auth.clone(),
+            tls.clone(),
+            filter,
+        ));
         let ctx = Arc::new(ConnCtx {
             world,
             auth,
@@ -132,7 +175,14 @@ impl Server {
             stats,
             shutdown: CancellationToken::new(),
         });
-        Ok(Server { ctx, tls, store })
+        Ok(Server {
+            ctx,
+            tls,
+            store,
+            history,
+            services,
+            reloader,
+        })
     }
 
     /// The world actor, for in-process control (operators, tests).
@@ -145,15 +195,42 @@ impl Server {
         self.ctx.stats.clone()
     }
 
+    /// What the admin API drives; serve it with [`admin::serve`] on a
+    /// listener of its own.
+    pub fn admin(&self) -> admin::AdminState {
+        admin::AdminState::new(
+            self.ctx.world.clone(),
+            self.ctx.stats.clone(),
+            self.history.clone(),
+            self.services.moderation.clone(),
+            self.services.filter.clone(),
+            self.reloader.clone(),
+            self.ctx.config.clone(),
+        )
+    }
+
+    /// Re-reads keys, TLS certificate and word list (SIGHUP).
+    pub fn reloader(&self) -> Arc<reload::Reloader> {
+        self.reloader.clone()
+    }
+
     /// Accepts connections until `shutdown` is cancelled, then kicks every
     /// player with reason SHUTDOWN and waits (up to the configured grace)
     /// for connections to flush and close. An error means the server could
     /// not go on (see [`ServerError::HistoryDied`]).
     pub async fn run(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), ServerError> {
+        // Sanctions in force before the first login is accepted.
+        if let Some(history) = self.history.take() {
+            let stored = history
+                .load_moderation()
+                .await
+                .map_err(ServerError::LoadModeration)?;
+            self.services.moderation.load(stored);
+        }
         let tracker = TaskTracker::new();
         let ctx = self.ctx.clone();
         let accept = tokio::spawn(net::listener::accept_loop(

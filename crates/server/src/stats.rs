@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 /// Counters shared by every task of one server.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// The labelled metrics (by result, channel, class, reason) and their
+    /// Prometheus rendering.
+    pub metrics: crate::metrics::Metrics,
     /// Accepting and able to acknowledge: false before `run`, once shutdown
     /// begins, and once the history store has died.
     pub ready: AtomicBool,
@@ -68,6 +71,9 @@ pub struct Stats {
     pub refused_per_ip: AtomicU64,
     pub refused_login_rate: AtomicU64,
     pub refused_proxy: AtomicU64,
+    /// Connections open now, logged in or not (a gauge, bounded by
+    /// `admission.max_connections`).
+    pub open_connections: AtomicU64,
     /// Connections holding a pre-login place now: accepted and not yet
     /// logged in (a gauge, bounded by `admission.max_prelogin`).
     pub prelogin: AtomicU64,
@@ -90,5 +96,50 @@ impl Stats {
 
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Every counter, by field name (they only go up).
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("connections", Stats::get(&self.connections)),
+            ("logins", Stats::get(&self.logins)),
+            ("login_failures", Stats::get(&self.login_failures)),
+            ("takeovers", Stats::get(&self.takeovers)),
+            ("replayed", Stats::get(&self.replayed)),
+            ("replay_gaps", Stats::get(&self.replay_gaps)),
+            ("lingering", Stats::get(&self.lingering)),
+            ("linger_expired", Stats::get(&self.linger_expired)),
+            ("chats", Stats::get(&self.chats)),
+            ("chat_retries", Stats::get(&self.chat_retries)),
+            ("deliveries", Stats::get(&self.deliveries)),
+            ("slow_consumers", Stats::get(&self.slow_consumers)),
+            ("shed", Stats::get(&self.shed)),
+            ("offline_stored", Stats::get(&self.offline_stored)),
+            ("offline_delivered", Stats::get(&self.offline_delivered)),
+            ("offline_acked", Stats::get(&self.offline_acked)),
+            ("offline_spilled", Stats::get(&self.offline_spilled)),
+            ("offline_spill_lost", Stats::get(&self.offline_spill_lost)),
+            ("receipts", Stats::get(&self.receipts)),
+            ("bad_frames", Stats::get(&self.bad_frames)),
+            ("rate_limited", Stats::get(&self.rate_limited)),
+            ("rate_kicks", Stats::get(&self.rate_kicks)),
+            ("admission_refused", Stats::get(&self.admission_refused)),
+            ("refused_connections", Stats::get(&self.refused_connections)),
+            ("refused_prelogin", Stats::get(&self.refused_prelogin)),
+            ("refused_per_ip", Stats::get(&self.refused_per_ip)),
+            ("refused_login_rate", Stats::get(&self.refused_login_rate)),
+            ("refused_proxy", Stats::get(&self.refused_proxy)),
+            ("http_refused", Stats::get(&self.http_refused)),
+            ("handshake_timeouts", Stats::get(&self.handshake_timeouts)),
+        ]
+    }
+
+    /// Every gauge, by field name (they go up and down).
+    pub fn gauges(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("online", Stats::get(&self.online)),
+            ("open_connections", Stats::get(&self.open_connections)),
+            ("prelogin", Stats::get(&self.prelogin)),
+        ]
     }
 }

@@ -59,3 +59,25 @@ pub fn acceptor(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
         .with_single_cert(certs, key)?;
     Ok(TlsAcceptor::from(Arc::new(server)))
 }
+
+/// The TLS settings in force for new connections. A reload swaps them
+/// whole; a handshake under way keeps the ones it started with, and
+/// connections already up are not touched.
+#[derive(Clone)]
+pub struct TlsSwap(Arc<std::sync::RwLock<TlsAcceptor>>);
+
+impl TlsSwap {
+    pub fn new(acceptor: TlsAcceptor) -> TlsSwap {
+        TlsSwap(Arc::new(std::sync::RwLock::new(acceptor)))
+    }
+
+    /// The acceptor for the next handshake.
+    pub fn current(&self) -> TlsAcceptor {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `acceptor` in force for every handshake from now on.
+    pub fn install(&self, acceptor: TlsAcceptor) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = acceptor;
+    }
+}

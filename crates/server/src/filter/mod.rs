@@ -136,12 +136,16 @@ pub enum Policy {
 #[derive(Debug, Clone, Default)]
 pub struct FilterHandle {
     current: Arc<RwLock<Arc<Filter>>>,
+    /// Held by an edit from reading the list to swapping the new filter
+    /// in, so two concurrent edits cannot lose one another's words.
+    editing: Arc<std::sync::Mutex<()>>,
 }
 
 impl FilterHandle {
     pub fn new(filter: Filter) -> FilterHandle {
         FilterHandle {
             current: Arc::new(RwLock::new(Arc::new(filter))),
+            editing: Arc::default(),
         }
     }
 
@@ -160,6 +164,69 @@ impl FilterHandle {
         let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
         std::mem::replace(&mut *current, filter)
     }
+
+    /// The list's words, as they were added.
+    pub fn words(&self) -> Vec<String> {
+        self.load().words().words().map(str::to_owned).collect()
+    }
+
+    /// The filtered text and the list words found in it, without sending
+    /// anything (the admin API's test).
+    pub fn test(&self, text: &str) -> (String, Vec<String>) {
+        let filter = self.load();
+        let (masked, outcome) = filter.test(text);
+        let mut found: Vec<String> = outcome.matches.iter().map(|m| m.word.to_string()).collect();
+        found.dedup();
+        (masked.into_owned(), found)
+    }
+
+    /// Applies an operator's edit: builds the new list and filter, writes
+    /// the list to `<data_dir>/filter_words.txt`, and only then puts it in
+    /// force, so that what is in force is what a restart loads. Blocking
+    /// (file I/O and the automaton build): call it off the runtime. On any
+    /// error nothing changes. Returns the list's size and words.
+    pub fn change(
+        &self,
+        data_dir: &std::path::Path,
+        change: Change,
+    ) -> Result<(usize, Vec<String>), FilterError> {
+        let _one_at_a_time = self.editing.lock().unwrap_or_else(PoisonError::into_inner);
+        let path = path_in(data_dir);
+        let list_error = |source| FilterError::List {
+            path: path.clone(),
+            source,
+        };
+        let words = match change {
+            Change::Replace(words) => WordList::from_words(words).map_err(list_error)?,
+            Change::Add(words) => {
+                let mut list = self.load().words().clone();
+                for w in words {
+                    list.insert(&w).map_err(list_error)?;
+                }
+                list
+            }
+            Change::Remove(words) => {
+                let mut list = self.load().words().clone();
+                for w in words {
+                    list.remove(&w);
+                }
+                list
+            }
+        };
+        let filter = Filter::new(words.clone())?;
+        save(&path, &words)?;
+        let listed = words.words().map(str::to_owned).collect::<Vec<_>>();
+        self.replace(Arc::new(filter));
+        Ok((listed.len(), listed))
+    }
+}
+
+/// An operator's edit of the word list.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Replace(Vec<String>),
+    Add(Vec<String>),
+    Remove(Vec<String>),
 }
 
 #[cfg(test)]

@@ -228,7 +228,13 @@ struct Shared {
     inboxes: Inboxes,
     /// Cancelled when either thread dies; never by a normal shutdown.
     died: CancellationToken,
+    /// Told the size and duration of every group commit (metrics).
+    commits: std::sync::OnceLock<CommitObserver>,
 }
+
+/// Called by the writer thread after each group commit with the batch's
+/// size and how long the commit took. It must be quick and never block.
+pub type CommitObserver = Box<dyn Fn(usize, std::time::Duration) + Send + Sync>;
 
 /// Which players may have offline whispers waiting, so that the login of
 /// everyone else (nearly everyone) skips the store. Per player it counts
@@ -410,6 +416,7 @@ impl HistoryHandle {
             high_seen: AtomicU64::new(high_water),
             inboxes: Inboxes(Mutex::new(waiting.into_iter().collect())),
             died: CancellationToken::new(),
+            commits: std::sync::OnceLock::new(),
         });
         let alive = Arc::new(());
         let (writes, write_rx) = std_mpsc::sync_channel(WRITE_QUEUE);
@@ -643,6 +650,12 @@ impl HistoryHandle {
     /// Cancelled once either store thread has died (a panic, or its loop
     /// ended while handles remain); from then on every request fails with
     /// `Unavailable`. Never cancelled by a normal shutdown.
+    /// Has every later group commit reported to `observe` (once per
+    /// store; a second call is ignored).
+    pub fn observe_commits(&self, observe: CommitObserver) {
+        let _ = self.shared.commits.set(observe);
+    }
+
     pub fn died(&self) -> CancellationToken {
         self.shared.died.clone()
     }

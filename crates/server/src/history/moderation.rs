@@ -219,6 +219,23 @@ impl HistoryHandle {
         rx.await.map_err(|_| HistoryError::Unavailable)?
     }
 
+    /// The msg_id of an announcement that claimed `key` less than 24 hours
+    /// before `now_ms`, if any (read-only; see [`HistoryHandle::announce_key`]).
+    pub async fn announce_seen(
+        &self,
+        key: String,
+        now_ms: u64,
+    ) -> Result<Option<u64>, HistoryError> {
+        let (respond_to, rx) = oneshot::channel();
+        self.read(ReadCmd::AnnounceSeen {
+            key,
+            now_ms,
+            respond_to,
+        })
+        .await?;
+        rx.await.map_err(|_| HistoryError::Unavailable)?
+    }
+
     /// Claims idempotency `key` for the announcement `msg_id` at `now_ms`
     /// and returns the msg_id that owns it: `msg_id` if the key is new, or
     /// last used 24 hours or more before `now_ms` (the old claim is

@@ -59,6 +59,11 @@ pub(super) enum ReadCmd {
         limit: u32,
         respond_to: oneshot::Sender<Result<Vec<AuditEntry>, HistoryError>>,
     },
+    AnnounceSeen {
+        key: String,
+        now_ms: u64,
+        respond_to: oneshot::Sender<Result<Option<u64>, HistoryError>>,
+    },
     MessagesBySender {
         sender: u64,
         since_ms: u64,
@@ -126,6 +131,17 @@ fn run(db: Db, mut rx: mpsc::Receiver<ReadCmd>) {
             ReadCmd::Blocks { user, respond_to } => {
                 let result = db.blocks(user).map_err(|e| {
                     warn!(error = %e, user, "block list read failed");
+                    HistoryError::Unavailable
+                });
+                let _ = respond_to.send(result);
+            }
+            ReadCmd::AnnounceSeen {
+                key,
+                now_ms,
+                respond_to,
+            } => {
+                let result = db.announce_seen(&key, now_ms).map_err(|e| {
+                    warn!(error = %e, "announce key read failed");
                     HistoryError::Unavailable
                 });
                 let _ = respond_to.send(result);

@@ -876,6 +876,17 @@ impl Db {
 
     /// Up to `limit` audit entries with id < `before` (0: newest), newest
     /// first.
+    /// The msg_id an announce key was claimed for, if claimed less than
+    /// [`ANNOUNCE_KEY_MS`] before `now_ms`.
+    pub(super) fn announce_seen(&self, key: &str, now_ms: u64) -> rusqlite::Result<Option<u64>> {
+        let cutoff = sql_bound(now_ms.saturating_sub(ANNOUNCE_KEY_MS));
+        self.conn
+            .prepare_cached("SELECT msg_id FROM announce_keys WHERE key = ?1 AND time_ms > ?2")?
+            .query_row(params![key, cutoff], |row| row.get::<_, i64>(0))
+            .optional()
+            .map(|id| id.map(unsql))
+    }
+
     pub(super) fn audit_page(&self, before: u64, limit: u32) -> rusqlite::Result<Vec<AuditEntry>> {
         let before = if before == 0 {
             i64::MAX

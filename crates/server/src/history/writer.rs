@@ -274,12 +274,16 @@ impl Writer {
             per_sender: config.max_offline_per_sender,
             cutoff_ms: config.offline_cutoff_ms(now_ms()),
         };
+        let started = std::time::Instant::now();
         let result = self
             .db
             .write_batch(batch.iter().map(|w| &w.op), limits, high_water);
         let counters = &shared.counters;
         match result {
             Ok(outcomes) => {
+                if let Some(observe) = shared.commits.get() {
+                    observe(batch.len(), started.elapsed());
+                }
                 if self.failing {
                     info!("history store writes succeed again");
                     self.failing = false;

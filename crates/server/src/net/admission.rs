@@ -122,32 +122,37 @@ pub(crate) struct Admission {
 
 /// The permits a connection holds from its accept on.
 pub(crate) struct Permits {
-    connection: OwnedSemaphorePermit,
-    prelogin: PreLoginPlace,
+    connection: Place,
+    prelogin: Place,
 }
 
-/// A pre-login place, counted in [`Stats::prelogin`] for exactly as long
-/// as it is held, however the connection ends.
-struct PreLoginPlace {
+/// A place under one of the limits, counted in its gauge in [`Stats`]
+/// (`open_connections` or `prelogin`) for exactly as long as it is held,
+/// however the connection ends.
+struct Place {
     _permit: OwnedSemaphorePermit,
     stats: Arc<Stats>,
+    gauge: fn(&Stats) -> &std::sync::atomic::AtomicU64,
 }
 
-impl PreLoginPlace {
-    fn new(permit: OwnedSemaphorePermit, stats: Arc<Stats>) -> PreLoginPlace {
-        Stats::bump(&stats.prelogin);
-        PreLoginPlace {
+impl Place {
+    fn new(
+        permit: OwnedSemaphorePermit,
+        stats: Arc<Stats>,
+        gauge: fn(&Stats) -> &std::sync::atomic::AtomicU64,
+    ) -> Place {
+        Stats::bump(gauge(&stats));
+        Place {
             _permit: permit,
             stats,
+            gauge,
         }
     }
 }
 
-impl Drop for PreLoginPlace {
+impl Drop for Place {
     fn drop(&mut self) {
-        self.stats
-            .prelogin
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        (self.gauge)(&self.stats).fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -206,8 +211,8 @@ impl Admission {
             .try_acquire_owned()
             .map_err(|_| Refusal::PreLogin)?;
         Ok(Permits {
-            connection,
-            prelogin: PreLoginPlace::new(prelogin, self.stats.clone()),
+            connection: Place::new(connection, self.stats.clone(), |s| &s.open_connections),
+            prelogin: Place::new(prelogin, self.stats.clone(), |s| &s.prelogin),
         })
     }
 
@@ -548,12 +553,12 @@ pub(crate) async fn answer_busy(tcp: &mut TcpStream) {
 pub struct Admitted<S> {
     inner: S,
     pre: Option<Box<PreLogin>>,
-    _connection: OwnedSemaphorePermit,
+    _connection: Place,
     _ip: Option<IpGuard>,
 }
 
 struct PreLogin {
-    _place: PreLoginPlace,
+    _place: Place,
     stats: Arc<Stats>,
     /// The cut fired (counted once, however often the reader polls again).
     cut_fired: bool,

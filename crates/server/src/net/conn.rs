@@ -30,7 +30,7 @@ use tracing::debug;
 
 use super::outbound::{Close, ConnTx, Shared};
 use super::writer;
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Refusal};
 use crate::config::Config;
 use crate::ids::ConnId;
 use crate::stats::Stats;
@@ -44,7 +44,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// What every connection shares.
 pub(crate) struct ConnCtx {
     pub world: WorldHandle,
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
     pub config: Arc<Config>,
     pub stats: Arc<Stats>,
     pub shutdown: CancellationToken,
@@ -334,18 +334,29 @@ where
                     seq,
                     last_msg_id: req.last_msg_id,
                 };
-                self.ctx.world.login(args).await.map(|()| tx)
+                self.ctx
+                    .world
+                    .login(args)
+                    .await
+                    .map(|()| tx)
+                    .map_err(Refusal::Code)
             }
-            Err(code) => Err(code),
+            Err(refusal) => Err(refusal),
         };
         match result {
             Ok(tx) => Ok(tx),
-            Err(code) => {
+            Err(refusal) => {
                 Stats::bump(&self.ctx.stats.login_failures);
-                debug!(conn = %self.conn.id(), ?code, "login refused");
+                self.ctx.stats.metrics.login(refusal.code());
+                debug!(conn = %self.conn.id(), ?refusal, "login refused");
+                let banned_ms = match refusal {
+                    Refusal::Banned(left) => left.as_millis().min(u32::MAX as u128) as u32,
+                    Refusal::Code(_) => 0,
+                };
                 let _ = self.conn.try_frame(codec::encode(&pb::ChatMessageLoginRep {
                     msghead: codec::head(MsgType::ChcLoginRep, seq),
-                    res: code as i32,
+                    res: refusal.code() as i32,
+                    banned_ms,
                     ..Default::default()
                 }));
                 self.conn
@@ -465,10 +476,11 @@ mod tests {
             Box::new(LocalFanout),
             None,
             0,
+            Default::default(),
         );
         let ctx = Arc::new(ConnCtx {
             world,
-            auth: Authenticator::from_config(&config).unwrap(),
+            auth: Arc::new(Authenticator::from_config(&config, Default::default()).unwrap()),
             config,
             stats,
             shutdown: CancellationToken::new(),

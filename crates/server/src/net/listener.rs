@@ -63,7 +63,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(10);
 /// Accepts until `ctx.shutdown` is cancelled.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<crate::tls::TlsSwap>,
     ctx: Arc<ConnCtx>,
     tracker: TaskTracker,
 ) {
@@ -127,7 +127,7 @@ pub(crate) async fn accept_loop(
                 tracker.spawn(connection(handshake, id, ctx, deadline).instrument(span));
             }
             Some(acceptor) => {
-                let handshake = Box::pin(tls_websocket(start, acceptor.clone()));
+                let handshake = Box::pin(tls_websocket(start, acceptor.current()));
                 tracker.spawn(connection(handshake, id, ctx, deadline).instrument(span));
             }
         }

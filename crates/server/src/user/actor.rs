@@ -15,10 +15,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::chat::{far_future, RecentSends, CHANNELS};
+use super::chat::{RecentSends, CHANNELS};
 use super::rates::{rate_limited_reply, Class, Rates, Verdict};
 use super::replies::{next_reply, PendingReply, MAX_PENDING_REPLIES};
-use super::{heartbeat_reply, Attach, Handoff, Inbound, UserMsg};
+use super::{heartbeat_reply, Attach, Handoff, Inbound, Services, UserMsg};
 use crate::config::Config;
 use crate::history::HistoryHandle;
 use crate::ids::UserId;
@@ -45,7 +45,7 @@ pub(super) struct UserActor {
     /// When each channel may be used again; allocated on the first chat
     /// line (see Memory layout in ARCHITECTURE.md).
     pub(super) ready_at: Option<Box<[Option<Instant>; CHANNELS]>>,
-    pub(super) muted_until: Option<Instant>,
+    pub(super) services: Arc<Services>,
     /// The offline-whisper barrier outstanding on the current connection.
     pub(super) offline_ack: Option<Box<(u64, Vec<u64>)>>,
     /// Recent sends by client message id, for retries.
@@ -66,6 +66,7 @@ async fn next_request(inbound: &mut Option<mpsc::Receiver<Box<Inbound>>>) -> Opt
 
 impl UserActor {
     /// A session without a connection yet.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         id: UserId,
         mailbox: mpsc::Receiver<Box<UserMsg>>,
@@ -74,6 +75,7 @@ impl UserActor {
         history: Option<HistoryHandle>,
         config: Arc<Config>,
         stats: Arc<Stats>,
+        services: Arc<Services>,
     ) -> UserActor {
         UserActor {
             history,
@@ -88,7 +90,7 @@ impl UserActor {
             mask: 0,
             pending: None,
             ready_at: None,
-            muted_until: None,
+            services,
             offline_ack: None,
             sends: None,
             receipt_at: None,
@@ -103,12 +105,6 @@ impl UserActor {
         loop {
             tokio::select! {
                 msg = self.mailbox.recv() => match msg.map(|m| *m) {
-                    Some(UserMsg::Mute { duration }) => {
-                        // A duration too large for the clock is a mute
-                        // without end.
-                        self.muted_until = duration
-                            .map(|d| Instant::now().checked_add(d).unwrap_or_else(far_future));
-                    }
                     Some(UserMsg::End(reason)) => {
                         Box::pin(self.end(reason)).await;
                         break;

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use super::actor::UserActor;
 use super::replies::duration_ms;
+use crate::filter::Policy;
 use crate::history::{HistoryError, PlayerRef};
 use crate::ids::UserId;
 use crate::stats::Stats;
@@ -108,14 +109,20 @@ impl Accepted {
     }
 }
 
-fn chat_rep(seq: u32, res: ResCode, cooldown: Duration, msg_id: u64, offline: bool) -> Bytes {
+/// `wait` is the time that goes with the code: the cooldown (left, or
+/// after a send), or the mute left with RES_MUTED.
+fn chat_rep(seq: u32, res: ResCode, wait: Duration, msg_id: u64, offline: bool) -> Bytes {
+    let (cooldown_ms, muted_ms) = match res {
+        ResCode::ResMuted => (0, duration_ms(wait)),
+        _ => (duration_ms(wait), 0),
+    };
     codec::encode(&pb::ChatMessageChatRep {
         msghead: codec::head(MsgType::CchChatRep, seq),
         res: res as i32,
-        cooldown_ms: duration_ms(cooldown),
+        cooldown_ms,
         msg_id,
         offline,
-        muted_ms: 0,
+        muted_ms,
     })
 }
 
@@ -233,8 +240,8 @@ impl UserActor {
             return Err((ResCode::ResBadRequest, none));
         };
         let now = Instant::now();
-        if self.muted_until.is_some_and(|t| now < t) {
-            return Err((ResCode::ResMuted, none));
+        if let Some(left) = self.services.moderation.mute_left(self.id) {
+            return Err((ResCode::ResMuted, left));
         }
         if m.context.trim().is_empty() {
             return Err((ResCode::ResTextEmpty, none));
@@ -242,6 +249,19 @@ impl UserActor {
         if m.context.chars().count() > rule.max_chars {
             return Err((ResCode::ResTextTooLong, none));
         }
+        // Filtered here, in the sender's actor, before the line is encoded
+        // or stored: neither recipients nor history see the raw text.
+        let filter = self.services.filter.load();
+        let text = match rule.filter {
+            Policy::Refuse if !filter.is_clean(&m.context) => {
+                return Err((ResCode::ResFiltered, none));
+            }
+            Policy::Refuse => m.context,
+            Policy::Mask => match filter.mask(&m.context) {
+                std::borrow::Cow::Borrowed(_) => m.context,
+                std::borrow::Cow::Owned(masked) => masked,
+            },
+        };
         let slot = channel as usize;
         let ready_at = self.ready_at.as_ref().and_then(|r| r[slot]);
         if let Some(ready) = ready_at.filter(|t| now < *t) {
@@ -255,7 +275,7 @@ impl UserActor {
         let mut line = ChatLine {
             from: self.id,
             channel,
-            text: m.context,
+            text,
             target,
             nonce: m.client_msg_id,
         };

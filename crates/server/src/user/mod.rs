@@ -28,7 +28,6 @@ mod rates;
 mod replies;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use guildchat_protocol::{codec, pb, ClientMsg, KickReason, MsgType};
@@ -36,7 +35,9 @@ use tokio::sync::{mpsc, Notify};
 use tracing::{info_span, Instrument};
 
 use crate::config::Config;
+use crate::filter::FilterHandle;
 use crate::history::HistoryHandle;
+use crate::moderation::Moderation;
 use crate::net::ConnTx;
 use crate::stats::Stats;
 use crate::world::{Identity, WorldHandle};
@@ -70,8 +71,6 @@ pub enum Inbound {
 /// Messages from the world actor. The mailbox carries them boxed (see
 /// Memory layout in ARCHITECTURE.md).
 pub(crate) enum UserMsg {
-    /// Mute for this long from now; `None` lifts it.
-    Mute { duration: Option<Duration> },
     /// The session is over (shutdown): answer every pending chat reply,
     /// then close the connection with this reason, and stop.
     End(KickReason),
@@ -80,10 +79,17 @@ pub(crate) enum UserMsg {
 impl std::fmt::Debug for UserMsg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            UserMsg::Mute { duration } => write!(f, "Mute({duration:?})"),
             UserMsg::End(reason) => write!(f, "End({reason:?})"),
         }
     }
+}
+
+/// What every user actor shares, behind one pointer: sanctions in force
+/// and the word filter.
+#[derive(Debug, Default)]
+pub struct Services {
+    pub moderation: Arc<Moderation>,
+    pub filter: FilterHandle,
 }
 
 /// A connection's ends, handed over once its login reply, replay and
@@ -134,6 +140,7 @@ impl UserHandle {
         history: Option<HistoryHandle>,
         config: Arc<Config>,
         stats: Arc<Stats>,
+        services: Arc<Services>,
     ) -> UserHandle {
         let (tx, mailbox) = mpsc::channel(USER_MAILBOX);
         let handoff = Arc::new(Handoff {
@@ -151,6 +158,7 @@ impl UserHandle {
             history,
             config,
             stats,
+            services,
         );
         tokio::spawn(task(actor).instrument(span));
         UserHandle { tx, handoff }
@@ -201,6 +209,7 @@ mod tests {
             Box::new(LocalFanout),
             None,
             0,
+            Default::default(),
         );
         let (_tx, mailbox) = mpsc::channel(USER_MAILBOX);
         let handoff = Arc::new(Handoff {
@@ -215,6 +224,7 @@ mod tests {
             None,
             config,
             stats,
+            Default::default(),
         );
         let run = task(actor);
         let size = std::mem::size_of_val(&run);

@@ -35,6 +35,7 @@ pub(super) struct World {
     inbox: mpsc::Receiver<WorldMsg>,
     me: WeakWorld,
     history: Option<HistoryHandle>,
+    services: Arc<crate::user::Services>,
     registry: Registry,
     /// The last msg_id handed out. Seeded from the wall clock so ids keep
     /// increasing across restarts.
@@ -62,6 +63,7 @@ pub fn now_ms() -> u64 {
 }
 
 impl World {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         config: Arc<Config>,
         stats: Arc<Stats>,
@@ -70,8 +72,10 @@ impl World {
         me: WeakWorld,
         history: Option<HistoryHandle>,
         first_msg_id: u64,
+        services: Arc<crate::user::Services>,
     ) -> Self {
         World {
+            services,
             registry: Registry::new(config.session.replay_buffer_shed()),
             config,
             stats,
@@ -161,18 +165,36 @@ impl World {
                 scene,
                 respond_to,
             } => {
-                let _ = respond_to.send(self.registry.regroup(user, guild, team, scene));
+                self.registry.regroup(user, guild, team, scene);
+                let _ = respond_to.send(self.view(user));
             }
-            WorldMsg::Mute {
-                user,
-                duration,
-                respond_to,
-            } => {
-                let found = self
+            WorldMsg::Counts { respond_to } => {
+                let lingering = self
                     .registry
-                    .get(user)
-                    .is_some_and(|e| e.actor.try_send(UserMsg::Mute { duration }));
-                let _ = respond_to.send(found);
+                    .entries()
+                    .filter(|(_, e)| e.lingering.is_some())
+                    .count() as u64;
+                let _ = respond_to.send((self.registry.len() as u64, lingering));
+            }
+            WorldMsg::Player { user, respond_to } => {
+                let _ = respond_to.send(self.view(user));
+            }
+            WorldMsg::Disband { guild, respond_to } => {
+                let members: Vec<UserId> = self.registry.guild_members(guild).copied().collect();
+                for user in &members {
+                    self.registry
+                        .regroup(*user, Some(crate::ids::GuildId(0)), None, None);
+                }
+                let _ = respond_to.send(members.len());
+            }
+            WorldMsg::GuildOnline { guild, respond_to } => {
+                let mut members: Vec<UserId> =
+                    self.registry.guild_members(guild).copied().collect();
+                members.sort();
+                let _ = respond_to.send(members);
+            }
+            WorldMsg::Recall { msg, respond_to } => {
+                let _ = respond_to.send(self.recall(&msg));
             }
             WorldMsg::Kick {
                 user,
@@ -185,33 +207,12 @@ impl World {
                 let found = self.end_session(user, Some(reason));
                 let _ = respond_to.send(found);
             }
-            WorldMsg::Announce { text, respond_to } => {
-                let id = self.next_msg_id();
-                let notify = pb::ChatMessageNotifyChat {
-                    msghead: codec::head(MsgType::ChcNotifyChat, 0),
-                    chattype: ChatType::ChatAll as i32,
-                    strcontext: text,
-                    msg_id: id.0,
-                    time_ms: now_ms(),
-                    ..Default::default()
-                };
-                let frame = codec::encode(&notify);
-                if let Some(history) = &self.history {
-                    // Announcements are kept, but nobody waits for them:
-                    // the receiver is dropped.
-                    drop(records::append(
-                        history,
-                        records::stored(&notify, Conversation::System, 0),
-                    ));
-                }
-                self.fanout.deliver(
-                    &mut self.registry,
-                    &Audience::Everyone,
-                    ChatType::ChatAll,
-                    id,
-                    &frame,
-                    &self.stats,
-                );
+            WorldMsg::Announce {
+                text,
+                to,
+                respond_to,
+            } => {
+                let id = self.announce(text, to);
                 let _ = respond_to.send(id);
             }
             WorldMsg::Shutdown { respond_to } => {
@@ -304,6 +305,7 @@ impl World {
                 self.history.clone(),
                 self.config.clone(),
                 self.stats.clone(),
+                self.services.clone(),
             );
             let session = &self.config.session;
             let entry = Entry {
@@ -830,6 +832,92 @@ impl World {
         if let Some(cutoff) = cutoff {
             self.registry.expire_replays(cutoff);
         }
+    }
+
+    /// A player's session as operators see it.
+    fn view(&self, user: UserId) -> Option<super::PlayerView> {
+        let e = self.registry.get(user)?;
+        Some(super::PlayerView {
+            name: e.name.clone(),
+            state: if e.lingering.is_some() {
+                super::SessionState::Lingering
+            } else {
+                super::SessionState::Connected
+            },
+            guild: e.guild,
+            team: e.team,
+            scene: e.scene,
+            mask: e.mask,
+        })
+    }
+
+    /// A system line from operators. To everyone it is kept in history
+    /// (nobody waits for that write); to a group or a player it is only
+    /// delivered (and replayed on resume).
+    fn announce(&mut self, text: String, to: super::AnnounceTo) -> MsgId {
+        use super::AnnounceTo;
+        let id = self.next_msg_id();
+        let (audience, guild, team, scene, target) = match to {
+            AnnounceTo::Everyone => (Audience::Everyone, 0, 0, 0, 0),
+            AnnounceTo::Guild(g) => (Audience::Guild(g), g.0, 0, 0, 0),
+            AnnounceTo::Team(t) => (Audience::Team(t), 0, t.0, 0, 0),
+            AnnounceTo::Scene(sc) => (Audience::Scene(sc), 0, 0, sc.0, 0),
+            AnnounceTo::Player(u) => (Audience::User(u), 0, 0, 0, u.0),
+        };
+        let notify = pb::ChatMessageNotifyChat {
+            msghead: codec::head(MsgType::ChcNotifyChat, 0),
+            chattype: ChatType::ChatAll as i32,
+            strcontext: text,
+            msg_id: id.0,
+            time_ms: now_ms(),
+            guildid: guild,
+            teamid: team,
+            sceneid: scene,
+            targetid: target,
+            ..Default::default()
+        };
+        let frame = codec::encode(&notify);
+        if let (Some(history), AnnounceTo::Everyone) = (&self.history, to) {
+            drop(records::append(
+                history,
+                records::stored(&notify, Conversation::System, 0),
+            ));
+        }
+        self.fanout.deliver(
+            &mut self.registry,
+            &audience,
+            ChatType::ChatAll,
+            id,
+            &frame,
+            &self.stats,
+        );
+        id
+    }
+
+    /// Tells a removed line's audience with a session that it is gone.
+    fn recall(&mut self, msg: &StoredMsg) -> usize {
+        let audience = match msg.conversation {
+            Conversation::World | Conversation::System => Audience::Everyone,
+            Conversation::Guild(g) => Audience::Guild(crate::ids::GuildId(g)),
+            Conversation::Team(t) => Audience::Team(crate::ids::TeamId(t)),
+            Conversation::Scene(sc) => Audience::Scene(crate::ids::SceneId(sc)),
+            Conversation::Whisper { low, high } => Audience::Whisper {
+                from: UserId(low),
+                to: UserId(high),
+            },
+        };
+        let frame = codec::encode(&pb::ChatMessageNotifyRecall {
+            msghead: codec::head(MsgType::ChcNotifyRecall, 0),
+            msg_id: msg.msg_id,
+        });
+        let mut told = 0;
+        let stats = &self.stats;
+        self.registry.visit(&audience, |entry| {
+            if let Some(conn) = &entry.conn {
+                told += usize::from(conn.deliver(frame.clone(), Priority::Keep, stats));
+            }
+        });
+        told
     }
 
     fn publish_gauges(&self) {

@@ -14,7 +14,6 @@ pub mod registry;
 pub mod replay;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use guildchat_protocol::{ChatType, KickReason, ResCode};
 use tokio::sync::{mpsc, oneshot};
@@ -53,6 +52,35 @@ pub enum Target {
     /// the user actor after the world found no such player registered: the
     /// world may store the whisper for them as an offline whisper.
     Known(UserId, String),
+}
+
+/// Who an announcement goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnnounceTo {
+    Everyone,
+    Guild(GuildId),
+    Team(TeamId),
+    Scene(SceneId),
+    Player(UserId),
+}
+
+/// Whether a player's session has a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    Connected,
+    /// The connection dropped; the session waits for a resume.
+    Lingering,
+}
+
+/// A player's session as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlayerView {
+    pub name: String,
+    pub state: SessionState,
+    pub guild: GuildId,
+    pub team: TeamId,
+    pub scene: SceneId,
+    pub mask: u32,
 }
 
 /// The world actor is gone: only after a bug killed it, or at the very end
@@ -151,12 +179,26 @@ enum WorldMsg {
         guild: Option<GuildId>,
         team: Option<TeamId>,
         scene: Option<SceneId>,
-        respond_to: oneshot::Sender<bool>,
+        respond_to: oneshot::Sender<Option<PlayerView>>,
     },
-    Mute {
+    Counts {
+        respond_to: oneshot::Sender<(u64, u64)>,
+    },
+    Player {
         user: UserId,
-        duration: Option<Duration>,
-        respond_to: oneshot::Sender<bool>,
+        respond_to: oneshot::Sender<Option<PlayerView>>,
+    },
+    Disband {
+        guild: GuildId,
+        respond_to: oneshot::Sender<usize>,
+    },
+    GuildOnline {
+        guild: GuildId,
+        respond_to: oneshot::Sender<Vec<UserId>>,
+    },
+    Recall {
+        msg: StoredMsg,
+        respond_to: oneshot::Sender<usize>,
     },
     Kick {
         user: UserId,
@@ -165,6 +207,7 @@ enum WorldMsg {
     },
     Announce {
         text: String,
+        to: AnnounceTo,
         respond_to: oneshot::Sender<MsgId>,
     },
     Shutdown {
@@ -188,6 +231,7 @@ impl WorldHandle {
         fanout: Box<dyn Fanout>,
         history: Option<HistoryHandle>,
         first_msg_id: u64,
+        services: Arc<crate::user::Services>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(WORLD_INBOX);
         let handle = WorldHandle { tx };
@@ -199,9 +243,15 @@ impl WorldHandle {
             handle.downgrade(),
             history,
             first_msg_id,
+            services,
         );
         tokio::spawn(actor.run());
         handle
+    }
+
+    /// Messages waiting in the world's inbox now (a gauge for `/metrics`).
+    pub fn inbox_depth(&self) -> usize {
+        WORLD_INBOX - self.tx.capacity()
     }
 
     fn downgrade(&self) -> WeakWorld {
@@ -298,15 +348,17 @@ impl WorldHandle {
             .await
     }
 
-    /// Moves a player to another guild, team or scene (`None` = unchanged).
-    /// Returns false if the player is not online.
+    /// Moves a player to another guild, team or scene (`None` = unchanged),
+    /// at once: the next line on the new guild reaches them, the old one's
+    /// does not. Returns the player's new state; `None` if the player has
+    /// no session (neither connected nor lingering).
     pub async fn regroup(
         &self,
         user: UserId,
         guild: Option<GuildId>,
         team: Option<TeamId>,
         scene: Option<SceneId>,
-    ) -> Result<bool, WorldGone> {
+    ) -> Result<Option<PlayerView>, WorldGone> {
         self.ask(|respond_to| WorldMsg::Regroup {
             user,
             guild,
@@ -317,15 +369,35 @@ impl WorldHandle {
         .await
     }
 
-    /// Mutes a player for `duration` (`None` lifts the mute). Returns false
-    /// if the player is not online.
-    pub async fn mute(&self, user: UserId, duration: Option<Duration>) -> Result<bool, WorldGone> {
-        self.ask(|respond_to| WorldMsg::Mute {
-            user,
-            duration,
-            respond_to,
-        })
-        .await
+    /// (players with a session, of them lingering without a connection).
+    pub async fn counts(&self) -> Result<(u64, u64), WorldGone> {
+        self.ask(|respond_to| WorldMsg::Counts { respond_to }).await
+    }
+
+    /// A player's session, if they have one.
+    pub async fn player(&self, user: UserId) -> Result<Option<PlayerView>, WorldGone> {
+        self.ask(|respond_to| WorldMsg::Player { user, respond_to })
+            .await
+    }
+
+    /// Every member of the guild with a session leaves it. Returns how many.
+    pub async fn disband(&self, guild: GuildId) -> Result<usize, WorldGone> {
+        self.ask(|respond_to| WorldMsg::Disband { guild, respond_to })
+            .await
+    }
+
+    /// The members of a guild with a session, in increasing id order.
+    pub async fn guild_online(&self, guild: GuildId) -> Result<Vec<UserId>, WorldGone> {
+        self.ask(|respond_to| WorldMsg::GuildOnline { guild, respond_to })
+            .await
+    }
+
+    /// Tells the audience of a removed line (its conversation's members
+    /// with a session) that it is gone, with `CHC_Notify_Recall`, and drops
+    /// it from their replay buffers. Returns how many were told.
+    pub async fn recall(&self, msg: StoredMsg) -> Result<usize, WorldGone> {
+        self.ask(|respond_to| WorldMsg::Recall { msg, respond_to })
+            .await
     }
 
     /// Disconnects a player with a kick notice and ends the session at once:
@@ -340,10 +412,16 @@ impl WorldHandle {
         .await
     }
 
-    /// Sends a system message (CHAT_ALL) to everyone.
-    pub async fn announce(&self, text: String) -> Result<MsgId, WorldGone> {
-        self.ask(|respond_to| WorldMsg::Announce { text, respond_to })
-            .await
+    /// Sends a system message (CHAT_ALL) to everyone, or to one guild,
+    /// team, scene or player. Kept in history (the system conversation)
+    /// when it goes to everyone.
+    pub async fn announce(&self, text: String, to: AnnounceTo) -> Result<MsgId, WorldGone> {
+        self.ask(|respond_to| WorldMsg::Announce {
+            text,
+            to,
+            respond_to,
+        })
+        .await
     }
 
     /// Refuses new logins and ends every session: each user actor answers
@@ -385,6 +463,7 @@ mod tests {
             handle.downgrade(),
             None,
             0,
+            Default::default(),
         );
         let run = actor.run();
         let size = std::mem::size_of_val(&run);

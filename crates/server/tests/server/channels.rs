@@ -135,7 +135,10 @@ async fn masked_channels_are_not_delivered_but_whispers_and_system_are() {
     check_audience(&mut c, 0, ChatType::ChatPrivate, "psst", (4, ""), &[0, 3]).await;
     server
         .world
-        .announce("maintenance soon".into())
+        .announce(
+            "maintenance soon".into(),
+            guildchat_server::world::AnnounceTo::Everyone,
+        )
         .await
         .unwrap();
     for client in c.iter_mut() {
@@ -245,38 +248,6 @@ async fn refusals_have_their_own_codes() {
     server.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn muted_players_cannot_chat_until_the_mute_ends() {
-    let server = TestServer::start_timed(|_| {}).await;
-    let mut a = server.login(1, "alice", 10, 0, 0).await;
-    let mut b = server.login(2, "bob", 10, 0, 0).await;
-    assert!(server
-        .world
-        .mute(
-            guildchat_server::ids::UserId(1),
-            Some(Duration::from_secs(20))
-        )
-        .await
-        .unwrap());
-    assert!(!server
-        .world
-        .mute(guildchat_server::ids::UserId(99), None)
-        .await
-        .unwrap());
-    assert_eq!(
-        say(&mut a, ChatType::ChatGuild, "hey").await.res,
-        ResCode::ResMuted as i32
-    );
-    assert_silent(&mut b).await;
-    tokio::time::advance(Duration::from_secs(21)).await;
-    assert_eq!(
-        say(&mut a, ChatType::ChatGuild, "back").await.res,
-        ResCode::ResOk as i32
-    );
-    assert_eq!(next_chat(&mut b).await.strcontext, "back");
-    server.stop().await;
-}
-
 #[tokio::test]
 async fn regroup_moves_players_between_guilds_and_scenes() {
     use guildchat_server::ids::{GuildId, SceneId, UserId};
@@ -287,7 +258,8 @@ async fn regroup_moves_players_between_guilds_and_scenes() {
         .world
         .regroup(UserId(4), Some(GuildId(10)), None, Some(SceneId(1)))
         .await
-        .unwrap());
+        .unwrap()
+        .is_some());
     check_audience(
         &mut c,
         0,

@@ -51,7 +51,12 @@ async fn an_idle_kick_during_a_chat_stream_leaves_the_server_serving() {
             let world = server.world.clone();
             tokio::spawn(async move {
                 tokio::time::sleep_until(idle_at).await;
-                world.announce(format!("notice {i}")).await
+                world
+                    .announce(
+                        format!("notice {i}"),
+                        guildchat_server::world::AnnounceTo::Everyone,
+                    )
+                    .await
             })
         })
         .collect();

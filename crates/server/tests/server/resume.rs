@@ -367,7 +367,14 @@ async fn a_queue_that_does_not_drain_is_cut_after_the_stall_timeout() {
     let mut n = 0;
     loop {
         assert!(n < 10_000, "socket never filled");
-        server.world.announce("x".repeat(500)).await.unwrap();
+        server
+            .world
+            .announce(
+                "x".repeat(500),
+                guildchat_server::world::AnnounceTo::Everyone,
+            )
+            .await
+            .unwrap();
         n += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
         if server

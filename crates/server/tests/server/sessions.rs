@@ -136,7 +136,11 @@ async fn a_client_that_stops_reading_is_disconnected_as_slow_consumer() {
     let mut sent = 0u32;
     while server.stats.slow_consumers.load(Ordering::Relaxed) == 0 {
         assert!(sent < 200_000, "no slow consumer detected");
-        server.world.announce(text.clone()).await.unwrap();
+        server
+            .world
+            .announce(text.clone(), guildchat_server::world::AnnounceTo::Everyone)
+            .await
+            .unwrap();
         sent += 1;
         let n = next_chat(&mut healthy).await;
         assert_eq!(n.chattype, ChatType::ChatAll as i32);
@@ -152,7 +156,14 @@ async fn a_client_that_stops_reading_is_disconnected_as_slow_consumer() {
     };
     assert_eq!(code, Some(close_code::SLOW_CONSUMER));
     // Delivery to the healthy client goes on.
-    server.world.announce("after".into()).await.unwrap();
+    server
+        .world
+        .announce(
+            "after".into(),
+            guildchat_server::world::AnnounceTo::Everyone,
+        )
+        .await
+        .unwrap();
     assert_eq!(next_chat(&mut healthy).await.strcontext, "after");
     server.stop().await;
 }
@@ -167,11 +178,32 @@ async fn a_busy_client_gets_its_frames_coalesced_and_a_quiet_one_at_once() {
         let mut a = server.login(1, "a", 0, 0, 0).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let t0 = tokio::time::Instant::now();
-        server.world.announce("first".into()).await.unwrap();
+        server
+            .world
+            .announce(
+                "first".into(),
+                guildchat_server::world::AnnounceTo::Everyone,
+            )
+            .await
+            .unwrap();
         let _ = next_chat(&mut a).await;
         let first = t0.elapsed();
-        server.world.announce("second".into()).await.unwrap();
-        server.world.announce("third".into()).await.unwrap();
+        server
+            .world
+            .announce(
+                "second".into(),
+                guildchat_server::world::AnnounceTo::Everyone,
+            )
+            .await
+            .unwrap();
+        server
+            .world
+            .announce(
+                "third".into(),
+                guildchat_server::world::AnnounceTo::Everyone,
+            )
+            .await
+            .unwrap();
         let _ = next_chat(&mut a).await;
         let second = t0.elapsed();
         let _ = next_chat(&mut a).await;

@@ -1,0 +1,228 @@
+//! The admin HTTP API: what the game's logic server, game masters and ops
+//! use to drive a running guildchat (membership, moderation,
+//! announcements, the word filter, the audit log, metrics and health).
+//!
+//! It owns its own listener (never the game port), the key check, the
+//! routes and the OpenAPI document generated from them. It changes chat
+//! state only through the world's handle, the store's handle and the shared
+//! [`Moderation`] copy, in that order for a sanction: store first, so that
+//! what a caller was told happened survives a restart. It never touches a
+//! player's socket and never holds a blocking lock across an `.await` (the
+//! one async lock, taken by announcements that carry an idempotency key,
+//! makes check, send and record one step).
+//!
+//! # Layout
+//! - [`error`]: the error body and the extractors that produce it.
+//! - [`keys`]: keys, scopes, the bearer check.
+//! - `routes`: the handlers, one per operation, and the router.
+
+pub mod error;
+pub mod keys;
+mod routes;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::filter::FilterHandle;
+use crate::history::{AuditEntry, HistoryHandle};
+use crate::moderation::{now_ms, Moderation};
+use crate::reload::Reloader;
+use crate::stats::Stats;
+use crate::world::WorldHandle;
+pub use keys::{AdminKey, Scope};
+pub use routes::{openapi, router};
+
+/// How long an announce idempotency key is remembered.
+const IDEMPOTENCY_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Announce keys and audit lines kept in memory when there is no store;
+/// the oldest go first.
+const MEMORY_CAP: usize = 10_000;
+
+/// Everything a handler may reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AdminState {
+    pub(crate) world: WorldHandle,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) history: Option<HistoryHandle>,
+    pub(crate) moderation: Arc<Moderation>,
+    pub(crate) filter: FilterHandle,
+    pub(crate) reloader: Arc<Reloader>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) keys: Arc<[AdminKey]>,
+    /// Without a store: announce keys and the audit log, bounded.
+    memory: Arc<Mutex<Memory>>,
+    /// Held from the idempotency check to the record of an announce key,
+    /// so that two concurrent repeats send once.
+    pub(crate) announce_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+#[derive(Default)]
+struct Memory {
+    announce: HashMap<String, (u64, u64)>,
+    audit: std::collections::VecDeque<AuditEntry>,
+    next_audit: u64,
+}
+
+impl AdminState {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        world: WorldHandle,
+        stats: Arc<Stats>,
+        history: Option<HistoryHandle>,
+        moderation: Arc<Moderation>,
+        filter: FilterHandle,
+        reloader: Arc<Reloader>,
+        config: Arc<Config>,
+    ) -> AdminState {
+        let keys = config.admin.keys.clone().into();
+        AdminState {
+            world,
+            stats,
+            history,
+            moderation,
+            filter,
+            reloader,
+            config,
+            keys,
+            memory: Arc::default(),
+            announce_lock: Arc::default(),
+        }
+    }
+
+    fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.memory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a change in the audit log. A failure to record is logged,
+    /// not returned: the change itself already happened.
+    pub(crate) async fn audit(
+        &self,
+        key_id: &str,
+        action: &str,
+        target: String,
+        reason: &str,
+        result: &str,
+    ) {
+        let entry = AuditEntry {
+            id: 0,
+            time_ms: now_ms(),
+            key_id: key_id.to_owned(),
+            action: action.to_owned(),
+            target,
+            reason: reason.to_owned(),
+            result: result.to_owned(),
+        };
+        match &self.history {
+            Some(history) => {
+                if let Err(e) = history.audit(entry).await {
+                    warn!(error = %e, action, "could not record an admin action in the audit log");
+                }
+            }
+            None => {
+                let mut memory = self.memory();
+                memory.next_audit += 1;
+                let mut entry = entry;
+                entry.id = memory.next_audit;
+                if memory.audit.len() >= MEMORY_CAP {
+                    memory.audit.pop_front();
+                }
+                memory.audit.push_back(entry);
+            }
+        }
+    }
+
+    /// The audit log, newest first, below `before` (0: from the newest).
+    pub(crate) async fn audit_page(
+        &self,
+        before: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, error::ApiError> {
+        match &self.history {
+            Some(history) => Ok(history.audit_page(before, limit).await?),
+            None => {
+                let memory = self.memory();
+                Ok(memory
+                    .audit
+                    .iter()
+                    .rev()
+                    .filter(|e| before == 0 || e.id < before)
+                    .take(limit.clamp(1, 1000) as usize)
+                    .cloned()
+                    .collect())
+            }
+        }
+    }
+
+    /// The msg_id an announce key already has (sent within 24 h), or
+    /// `msg_id` after recording it for this key.
+    pub(crate) async fn announce_key(
+        &self,
+        key: String,
+        msg_id: u64,
+    ) -> Result<u64, error::ApiError> {
+        let now = now_ms();
+        match &self.history {
+            Some(history) => Ok(history.announce_key(key, msg_id, now).await?),
+            None => {
+                let mut memory = self.memory();
+                memory
+                    .announce
+                    .retain(|_, (_, at)| now.saturating_sub(*at) < IDEMPOTENCY_MS);
+                if let Some((id, _)) = memory.announce.get(&key) {
+                    return Ok(*id);
+                }
+                if memory.announce.len() >= MEMORY_CAP {
+                    let oldest = memory
+                        .announce
+                        .iter()
+                        .min_by_key(|(_, (_, at))| *at)
+                        .map(|(k, _)| k.clone());
+                    if let Some(oldest) = oldest {
+                        memory.announce.remove(&oldest);
+                    }
+                }
+                memory.announce.insert(key, (msg_id, now));
+                Ok(msg_id)
+            }
+        }
+    }
+
+    /// An announce key already used within 24 h, if any.
+    pub(crate) async fn announce_seen(&self, key: &str) -> Result<Option<u64>, error::ApiError> {
+        let now = now_ms();
+        match &self.history {
+            Some(history) => Ok(history.announce_seen(key.to_owned(), now).await?),
+            None => Ok(self
+                .memory()
+                .announce
+                .get(key)
+                .filter(|(_, at)| now.saturating_sub(*at) < IDEMPOTENCY_MS)
+                .map(|(id, _)| *id)),
+        }
+    }
+}
+
+/// Serves the admin API on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    if state.keys.is_empty() {
+        info!(%addr, "admin listener up (no keys configured: only /metrics, /healthz, /readyz)");
+    } else {
+        info!(%addr, keys = state.keys.len(), "admin listener up");
+    }
+    let app = router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

@@ -1,0 +1,1120 @@
+//! The admin API's routes. Each handler checks its scope, validates its
+//! input, acts through the handles in [`AdminState`], records a change in
+//! the audit log, and answers JSON. The OpenAPI document is collected from
+//! the same registrations that build the router, so the two cannot drift.
+
+use std::time::Duration;
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use guildchat_protocol::KickReason;
+use serde::{Deserialize, Serialize};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::{ApiError, ErrorBody, Json, OptionalJson, Path, Query, MAX_BODY};
+use super::keys::{Caller, Need};
+use super::AdminState;
+use crate::history::{AuditEntry, PlayerRef, SanctionKind, StoredMsg};
+use crate::ids::{GuildId, SceneId, TeamId, UserId};
+use crate::moderation::now_ms;
+use crate::stats::Stats;
+use crate::world::{AnnounceTo, PlayerView, SessionState};
+
+/// Longest mute or ban: ten years. Longer is a permanent sanction in all
+/// but name, and keeps the end time far from overflow.
+const MAX_SANCTION_SECS: u64 = 10 * 365 * 24 * 3600;
+
+/// Longest announcement, in characters.
+const MAX_ANNOUNCE_CHARS: usize = 1000;
+
+/// Longest reason kept in the audit log and with a sanction, in characters.
+const MAX_REASON_CHARS: usize = 500;
+
+/// Largest page of audit lines or messages.
+const MAX_LIMIT: u32 = 200;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "guildchat admin API",
+        description = "Membership, moderation, announcements and operations for a running guildchat. \
+                       Authenticate with `Authorization: Bearer <key>`; errors are \
+                       `{\"error\": {\"code\", \"message\"}}`."
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    components(schemas(ErrorBody))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+fn api() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(stats))
+        .routes(routes!(player))
+        .routes(routes!(groups))
+        .routes(routes!(disband))
+        .routes(routes!(guild_online))
+        .routes(routes!(kick))
+        .routes(routes!(mute, unmute))
+        .routes(routes!(mutes))
+        .routes(routes!(ban, unban))
+        .routes(routes!(revoke))
+        .routes(routes!(announce))
+        .routes(routes!(recall))
+        .routes(routes!(messages))
+        .routes(routes!(words, replace_words, add_words, remove_words))
+        .routes(routes!(filter_test))
+        .routes(routes!(audit))
+        .routes(routes!(reload))
+}
+
+/// The OpenAPI document, as served at `/v1/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let (_, doc) = api().split_for_parts();
+    doc
+}
+
+/// The whole admin router: the API, its document, health and metrics.
+pub fn router(state: AdminState) -> Router {
+    let (api, doc) = api().split_for_parts();
+    let doc = std::sync::Arc::new(doc);
+    api.route(
+        "/v1/openapi.json",
+        get(move || {
+            let doc = doc.clone();
+            async move { axum::Json((*doc).clone()) }
+        }),
+    )
+    .route("/healthz", get(healthz))
+    .route("/readyz", get(readyz))
+    .route("/metrics", get(metrics))
+    .fallback(not_found)
+    .method_not_allowed_fallback(method_not_allowed)
+    .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+    .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+async fn method_not_allowed() -> Response {
+    let body = ErrorBody {
+        error: super::error::ErrorDetail {
+            code: "method_not_allowed".into(),
+            message: "this route does not take that method".into(),
+        },
+    };
+    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
+}
+
+// ---------------------------------------------------------------- health
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Ready: listening, the store writer alive, and the world answering
+/// within a second.
+async fn readyz(axum::extract::State(state): axum::extract::State<AdminState>) -> Response {
+    let listening = state.stats.ready.load(std::sync::atomic::Ordering::Acquire);
+    let store = state.history.as_ref().is_none_or(|h| h.is_healthy());
+    let world = tokio::time::timeout(Duration::from_secs(1), state.world.counts())
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let body = serde_json::json!({ "listening": listening, "store": store, "world": world });
+    let status = if listening && store && world {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(axum::extract::State(state): axum::extract::State<AdminState>) -> Response {
+    let counts = tokio::time::timeout(Duration::from_secs(1), state.world.counts())
+        .await
+        .ok()
+        .and_then(|r| r.ok());
+    let text = state
+        .stats
+        .metrics
+        .render(&state.stats, counts, state.world.inbox_depth());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+type State = axum::extract::State<AdminState>;
+
+// ---------------------------------------------------------------- read
+
+#[derive(Serialize, ToSchema)]
+struct StatsReply {
+    /// Players logged in.
+    online: u64,
+    max_online: u32,
+    /// Open connections, logged in or not.
+    connections: u64,
+    /// Sessions whose connection dropped, waiting for a resume.
+    lingering: u64,
+    /// Every counter, by name.
+    counters: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// Players online, connections and every counter.
+#[utoipa::path(get, path = "/v1/stats", tag = "read",
+    responses((status = 200, body = StatsReply), (status = 401, body = ErrorBody)))]
+async fn stats(caller: Caller, state: State) -> Result<axum::Json<StatsReply>, ApiError> {
+    caller.need(Need::Read)?;
+    let (online, lingering) = state.world.counts().await?;
+    Ok(axum::Json(StatsReply {
+        online,
+        max_online: state.config.max_online,
+        connections: Stats::get(&state.stats.open_connections),
+        lingering,
+        counters: state.stats.counters().into_iter().collect(),
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+struct PlayerReply {
+    id: u64,
+    name: String,
+    /// `connected`, `lingering` or `offline`.
+    state: &'static str,
+    guild: u64,
+    team: u64,
+    scene: u64,
+    mask: u32,
+    /// Unix ms when the mute ends; 0 if not muted.
+    muted_until_ms: u64,
+    /// Unix ms when the ban ends; 0 if not banned.
+    banned_until_ms: u64,
+}
+
+fn player_reply(
+    state: &AdminState,
+    id: UserId,
+    view: Option<PlayerView>,
+    name: String,
+) -> PlayerReply {
+    let muted = state.moderation.get(id, SanctionKind::Mute);
+    let banned = state.moderation.get(id, SanctionKind::Ban);
+    let (st, guild, team, scene, mask, name) = match view {
+        Some(v) => (
+            match v.state {
+                SessionState::Connected => "connected",
+                SessionState::Lingering => "lingering",
+            },
+            v.guild.0,
+            v.team.0,
+            v.scene.0,
+            v.mask,
+            v.name,
+        ),
+        None => ("offline", 0, 0, 0, 0, name),
+    };
+    PlayerReply {
+        id: id.0,
+        name,
+        state: st,
+        guild,
+        team,
+        scene,
+        mask,
+        muted_until_ms: muted.map_or(0, |s| s.until_ms),
+        banned_until_ms: banned.map_or(0, |s| s.until_ms),
+    }
+}
+
+/// The player's name as the store knows it: `None` for a player never seen.
+async fn known_name(state: &AdminState, id: UserId) -> Result<Option<String>, ApiError> {
+    match &state.history {
+        Some(h) => Ok(h.find_player(PlayerRef::Id(id.0)).await?.map(|(_, n)| n)),
+        None => Ok(None),
+    }
+}
+
+/// A player's session state, groups and sanctions.
+#[utoipa::path(get, path = "/v1/players/{id}", tag = "read",
+    params(("id" = u64, Path, description = "user id")),
+    responses((status = 200, body = PlayerReply), (status = 404, body = ErrorBody)))]
+async fn player(
+    caller: Caller,
+    state: State,
+    Path(id): Path<u64>,
+) -> Result<axum::Json<PlayerReply>, ApiError> {
+    caller.need(Need::Read)?;
+    let id = UserId(id);
+    let view = state.world.player(id).await?;
+    let name = match &view {
+        Some(_) => String::new(),
+        None => known_name(&state, id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("player {} was never seen", id.0)))?,
+    };
+    Ok(axum::Json(player_reply(&state, id, view, name)))
+}
+
+#[derive(Serialize, ToSchema)]
+struct PlayersReply {
+    players: Vec<u64>,
+}
+
+/// The members of a guild who are online.
+#[utoipa::path(get, path = "/v1/guilds/{gid}/online", tag = "read",
+    params(("gid" = u64, Path, description = "guild id")),
+    responses((status = 200, body = PlayersReply)))]
+async fn guild_online(
+    caller: Caller,
+    state: State,
+    Path(gid): Path<u64>,
+) -> Result<axum::Json<PlayersReply>, ApiError> {
+    caller.need(Need::Read)?;
+    let players = state.world.guild_online(GuildId(gid)).await?;
+    Ok(axum::Json(PlayersReply {
+        players: players.into_iter().map(|u| u.0).collect(),
+    }))
+}
+
+// ---------------------------------------------------------------- logic
+
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+struct GroupsBody {
+    /// New guild (0 = none); absent = unchanged.
+    guild: Option<u64>,
+    team: Option<u64>,
+    scene: Option<u64>,
+}
+
+/// Moves a connected or lingering player to another guild, team or scene,
+/// at once. The next login's token sets them again.
+#[utoipa::path(put, path = "/v1/players/{id}/groups", tag = "logic",
+    params(("id" = u64, Path, description = "user id")),
+    request_body = GroupsBody,
+    responses((status = 200, body = PlayerReply), (status = 404, body = ErrorBody)))]
+async fn groups(
+    caller: Caller,
+    state: State,
+    Path(id): Path<u64>,
+    Json(body): Json<GroupsBody>,
+) -> Result<axum::Json<PlayerReply>, ApiError> {
+    caller.need(Need::Logic)?;
+    let id = UserId(id);
+    let view = state
+        .world
+        .regroup(
+            id,
+            body.guild.map(GuildId),
+            body.team.map(TeamId),
+            body.scene.map(SceneId),
+        )
+        .await?;
+    let target = format!("player:{}", id.0);
+    let detail = format!(
+        "guild={:?} team={:?} scene={:?}",
+        body.guild, body.team, body.scene
+    );
+    match view {
+        Some(view) => {
+            state
+                .audit(&caller.id, "groups", target, &detail, "ok")
+                .await;
+            Ok(axum::Json(player_reply(
+                &state,
+                id,
+                Some(view),
+                String::new(),
+            )))
+        }
+        None => {
+            state
+                .audit(&caller.id, "groups", target, &detail, "not_online")
+                .await;
+            Err(ApiError::NotFound(format!(
+                "player {} is neither connected nor lingering",
+                id.0
+            )))
+        }
+    }
+}
+
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+struct ReasonBody {
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct CountReply {
+    /// How many players it applied to.
+    players: usize,
+}
+
+/// Every member of the guild leaves it.
+#[utoipa::path(post, path = "/v1/guilds/{gid}/disband", tag = "logic",
+    params(("gid" = u64, Path, description = "guild id")),
+    request_body(content = Option<ReasonBody>, description = "optional"),
+    responses((status = 200, body = CountReply)))]
+async fn disband(
+    caller: Caller,
+    state: State,
+    Path(gid): Path<u64>,
+    OptionalJson(body): OptionalJson<ReasonBody>,
+) -> Result<axum::Json<CountReply>, ApiError> {
+    caller.need(Need::Logic)?;
+    let reason = reason(&body.reason)?;
+    if gid == 0 {
+        return Err(ApiError::BadRequest("guild 0 means no guild".into()));
+    }
+    let players = state.world.disband(GuildId(gid)).await?;
+    state
+        .audit(
+            &caller.id,
+            "disband",
+            format!("guild:{gid}"),
+            reason,
+            &format!("players={players}"),
+        )
+        .await;
+    Ok(axum::Json(CountReply { players }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct AnnounceBody {
+    text: String,
+    guild: Option<u64>,
+    team: Option<u64>,
+    scene: Option<u64>,
+    player: Option<u64>,
+    /// The same key within 24 h returns the first msg_id and sends nothing.
+    idempotency_key: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct MsgIdReply {
+    msg_id: u64,
+}
+
+/// A system message to everyone, or to one guild, team, scene or player.
+#[utoipa::path(post, path = "/v1/announce", tag = "logic",
+    request_body = AnnounceBody,
+    responses((status = 200, body = MsgIdReply), (status = 422, body = ErrorBody)))]
+async fn announce(
+    caller: Caller,
+    state: State,
+    Json(body): Json<AnnounceBody>,
+) -> Result<axum::Json<MsgIdReply>, ApiError> {
+    caller.need(Need::Logic)?;
+    let text = body.text.trim();
+    if text.is_empty() {
+        return Err(ApiError::Unprocessable("text is empty".into()));
+    }
+    if text.chars().count() > MAX_ANNOUNCE_CHARS {
+        return Err(ApiError::Unprocessable(format!(
+            "text is longer than {MAX_ANNOUNCE_CHARS} characters"
+        )));
+    }
+    let to = match (body.guild, body.team, body.scene, body.player) {
+        (None, None, None, None) => AnnounceTo::Everyone,
+        (Some(g), None, None, None) if g != 0 => AnnounceTo::Guild(GuildId(g)),
+        (None, Some(t), None, None) if t != 0 => AnnounceTo::Team(TeamId(t)),
+        (None, None, Some(s), None) if s != 0 => AnnounceTo::Scene(SceneId(s)),
+        (None, None, None, Some(p)) if p != 0 => AnnounceTo::Player(UserId(p)),
+        _ => {
+            return Err(ApiError::Unprocessable(
+                "name at most one of guild, team, scene, player, and not 0".into(),
+            ))
+        }
+    };
+    let key = match body.idempotency_key {
+        Some(k) if k.is_empty() || k.len() > 200 => {
+            return Err(ApiError::Unprocessable(
+                "idempotency_key must be 1 to 200 bytes".into(),
+            ))
+        }
+        k => k,
+    };
+    let target = format!("{to:?}");
+    let Some(key) = key else {
+        let id = state.world.announce(text.to_owned(), to).await?;
+        state
+            .audit(
+                &caller.id,
+                "announce",
+                target,
+                "",
+                &format!("msg_id={}", id.0),
+            )
+            .await;
+        return Ok(axum::Json(MsgIdReply { msg_id: id.0 }));
+    };
+    let _one_at_a_time = state.announce_lock.lock().await;
+    if let Some(msg_id) = state.announce_seen(&key).await? {
+        return Ok(axum::Json(MsgIdReply { msg_id }));
+    }
+    let id = state.world.announce(text.to_owned(), to).await?;
+    let msg_id = state.announce_key(key, id.0).await?;
+    state
+        .audit(
+            &caller.id,
+            "announce",
+            target,
+            "",
+            &format!("msg_id={msg_id}"),
+        )
+        .await;
+    Ok(axum::Json(MsgIdReply { msg_id }))
+}
+
+// ---------------------------------------------------------------- gm
+
+fn reason(r: &str) -> Result<&str, ApiError> {
+    if r.chars().count() > MAX_REASON_CHARS {
+        return Err(ApiError::Unprocessable(format!(
+            "reason is longer than {MAX_REASON_CHARS} characters"
+        )));
+    }
+    Ok(r)
+}
+
+/// Ends the player's session at once with an operator-kick notice; a
+/// reconnect is a new session.
+#[utoipa::path(post, path = "/v1/players/{id}/kick", tag = "gm",
+    params(("id" = u64, Path, description = "user id")),
+    request_body(content = Option<ReasonBody>, description = "optional"),
+    responses((status = 200, body = PlayerReply), (status = 404, body = ErrorBody)))]
+async fn kick(
+    caller: Caller,
+    state: State,
+    Path(id): Path<u64>,
+    OptionalJson(body): OptionalJson<ReasonBody>,
+) -> Result<StatusCode, ApiError> {
+    caller.need(Need::Gm)?;
+    let reason = reason(&body.reason)?;
+    let found = state
+        .world
+        .kick(UserId(id), KickReason::KickOperator)
+        .await?;
+    let result = if found { "ok" } else { "not_online" };
+    state
+        .audit(&caller.id, "kick", format!("player:{id}"), reason, result)
+        .await;
+    if found {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!("player {id} is not online")))
+    }
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct SanctionBody {
+    /// How long, 1 second to 10 years.
+    seconds: u64,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct SanctionReply {
+    id: u64,
+    /// Unix ms when it ends.
+    until_ms: u64,
+    reason: String,
+}
+
+async fn sanction(
+    caller: &Caller,
+    state: &AdminState,
+    id: u64,
+    kind: SanctionKind,
+    body: SanctionBody,
+) -> Result<axum::Json<SanctionReply>, ApiError> {
+    caller.need(Need::Gm)?;
+    let reason = reason(&body.reason)?.to_owned();
+    if body.seconds == 0 || body.seconds > MAX_SANCTION_SECS {
+        return Err(ApiError::Unprocessable(format!(
+            "seconds must be 1 to {MAX_SANCTION_SECS}"
+        )));
+    }
+    if id == 0 {
+        return Err(ApiError::BadRequest("user id 0 is no player".into()));
+    }
+    let now = now_ms();
+    let sanction = crate::history::Sanction {
+        user: id,
+        kind,
+        until_ms: now + body.seconds * 1000,
+        reason: reason.clone(),
+        set_ms: now,
+    };
+    if let Some(history) = &state.history {
+        history
+            .set_sanction(id, kind, sanction.until_ms, reason.clone())
+            .await?;
+    }
+    state.moderation.apply(&sanction);
+    let action = match kind {
+        SanctionKind::Mute => "mute",
+        SanctionKind::Ban => {
+            // A banned player online is put out now; the ban refuses the
+            // next login.
+            state.world.kick(UserId(id), KickReason::KickBanned).await?;
+            "ban"
+        }
+    };
+    state
+        .audit(
+            &caller.id,
+            action,
+            format!("player:{id}"),
+            &reason,
+            &format!("seconds={}", body.seconds),
+        )
+        .await;
+    Ok(axum::Json(SanctionReply {
+        id,
+        until_ms: sanction.until_ms,
+        reason,
+    }))
+}
+
+async fn lift(
+    caller: &Caller,
+    state: &AdminState,
+    id: u64,
+    kind: SanctionKind,
+    body: ReasonBody,
+) -> Result<StatusCode, ApiError> {
+    caller.need(Need::Gm)?;
+    let reason = reason(&body.reason)?;
+    let stored = match &state.history {
+        Some(history) => history.clear_sanction(id, kind).await?,
+        None => false,
+    };
+    let cached = state.moderation.lift(UserId(id), kind);
+    let action = match kind {
+        SanctionKind::Mute => "unmute",
+        SanctionKind::Ban => "unban",
+    };
+    let found = stored || cached;
+    state
+        .audit(
+            &caller.id,
+            action,
+            format!("player:{id}"),
+            reason,
+            if found { "ok" } else { "none" },
+        )
+        .await;
+    if found {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!(
+            "player {id} has no such sanction"
+        )))
+    }
+}
+
+/// Mutes a player: chat lines get RES_MUTED with the time left. Lasts
+/// across logout, restart and takeover.
+#[utoipa::path(put, path = "/v1/players/{id}/mute", tag = "gm",
+    params(("id" = u64, Path, description = "user id")),
+    request_body = SanctionBody,
+    responses((status = 200, body = SanctionReply), (status = 422, body = ErrorBody)))]
+async fn mute(
+    caller: Caller,
+    state: State,
+    Path(id): Path<u64>,
+    Json(body): Json<SanctionBody>,
+) -> Result<axum::Json<SanctionReply>, ApiError> {
+    sanction(&caller, &state, id, SanctionKind::Mute, body).await
+}
+
+/// Lifts a mute.
+#[utoipa::path(delete, path = "/v1/players/{id}/mute", tag = "gm",
+    params(("id" = u64, Path, description = "user id")),
+    request_body(content = Option<ReasonBody>, description = "optional"),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn unmute(
+    caller: Caller,
+    state: State,
+    Path(id): Path<u64>,
+    OptionalJson(body): OptionalJson<ReasonBody>,
+) -> Result<StatusCode, ApiError> {
+    lift(&caller, &state, id, SanctionKind::Mute, body).await
+}
+
+#[derive(Serialize, ToSchema)]
+struct MutesReply {
+    mutes: Vec<SanctionReply>,
+}
+
+/// Every mute in force.
+#[utoipa::path(get, path = "/v1/mutes", tag = "gm",
+    responses((status = 200, body = MutesReply)))]
+async fn mutes(caller: Caller, state: State) -> Result<axum::Json<MutesReply>, ApiError> {
+    caller.need(Need::Gm)?;
+    let mutes = state
+        .moderation
+        .list(SanctionKind::Mute)
+        .into_iter()
+        .map(|(u, s)| SanctionReply {
+            id: u.0,
+            until_ms: s.until_ms,
+            reason: s.reason,
+        })
+        .collect();
+    Ok(axum::Json(MutesReply { mutes }))
+}
+
+/// Bans a player: logins get RES_BANNED with the time left; an online
+/// player is kicked.
+#[utoipa::path(put, path = "/v1/players/{id}/ban", tag = "gm",
+    params(("id" = u64, Path, description = "user id")),
+    request_body = SanctionBody,
+    responses((status = 200, body = SanctionReply), (status = 422, body = ErrorBody)))]
+async fn ban(
+    caller: Caller,
+    state: State,
+    Path(id): Path<u64>,
+    Json(body): Json<SanctionBody>,
+) -> Result<axum::Json<SanctionReply>, ApiError> {
+    sanction(&caller, &state, id, SanctionKind::Ban, body).await
+}
+
+/// Lifts a ban.
+#[utoipa::path(delete, path = "/v1/players/{id}/ban", tag = "gm",
+    params(("id" = u64, Path, description = "user id")),
+    request_body(content = Option<ReasonBody>, description = "optional"),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn unban(
+    caller: Caller,
+    state: State,
+    Path(id): Path<u64>,
+    OptionalJson(body): OptionalJson<ReasonBody>,
+) -> Result<StatusCode, ApiError> {
+    lift(&caller, &state, id, SanctionKind::Ban, body).await
+}
+
+#[derive(Serialize, ToSchema)]
+struct RevokeReply {
+    id: u64,
+    /// Tokens issued (iat) before this Unix second are refused.
+    before_s: u64,
+}
+
+/// Refuses, from now on, every token of the player issued before now. A
+/// session already logged in stays; its next login needs a new token.
+#[utoipa::path(post, path = "/v1/players/{id}/revoke-tokens", tag = "gm",
+    params(("id" = u64, Path, description = "user id")),
+    request_body(content = Option<ReasonBody>, description = "optional"),
+    responses((status = 200, body = RevokeReply)))]
+async fn revoke(
+    caller: Caller,
+    state: State,
+    Path(id): Path<u64>,
+    OptionalJson(body): OptionalJson<ReasonBody>,
+) -> Result<axum::Json<RevokeReply>, ApiError> {
+    caller.need(Need::Gm)?;
+    let reason = reason(&body.reason)?;
+    if id == 0 {
+        return Err(ApiError::BadRequest("user id 0 is no player".into()));
+    }
+    // A token minted in this very second is refused too: `iat` has
+    // second precision, and "before now" must include it.
+    let before_s = now_ms() / 1000 + 1;
+    if let Some(history) = &state.history {
+        history.revoke_tokens(id, before_s).await?;
+    }
+    state.moderation.revoke(UserId(id), before_s);
+    state
+        .audit(
+            &caller.id,
+            "revoke-tokens",
+            format!("player:{id}"),
+            reason,
+            "ok",
+        )
+        .await;
+    Ok(axum::Json(RevokeReply { id, before_s }))
+}
+
+/// Removes a line from history; its audience online gets CHC_Notify_Recall.
+#[utoipa::path(delete, path = "/v1/messages/{msg_id}", tag = "gm",
+    params(("msg_id" = u64, Path, description = "the line's msg_id")),
+    request_body(content = Option<ReasonBody>, description = "optional"),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn recall(
+    caller: Caller,
+    state: State,
+    Path(msg_id): Path<u64>,
+    OptionalJson(body): OptionalJson<ReasonBody>,
+) -> Result<StatusCode, ApiError> {
+    caller.need(Need::Gm)?;
+    let reason = reason(&body.reason)?;
+    let Some(history) = &state.history else {
+        return Err(ApiError::NotFound(
+            "no history is kept on this server".into(),
+        ));
+    };
+    let removed = history.remove_message(msg_id).await?;
+    let target = format!("message:{msg_id}");
+    match removed {
+        Some(msg) => {
+            let reached = state.world.recall(msg).await?;
+            state
+                .audit(
+                    &caller.id,
+                    "recall",
+                    target,
+                    reason,
+                    &format!("notified={reached}"),
+                )
+                .await;
+            Ok(StatusCode::NO_CONTENT)
+        }
+        None => {
+            state
+                .audit(&caller.id, "recall", target, reason, "not_found")
+                .await;
+            Err(ApiError::NotFound(format!("no stored message {msg_id}")))
+        }
+    }
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct MessagesQuery {
+    /// Only lines sent at or after this Unix ms.
+    #[serde(default)]
+    since_ms: u64,
+    /// At most this many (1 to 200, default 50).
+    limit: Option<u32>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct MessageItem {
+    msg_id: u64,
+    /// The channel: `CHAT_WORLD`, `CHAT_GUILD`, ...
+    channel: String,
+    text: String,
+    time_ms: u64,
+    guild: u64,
+    team: u64,
+    scene: u64,
+    target: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+struct MessagesReply {
+    messages: Vec<MessageItem>,
+}
+
+fn item(m: StoredMsg) -> MessageItem {
+    MessageItem {
+        msg_id: m.msg_id,
+        channel: guildchat_protocol::ChatType::try_from(m.chattype)
+            .map_or_else(|_| m.chattype.to_string(), |c| c.as_str_name().to_owned()),
+        text: m.text,
+        time_ms: m.time_ms,
+        guild: m.guild_id,
+        team: m.team_id,
+        scene: m.scene_id,
+        target: m.target_id,
+    }
+}
+
+/// What a player sent, newest first (stored lines only).
+#[utoipa::path(get, path = "/v1/players/{id}/messages", tag = "gm",
+    params(("id" = u64, Path, description = "user id"), MessagesQuery),
+    responses((status = 200, body = MessagesReply)))]
+async fn messages(
+    caller: Caller,
+    state: State,
+    Path(id): Path<u64>,
+    Query(q): Query<MessagesQuery>,
+) -> Result<axum::Json<MessagesReply>, ApiError> {
+    caller.need(Need::Gm)?;
+    let limit = limit(q.limit)?;
+    let messages = match &state.history {
+        Some(h) => h.messages_by_sender(id, q.since_ms, limit).await?,
+        None => Vec::new(),
+    };
+    Ok(axum::Json(MessagesReply {
+        messages: messages.into_iter().map(item).collect(),
+    }))
+}
+
+fn limit(l: Option<u32>) -> Result<u32, ApiError> {
+    match l {
+        None => Ok(50),
+        Some(l) if (1..=MAX_LIMIT).contains(&l) => Ok(l),
+        Some(_) => Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {MAX_LIMIT}"
+        ))),
+    }
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct AuditQuery {
+    /// Only entries with a smaller id (for the next page); 0 or absent:
+    /// from the newest.
+    #[serde(default)]
+    before: u64,
+    /// At most this many (1 to 200, default 50).
+    limit: Option<u32>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct AuditReply {
+    entries: Vec<AuditItem>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct AuditItem {
+    id: u64,
+    time_ms: u64,
+    key_id: String,
+    action: String,
+    target: String,
+    reason: String,
+    result: String,
+}
+
+impl From<AuditEntry> for AuditItem {
+    fn from(e: AuditEntry) -> Self {
+        AuditItem {
+            id: e.id,
+            time_ms: e.time_ms,
+            key_id: e.key_id,
+            action: e.action,
+            target: e.target,
+            reason: e.reason,
+            result: e.result,
+        }
+    }
+}
+
+/// The audit log, newest first.
+#[utoipa::path(get, path = "/v1/audit", tag = "gm",
+    params(AuditQuery),
+    responses((status = 200, body = AuditReply)))]
+async fn audit(
+    caller: Caller,
+    state: State,
+    Query(q): Query<AuditQuery>,
+) -> Result<axum::Json<AuditReply>, ApiError> {
+    caller.need(Need::Gm)?;
+    let limit = limit(q.limit)?;
+    let entries = state.audit_page(q.before, limit).await?;
+    Ok(axum::Json(AuditReply {
+        entries: entries.into_iter().map(AuditItem::from).collect(),
+    }))
+}
+
+// ---------------------------------------------------------------- filter
+
+#[derive(Serialize, ToSchema)]
+struct WordsReply {
+    words: Vec<String>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct WordsBody {
+    words: Vec<String>,
+}
+
+/// The sensitive-word list.
+#[utoipa::path(get, path = "/v1/filter/words", tag = "gm",
+    responses((status = 200, body = WordsReply)))]
+async fn words(caller: Caller, state: State) -> Result<axum::Json<WordsReply>, ApiError> {
+    caller.need(Need::Gm)?;
+    Ok(axum::Json(WordsReply {
+        words: state.filter.words(),
+    }))
+}
+
+async fn change_words(
+    caller: &Caller,
+    state: &AdminState,
+    action: &str,
+    change: crate::filter::Change,
+) -> Result<axum::Json<WordsReply>, ApiError> {
+    caller.need(Need::Gm)?;
+    let dir = state.config.data_dir.clone();
+    let filter = state.filter.clone();
+    let (count, words) = tokio::task::spawn_blocking(move || filter.change(&dir, change))
+        .await
+        .map_err(|_| ApiError::Unavailable("the filter update stopped".into()))?
+        .map_err(|e| match e {
+            crate::filter::FilterError::Read { .. } | crate::filter::FilterError::Write { .. } => {
+                ApiError::Unavailable(e.to_string())
+            }
+            _ => ApiError::Unprocessable(e.to_string()),
+        })?;
+    state
+        .audit(
+            &caller.id,
+            action,
+            "filter".into(),
+            "",
+            &format!("words={count}"),
+        )
+        .await;
+    Ok(axum::Json(WordsReply { words }))
+}
+
+/// Replaces the whole list; applies at once and is kept in the data dir.
+#[utoipa::path(put, path = "/v1/filter/words", tag = "gm",
+    request_body = WordsBody,
+    responses((status = 200, body = WordsReply), (status = 422, body = ErrorBody)))]
+async fn replace_words(
+    caller: Caller,
+    state: State,
+    Json(body): Json<WordsBody>,
+) -> Result<axum::Json<WordsReply>, ApiError> {
+    change_words(
+        &caller,
+        &state,
+        "filter-replace",
+        crate::filter::Change::Replace(body.words),
+    )
+    .await
+}
+
+/// Adds words to the list.
+#[utoipa::path(post, path = "/v1/filter/words", tag = "gm",
+    request_body = WordsBody,
+    responses((status = 200, body = WordsReply), (status = 422, body = ErrorBody)))]
+async fn add_words(
+    caller: Caller,
+    state: State,
+    Json(body): Json<WordsBody>,
+) -> Result<axum::Json<WordsReply>, ApiError> {
+    change_words(
+        &caller,
+        &state,
+        "filter-add",
+        crate::filter::Change::Add(body.words),
+    )
+    .await
+}
+
+/// Removes words from the list.
+#[utoipa::path(delete, path = "/v1/filter/words", tag = "gm",
+    request_body = WordsBody,
+    responses((status = 200, body = WordsReply), (status = 422, body = ErrorBody)))]
+async fn remove_words(
+    caller: Caller,
+    state: State,
+    Json(body): Json<WordsBody>,
+) -> Result<axum::Json<WordsReply>, ApiError> {
+    change_words(
+        &caller,
+        &state,
+        "filter-remove",
+        crate::filter::Change::Remove(body.words),
+    )
+    .await
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct FilterTestBody {
+    text: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct FilterTestReply {
+    /// The text as players would see it.
+    filtered: String,
+    /// The list's words found in it.
+    matches: Vec<String>,
+}
+
+/// Runs the filter on a text without sending anything.
+#[utoipa::path(post, path = "/v1/filter/test", tag = "gm",
+    request_body = FilterTestBody,
+    responses((status = 200, body = FilterTestReply)))]
+async fn filter_test(
+    caller: Caller,
+    state: State,
+    Json(body): Json<FilterTestBody>,
+) -> Result<axum::Json<FilterTestReply>, ApiError> {
+    caller.need(Need::Gm)?;
+    let (filtered, matches) = state.filter.test(&body.text);
+    Ok(axum::Json(FilterTestReply { filtered, matches }))
+}
+
+// ---------------------------------------------------------------- reload
+
+#[derive(Serialize, ToSchema)]
+struct ReloadReply {
+    /// What was re-read: `keys`, `tls`, `filter`.
+    reloaded: Vec<&'static str>,
+}
+
+/// Re-reads the key ring, the TLS certificate and the word list, and
+/// applies them to new logins and connections. No session is dropped. A
+/// reload that fails validation keeps everything as it was.
+#[utoipa::path(post, path = "/v1/reload", tag = "gm",
+    responses((status = 200, body = ReloadReply), (status = 422, body = ErrorBody)))]
+async fn reload(caller: Caller, state: State) -> Result<axum::Json<ReloadReply>, ApiError> {
+    caller.need(Need::Gm)?;
+    let reloader = state.reloader.clone();
+    let result = tokio::task::spawn_blocking(move || reloader.reload())
+        .await
+        .map_err(|_| ApiError::Unavailable("the reload stopped".into()))?;
+    match result {
+        Ok(reloaded) => {
+            state
+                .audit(&caller.id, "reload", "server".into(), "", "ok")
+                .await;
+            Ok(axum::Json(ReloadReply { reloaded }))
+        }
+        Err(e) => {
+            state
+                .audit(
+                    &caller.id,
+                    "reload",
+                    "server".into(),
+                    "",
+                    &format!("refused: {e}"),
+                )
+                .await;
+            Err(ApiError::Unprocessable(format!(
+                "reload refused, nothing changed: {e}"
+            )))
+        }
+    }
+}
