@@ -68,6 +68,14 @@ fn kick_name(i: usize) -> &'static str {
     }
 }
 
+/// The index of a priority's label: 0 `keep`, 1 `sheddable`.
+fn class(priority: Priority) -> usize {
+    match priority {
+        Priority::Keep => 0,
+        Priority::Sheddable => 1,
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -170,11 +178,11 @@ impl Metrics {
     }
 
     pub fn delivered(&self, priority: Priority, n: u64) {
-        self.deliveries[priority as usize].increment(n);
+        self.deliveries[class(priority)].increment(n);
     }
 
     pub fn shed(&self, priority: Priority) {
-        self.shed[priority as usize].increment(1);
+        self.shed[class(priority)].increment(1);
     }
 
     /// A connection closed by the server: a kick reason, or a cut.

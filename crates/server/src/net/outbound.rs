@@ -363,6 +363,7 @@ impl ConnTx {
         if priority == Priority::Sheddable && self.congested() {
             self.shared.shed_one();
             Stats::bump(&stats.shed);
+            stats.metrics.shed(priority);
             return false;
         }
         match self.try_frame(frame) {
@@ -392,6 +393,14 @@ impl ConnTx {
     /// writer has ended), a later verdict changes neither the notice nor
     /// the code. `stats` counts slow consumers.
     pub fn close(&self, verdict: Close, stats: &Stats) {
+        match verdict {
+            Close::Kick(reason) => stats.metrics.kick(reason),
+            Close::SlowConsumer if !self.shared.kill.is_cancelled() => {
+                stats.metrics.slow_consumer_cut()
+            }
+            Close::TooBig => stats.metrics.too_big(),
+            _ => {}
+        }
         match verdict {
             Close::Kick(reason) => {
                 // Through the queue, counted like every frame, so that every

@@ -188,11 +188,13 @@ impl UserActor {
             Verdict::Go => true,
             Verdict::Wait(wait) => {
                 Stats::bump(&self.stats.rate_limited);
+                self.stats.metrics.rate_limited(class as usize);
                 self.reply(rate_limited_reply(req, self.mask, wait));
                 false
             }
             Verdict::Kick => {
                 Stats::bump(&self.stats.rate_limited);
+                self.stats.metrics.rate_limited(class as usize);
                 Stats::bump(&self.stats.rate_kicks);
                 debug!(?class, "rate limit ignored: closing the connection");
                 if let Some(conn) = &self.conn {

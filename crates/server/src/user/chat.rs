@@ -141,6 +141,8 @@ impl UserActor {
     pub(super) async fn chat_reply(&mut self, m: pb::ChatMessageChatReq, seq: u32) -> ReplyFuture {
         let nonce = m.client_msg_id;
         let slot = m.chattype.clamp(0, CHANNELS as i32 - 1) as usize;
+        let channel = ChatType::try_from(m.chattype).unwrap_or(ChatType::ChatNone);
+        let stats = self.stats.clone();
         if nonce != 0 {
             self.load_sends().await;
             // Whatever the first send's outcome, a retry gets the same: a
@@ -176,6 +178,7 @@ impl UserActor {
                 }
                 Box::pin(async move {
                     let res = outcome.await;
+                    stats.metrics.chat(channel, res);
                     if res == ResCode::ResOk {
                         chat_rep(seq, res, cooldown, msg_id, offline)
                     } else {
@@ -184,6 +187,7 @@ impl UserActor {
                 })
             }
             Err((res, cooldown)) => {
+                stats.metrics.chat(channel, res);
                 let rep = chat_rep(seq, res, cooldown, 0, false);
                 Box::pin(std::future::ready(rep))
             }
@@ -278,6 +282,7 @@ impl UserActor {
             text,
             target,
             nonce: m.client_msg_id,
+            accepted: std::time::Instant::now(),
         };
         // A whisper to someone not registered: kept for them only if the
         // store knows them (they have logged in at least once).

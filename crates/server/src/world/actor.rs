@@ -130,7 +130,12 @@ impl World {
                 let _ = respond_to.send(self.history_scope(user, channel, group, peer));
             }
             WorldMsg::Chat { line, respond_to } => {
-                let _ = respond_to.send(self.chat(line));
+                let accepted = line.accepted;
+                let outcome = self.chat(line);
+                if outcome.is_ok() {
+                    self.stats.metrics.fanout(accepted.elapsed());
+                }
+                let _ = respond_to.send(outcome);
             }
             WorldMsg::SetMask {
                 user,
@@ -339,6 +344,7 @@ impl World {
             }));
         }
         Stats::bump(&self.stats.logins);
+        self.stats.metrics.login(ResCode::ResOk);
         match &self.history {
             Some(history) => {
                 history.record_login(user.0, &identity.name);

@@ -97,6 +97,7 @@ impl Fanout for LocalFanout {
             }
         });
         Stats::add(&stats.deliveries, queued as u64);
+        stats.metrics.delivered(priority, queued as u64);
         queued
     }
 }

@@ -105,6 +105,9 @@ pub struct ChatLine {
     /// The client's message id for safe retries (0: none); kept with the
     /// stored line.
     pub nonce: u64,
+    /// When the sender's actor accepted the request: fan-out latency is
+    /// measured from here to the last frame queued.
+    pub accepted: std::time::Instant,
 }
 
 /// What a chat line became.

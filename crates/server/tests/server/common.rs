@@ -20,8 +20,15 @@ pub const WAIT: Duration = Duration::from_secs(5);
 /// How long a test waits to be sure something does not arrive.
 pub const QUIET: Duration = Duration::from_millis(300);
 
+/// Admin API keys every test server accepts, one per scope.
+pub const GM_KEY: &str = "gm-key-for-tests-0001";
+pub const LOGIC_KEY: &str = "logic-key-for-tests-01";
+pub const READ_KEY: &str = "read-key-for-tests-001";
+
 pub struct TestServer {
     pub url: String,
+    /// The admin API, `http://127.0.0.1:port`.
+    pub admin: String,
     pub dir: tempfile::TempDir,
     pub world: WorldHandle,
     pub stats: Arc<Stats>,
@@ -85,6 +92,19 @@ impl TestServer {
         config.admission.max_per_ip = 1_000_000;
         config.admission.logins_per_ip_per_sec = 1_000_000;
         config.admission.login_burst_per_ip = 1_000_000;
+        config.admin.keys = [
+            ("gm", GM_KEY, "gm"),
+            ("logic", LOGIC_KEY, "logic"),
+            ("read", READ_KEY, "read"),
+        ]
+        .into_iter()
+        .map(|(id, key, scope)| {
+            toml::from_str(&format!(
+                "id = \"{id}\"\nkey = \"{key}\"\nscope = \"{scope}\"\n"
+            ))
+            .unwrap()
+        })
+        .collect();
         adjust(&mut config);
         let listener = guildchat_server::bind("127.0.0.1:0".parse().unwrap(), 128).unwrap();
         let url = format!("ws://{}", listener.local_addr().unwrap());
@@ -98,12 +118,20 @@ impl TestServer {
         let world = server.world();
         let stats = server.stats();
         let shutdown = CancellationToken::new();
+        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = format!("http://{}", admin_listener.local_addr().unwrap());
+        tokio::spawn(guildchat_server::admin::serve(
+            admin_listener,
+            server.admin(),
+            shutdown.clone(),
+        ));
         let join = tokio::spawn(futures_util::FutureExt::map(
             server.run(listener, shutdown.clone()),
             Result::unwrap,
         ));
         TestServer {
             url,
+            admin,
             dir,
             world,
             stats,
@@ -284,4 +312,82 @@ pub async fn all_pages(c: &mut Client, channel: ChatType, peer: u64, limit: u32)
         before = rep.msgs.last().unwrap().msg_id;
     }
     panic!("history never ended");
+}
+
+/// An admin API answer.
+#[derive(Debug)]
+pub struct Http {
+    pub status: u16,
+    pub text: String,
+}
+
+impl Http {
+    /// The body as JSON (panics if it is not).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    /// The `error.code` of an error body.
+    pub fn code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    }
+}
+
+impl TestServer {
+    /// Calls the admin API over real HTTP with `key` as the bearer token.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+    ) -> Http {
+        http(
+            method,
+            &format!("{}{path}", self.admin),
+            key,
+            body.map(str::to_owned),
+        )
+        .await
+    }
+
+    /// Calls the admin API with the key of the scope the route needs.
+    pub async fn gm(&self, method: &str, path: &str, body: Option<&str>) -> Http {
+        self.call(method, path, Some(GM_KEY), body).await
+    }
+
+    pub async fn logic(&self, method: &str, path: &str, body: Option<&str>) -> Http {
+        self.call(method, path, Some(LOGIC_KEY), body).await
+    }
+}
+
+/// One HTTP request with a real HTTP client (on a blocking thread).
+pub async fn http(method: &str, url: &str, key: Option<&str>, body: Option<String>) -> Http {
+    let (method, url, key) = (method.to_owned(), url.to_owned(), key.map(str::to_owned));
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .allow_non_standard_methods(true)
+            .build()
+            .into();
+        let mut req = ureq::http::Request::builder()
+            .method(method.as_str())
+            .uri(&url);
+        if let Some(key) = key {
+            req = req.header("Authorization", format!("Bearer {key}"));
+        }
+        if body.is_some() {
+            req = req.header("Content-Type", "application/json");
+        }
+        let req = req.body(body.unwrap_or_default()).unwrap();
+        let resp = agent.run(req).unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.into_body().read_to_string().unwrap_or_default();
+        Http { status, text }
+    })
+    .await
+    .unwrap()
 }
