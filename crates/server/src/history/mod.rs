@@ -230,6 +230,10 @@ struct Shared {
     died: CancellationToken,
     /// Told the size and duration of every group commit (metrics).
     commits: std::sync::OnceLock<CommitObserver>,
+    /// Players who may block someone: loaded at open, added to before a
+    /// block is queued (never removed), so it can be too wide, never too
+    /// narrow. A login reads the block list only for these.
+    blockers: Mutex<std::collections::HashSet<u64>>,
 }
 
 /// Called by the writer thread after each group commit with the batch's
@@ -408,6 +412,7 @@ impl HistoryHandle {
         };
         let high_water = writer_db.high_water().map_err(database)?;
         let waiting = writer_db.offline_counts().map_err(database)?;
+        let blockers = writer_db.blockers().map_err(database)?;
         let reader_db = Db::open_reader(&path)?;
 
         let shared = Arc::new(Shared {
@@ -417,6 +422,7 @@ impl HistoryHandle {
             inboxes: Inboxes(Mutex::new(waiting.into_iter().collect())),
             died: CancellationToken::new(),
             commits: std::sync::OnceLock::new(),
+            blockers: Mutex::new(blockers.into_iter().collect()),
         });
         let alive = Arc::new(());
         let (writes, write_rx) = std_mpsc::sync_channel(WRITE_QUEUE);
@@ -650,6 +656,16 @@ impl HistoryHandle {
     /// Cancelled once either store thread has died (a panic, or its loop
     /// ended while handles remain); from then on every request fails with
     /// `Unavailable`. Never cancelled by a normal shutdown.
+    /// Whether `user` may block anyone (see the field's doc); false means
+    /// certainly not.
+    pub fn may_have_blocks(&self, user: u64) -> bool {
+        self.shared
+            .blockers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&user)
+    }
+
     /// Has every later group commit reported to `observe` (once per
     /// store; a second call is ignored).
     pub fn observe_commits(&self, observe: CommitObserver) {

@@ -152,6 +152,11 @@ impl HistoryHandle {
         blocked: u64,
         cap: usize,
     ) -> Result<BlockOutcome, HistoryError> {
+        self.shared
+            .blockers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(user);
         let op = ModWrite::Block {
             user,
             blocked,

@@ -748,6 +748,13 @@ impl Db {
     /// How many whispers wait for each player who has any, expired or not:
     /// the inbox counts start from every row a later prune or ack may
     /// delete, so subtracting those deletions can never take them too low.
+    /// Every player who blocks anyone.
+    pub(super) fn blockers(&self) -> rusqlite::Result<Vec<u64>> {
+        let mut stmt = self.conn.prepare("SELECT DISTINCT user_id FROM blocks")?;
+        let rows = stmt.query_map([], |row| row.get::<_, i64>(0).map(unsql))?;
+        rows.collect()
+    }
+
     pub(super) fn offline_counts(&self) -> rusqlite::Result<Vec<(u64, u32)>> {
         let mut stmt = self
             .conn

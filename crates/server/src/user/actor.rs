@@ -177,6 +177,39 @@ impl UserActor {
     }
 
     /// Meters a request of `class`. Refused requests are answered here;
+    /// Blocks (or lifts a block on) `target`: the store first, so the block
+    /// outlives the session, then the world's copy that fan-out checks.
+    async fn block(&mut self, target: u64, add: bool) -> ResCode {
+        if target == 0 || target == self.id.0 {
+            return ResCode::ResBadRequest;
+        }
+        if let Some(history) = &self.history {
+            let stored = if add {
+                match history
+                    .block(self.id.0, target, self.config.max_blocks)
+                    .await
+                {
+                    Ok(crate::history::BlockOutcome::Full) => return ResCode::ResBlockLimit,
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            } else {
+                history.unblock(self.id.0, target).await.map(|_| ())
+            };
+            if stored.is_err() {
+                return ResCode::ResStoreFailed;
+            }
+        }
+        match self.world.block(self.id, UserId(target), add).await {
+            Ok(true) => ResCode::ResOk,
+            // Without a store the world's copy is the only one, and its
+            // cap refused the block.
+            Ok(false) if self.history.is_none() => ResCode::ResBlockLimit,
+            Ok(false) => ResCode::ResOk,
+            Err(gone) => gone.into(),
+        }
+    }
+
     /// true means the request may be handled.
     async fn admit(&mut self, req: &ClientMsg, class: Class) -> bool {
         let now = Instant::now();
@@ -264,8 +297,39 @@ impl UserActor {
                 let rep = self.history_reply(&m, seq).await;
                 self.reply(rep);
             }
-            other @ (ClientMsg::Block(_) | ClientMsg::Unblock(_) | ClientMsg::BlockList(_)) => {
-                self.reply(other.refusal(ResCode::ResUnknownMsg, 0))
+            ClientMsg::Block(m) => {
+                let res = Box::pin(self.block(m.userid, true)).await;
+                self.reply(codec::encode(&pb::ChatMessageBlockRep {
+                    msghead: codec::head(MsgType::ChcBlockRep, seq),
+                    res: res as i32,
+                    userid: m.userid,
+                    retry_after_ms: 0,
+                }));
+            }
+            ClientMsg::Unblock(m) => {
+                let res = Box::pin(self.block(m.userid, false)).await;
+                self.reply(codec::encode(&pb::ChatMessageUnblockRep {
+                    msghead: codec::head(MsgType::ChcUnblockRep, seq),
+                    res: res as i32,
+                    userid: m.userid,
+                    retry_after_ms: 0,
+                }));
+            }
+            ClientMsg::BlockList(_) => {
+                let rep = match self.world.blocks(self.id).await {
+                    Ok(list) => pb::ChatMessageBlockListRep {
+                        msghead: codec::head(MsgType::ChcBlockListRep, seq),
+                        res: ResCode::ResOk as i32,
+                        userids: list.into_iter().map(|u| u.0).collect(),
+                        retry_after_ms: 0,
+                    },
+                    Err(gone) => pb::ChatMessageBlockListRep {
+                        msghead: codec::head(MsgType::ChcBlockListRep, seq),
+                        res: ResCode::from(gone) as i32,
+                        ..Default::default()
+                    },
+                };
+                self.reply(codec::encode(&rep));
             }
         }
     }

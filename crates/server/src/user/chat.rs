@@ -295,6 +295,17 @@ impl UserActor {
                     _ => return Err((ResCode::ResNoSuchTarget, none)),
                 };
                 match history.find_player(who).await {
+                    // An offline target who blocks the sender refuses the
+                    // whisper as a connected one would.
+                    Ok(Some((id, _)))
+                        if history.may_have_blocks(id)
+                            && history
+                                .blocks(id)
+                                .await
+                                .is_ok_and(|b| b.contains(&self.id.0)) =>
+                    {
+                        Err(ResCode::ResBlocked)
+                    }
                     Ok(Some((id, name))) => {
                         retry.target = Target::Known(UserId(id), name);
                         line = retry;

@@ -8,11 +8,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use guildchat_protocol::{codec, mask_bit, pb, ChatType, KickReason, MsgType, ResCode};
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::fanout::{Audience, Fanout};
+use super::fanout::{Audience, Fanout, Line};
 use super::registry::{Entry, PendingLogin, Registry};
 use super::replay::{MaskLog, Replay, Resume};
 use super::{ChatLine, ChatOutcome, LoginArgs, Target, WeakWorld, WorldMsg};
@@ -117,7 +118,39 @@ impl World {
                 user,
                 conn,
                 offline,
-            } => self.ready(user, conn, offline),
+                blocks,
+            } => self.ready(user, conn, offline, blocks),
+            WorldMsg::Block {
+                user,
+                target,
+                add,
+                respond_to,
+            } => {
+                let cap = self.config.max_blocks;
+                let done = self.registry.get_mut(user).is_some_and(|e| {
+                    let set = e.blocks.get_or_insert_with(Default::default);
+                    if !add {
+                        set.remove(&target);
+                        true
+                    } else {
+                        (set.len() < cap || set.contains(&target)) && {
+                            set.insert(target);
+                            true
+                        }
+                    }
+                });
+                let _ = respond_to.send(done);
+            }
+            WorldMsg::BlockList { user, respond_to } => {
+                let mut list: Vec<UserId> = self
+                    .registry
+                    .get(user)
+                    .and_then(|e| e.blocks.as_ref())
+                    .map(|b| b.iter().copied().collect())
+                    .unwrap_or_default();
+                list.sort();
+                let _ = respond_to.send(list);
+            }
             WorldMsg::Detached { user, conn } => self.detached(user, conn),
             WorldMsg::Receipt { user, conn, upto } => self.receipt(user, conn, upto),
             WorldMsg::HistoryScope {
@@ -328,6 +361,7 @@ impl World {
                 unconfirmed: VecDeque::new(),
                 receipt: None,
                 actor,
+                blocks: None,
             };
             self.registry.insert(user, entry);
             self.publish_gauges();
@@ -348,30 +382,43 @@ impl World {
         match &self.history {
             Some(history) => {
                 history.record_login(user.0, &identity.name);
-                if history.may_have_offline(user.0) {
+                // A running session keeps its block list; a new one reads it.
+                let want_blocks = !resumed && history.may_have_blocks(user.0);
+                let want_offline = history.may_have_offline(user.0);
+                if want_offline || want_blocks {
                     // Read through the writer's queue, after every whisper
-                    // the world has already queued for this player; the
-                    // world does not wait: the answer comes back as Ready.
-                    let read = history.pending_offline(user.0);
+                    // and block the world has already queued for this
+                    // player; the world does not wait: the answer comes
+                    // back as Ready.
+                    let offline_read = want_offline.then(|| history.pending_offline(user.0));
+                    let blocks_read = want_blocks.then(|| history.pending_blocks(user.0));
                     let world = self.me.clone();
                     let history = history.clone();
                     tokio::spawn(async move {
-                        let offline = read_offline(&history, user, read).await;
+                        let offline = match offline_read {
+                            Some(read) => read_offline(&history, user, read).await,
+                            None => Vec::new(),
+                        };
+                        let blocks = match blocks_read {
+                            Some(read) => Some(read_blocks(&history, user, read).await),
+                            None => None,
+                        };
                         if let Some(world) = world.upgrade() {
                             let _ = world
                                 .tell(WorldMsg::Ready {
                                     user,
                                     conn: conn_id,
                                     offline,
+                                    blocks,
                                 })
                                 .await;
                         }
                     });
                 } else {
-                    self.ready(user, conn_id, Vec::new());
+                    self.ready(user, conn_id, Vec::new(), None);
                 }
             }
-            None => self.ready(user, conn_id, Vec::new()),
+            None => self.ready(user, conn_id, Vec::new(), None),
         }
         debug!(%user, resumed, "login");
         Ok(())
@@ -383,7 +430,13 @@ impl World {
     /// barrier for the whispers; then the connection becomes visible to
     /// fan-out and the user actor gets it. A login superseded meanwhile is
     /// ignored.
-    fn ready(&mut self, user: UserId, conn_id: ConnId, offline: Vec<StoredMsg>) {
+    fn ready(
+        &mut self,
+        user: UserId,
+        conn_id: ConnId,
+        offline: Vec<StoredMsg>,
+        blocks: Option<Vec<u64>>,
+    ) {
         let current = self.last_msg_id;
         let Some((entry, world_ring)) = self.registry.get_mut_with_world(user) else {
             return;
@@ -405,9 +458,22 @@ impl World {
         // Without a cursor, what was recorded while the login was pending is
         // still this client's to see.
         let after = if last_msg_id > 0 { last_msg_id } else { since };
+        if let Some(blocks) = blocks {
+            entry.blocks =
+                (!blocks.is_empty()).then(|| Box::new(blocks.into_iter().map(UserId).collect()));
+        }
         let mut resume = entry
             .replay
             .since(after, Some((world_ring, entry.began, &entry.world_masked)));
+        // The shared world ring holds every player's lines: a blocker's
+        // resume leaves out the blocked players' (their own rings never
+        // recorded them).
+        if let Some(blocks) = &entry.blocks {
+            resume.frames.retain(|(_, frame)| {
+                pb::ChatMessageNotifyChat::decode(frame.as_ref())
+                    .map_or(true, |n| !blocks.contains(&UserId(n.senderid)))
+            });
+        }
         // A cursor from before this session (it expired, the server
         // restarted, or another device started it): what came between
         // cannot be replayed.
@@ -643,6 +709,9 @@ impl World {
                     Target::Known(id, name) => (*id, Some(name)),
                     Target::None => return Err(ResCode::ResNoSuchTarget),
                 };
+                if self.registry.get(to).is_some_and(|e| e.blocks(line.from)) {
+                    return Err(ResCode::ResBlocked);
+                }
                 let audience = match (self.registry.get(to), &self.history) {
                     // A live connection, or a login about to get one: the
                     // whisper is recorded for replay and, once queued,
@@ -706,10 +775,13 @@ impl World {
         let frame = codec::encode(&notify);
         self.fanout.deliver(
             &mut self.registry,
-            &audience,
-            line.channel,
-            id,
-            &frame,
+            Line {
+                audience: &audience,
+                from: Some(line.from),
+                channel: line.channel,
+                msg_id: id,
+                frame: &frame,
+            },
             &self.stats,
         );
         Stats::bump(&self.stats.chats);
@@ -891,10 +963,13 @@ impl World {
         }
         self.fanout.deliver(
             &mut self.registry,
-            &audience,
-            ChatType::ChatAll,
-            id,
-            &frame,
+            Line {
+                audience: &audience,
+                from: None,
+                channel: ChatType::ChatAll,
+                msg_id: id,
+                frame: &frame,
+            },
             &self.stats,
         );
         id
@@ -956,6 +1031,30 @@ async fn read_offline(
         Ok(Ok(offline)) => offline,
         _ => {
             warn!(%user, "cannot read offline whispers; they stay stored for a later login");
+            Vec::new()
+        }
+    }
+}
+
+/// Reads a new session's block list, retrying like [`read_offline`]. If
+/// the store cannot answer, the session starts with no blocks (they stay
+/// stored for a later login).
+async fn read_blocks(
+    history: &HistoryHandle,
+    user: UserId,
+    mut read: tokio::sync::oneshot::Receiver<Result<Vec<u64>, crate::history::HistoryError>>,
+) -> Vec<u64> {
+    for delay_ms in [50, 200, 800] {
+        if let Ok(Ok(blocks)) = read.await {
+            return blocks;
+        }
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        read = history.pending_blocks(user.0);
+    }
+    match read.await {
+        Ok(Ok(blocks)) => blocks,
+        _ => {
+            warn!(%user, "cannot read the block list; this session starts without it");
             Vec::new()
         }
     }

@@ -42,18 +42,22 @@ pub fn priority(channel: ChatType) -> Priority {
     }
 }
 
+/// One encoded notification and who it goes to.
+#[derive(Debug, Clone, Copy)]
+pub struct Line<'a> {
+    pub audience: &'a Audience,
+    /// The sender, whose blockers do not get it; `None` for the server's
+    /// own lines.
+    pub from: Option<UserId>,
+    pub channel: ChatType,
+    pub msg_id: MsgId,
+    pub frame: &'a Bytes,
+}
+
 /// Delivers one encoded notification to an audience.
 pub trait Fanout: Send + 'static {
     /// Returns how many connections the frame was queued for.
-    fn deliver(
-        &mut self,
-        registry: &mut Registry,
-        audience: &Audience,
-        channel: ChatType,
-        msg_id: MsgId,
-        frame: &Bytes,
-        stats: &Stats,
-    ) -> usize;
+    fn deliver(&mut self, registry: &mut Registry, line: Line<'_>, stats: &Stats) -> usize;
 }
 
 /// In-process delivery to the players registered on this node.
@@ -61,15 +65,14 @@ pub trait Fanout: Send + 'static {
 pub struct LocalFanout;
 
 impl Fanout for LocalFanout {
-    fn deliver(
-        &mut self,
-        registry: &mut Registry,
-        audience: &Audience,
-        channel: ChatType,
-        msg_id: MsgId,
-        frame: &Bytes,
-        stats: &Stats,
-    ) -> usize {
+    fn deliver(&mut self, registry: &mut Registry, line: Line<'_>, stats: &Stats) -> usize {
+        let Line {
+            audience,
+            from,
+            channel,
+            msg_id,
+            frame,
+        } = line;
         // The mask is checked here, before anything is queued or recorded
         // for a player, so a masked channel costs a bit test and nothing
         // else. World chat is recorded once for everyone in the shared
@@ -85,6 +88,11 @@ impl Fanout for LocalFanout {
         let mut queued = 0;
         registry.visit(audience, |entry| {
             if entry.mask & bit != 0 {
+                return;
+            }
+            // Blocks, like the mask, are checked before anything is queued
+            // or recorded for the blocker.
+            if from.is_some_and(|from| entry.blocks(from)) {
                 return;
             }
             // Recorded even while the player lingers without a connection:

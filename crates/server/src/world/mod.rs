@@ -146,6 +146,18 @@ enum WorldMsg {
         user: UserId,
         conn: ConnId,
         offline: Vec<StoredMsg>,
+        /// The players this one blocks, read for a new session.
+        blocks: Option<Vec<u64>>,
+    },
+    Block {
+        user: UserId,
+        target: UserId,
+        add: bool,
+        respond_to: oneshot::Sender<bool>,
+    },
+    BlockList {
+        user: UserId,
+        respond_to: oneshot::Sender<Vec<UserId>>,
     },
     /// The client answered a receipt ping: it has read every whisper up to
     /// `upto` that was queued before it.
@@ -370,6 +382,31 @@ impl WorldHandle {
             respond_to,
         })
         .await
+    }
+
+    /// Adds (or, with `add` false, lifts) a block of `user` on `target`
+    /// for fan-out. Without a store this is the only copy, capped at
+    /// `max_blocks`: false when the cap refused it or the player has no
+    /// session.
+    pub(crate) async fn block(
+        &self,
+        user: UserId,
+        target: UserId,
+        add: bool,
+    ) -> Result<bool, WorldGone> {
+        self.ask(|respond_to| WorldMsg::Block {
+            user,
+            target,
+            add,
+            respond_to,
+        })
+        .await
+    }
+
+    /// Who `user` blocks, in increasing id order.
+    pub(crate) async fn blocks(&self, user: UserId) -> Result<Vec<UserId>, WorldGone> {
+        self.ask(|respond_to| WorldMsg::BlockList { user, respond_to })
+            .await
     }
 
     /// (players with a session, of them lingering without a connection).

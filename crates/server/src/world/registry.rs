@@ -55,6 +55,16 @@ pub struct Entry {
     /// The user actor's mailbox. The registry holds the only sender, so
     /// removing the entry ends the actor.
     pub actor: UserHandle,
+    /// Players this one blocks (`None`: nobody): their channel lines are
+    /// not delivered to this player and their whispers are refused.
+    pub blocks: Option<Box<HashSet<UserId>>>,
+}
+
+impl Entry {
+    /// Whether this player blocks `from`.
+    pub fn blocks(&self, from: UserId) -> bool {
+        self.blocks.as_ref().is_some_and(|b| b.contains(&from))
+    }
 }
 
 /// A login the world has accepted but not yet made visible.

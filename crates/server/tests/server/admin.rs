@@ -620,3 +620,107 @@ async fn every_route_is_in_the_openapi_document() {
     }
     server.stop().await;
 }
+
+async fn block_request(c: &mut Client, msg: guildchat_protocol::ClientMsg) -> ServerMsg {
+    c.send(&msg).await.unwrap();
+    loop {
+        match next(c).await {
+            m
+            @ (ServerMsg::BlockRep(_) | ServerMsg::UnblockRep(_) | ServerMsg::BlockListRep(_)) => {
+                return m
+            }
+            ServerMsg::Chat(_) => {}
+            other => panic!("expected a block reply, got {other:?}"),
+        }
+    }
+}
+
+fn block(user: u64) -> guildchat_protocol::ClientMsg {
+    use guildchat_protocol::{codec, pb, ClientMsg, MsgType};
+    ClientMsg::Block(pb::ChatMessageBlockReq {
+        msghead: codec::head(MsgType::CchBlockReq, 1),
+        userid: user,
+    })
+}
+
+fn unblock(user: u64) -> guildchat_protocol::ClientMsg {
+    use guildchat_protocol::{codec, pb, ClientMsg, MsgType};
+    ClientMsg::Unblock(pb::ChatMessageUnblockReq {
+        msghead: codec::head(MsgType::CchUnblockReq, 2),
+        userid: user,
+    })
+}
+
+fn block_list() -> guildchat_protocol::ClientMsg {
+    use guildchat_protocol::{codec, pb, ClientMsg, MsgType};
+    ClientMsg::BlockList(pb::ChatMessageBlockListReq {
+        msghead: codec::head(MsgType::CchBlockListReq, 3),
+    })
+}
+
+fn res_of(m: &ServerMsg) -> i32 {
+    match m {
+        ServerMsg::BlockRep(r) => r.res,
+        ServerMsg::UnblockRep(r) => r.res,
+        ServerMsg::BlockListRep(r) => r.res,
+        _ => -1,
+    }
+}
+
+#[tokio::test]
+async fn a_block_stops_whispers_and_channel_lines_and_outlives_the_session() {
+    let server = TestServer::start_with(no_cooldowns).await;
+    let mut alice = server.login(1, "alice", 10, 0, 0).await;
+    let mut bob = server.login(2, "bob", 10, 0, 0).await;
+    let mut carol = server.login(3, "carol", 10, 0, 0).await;
+    let rep = block_request(&mut alice, block(2)).await;
+    assert_eq!(res_of(&rep), ResCode::ResOk as i32);
+    // Bob's whisper is refused; his guild line reaches carol, not alice.
+    bob.send_chat(ChatType::ChatPrivate, "psst", 1, "")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_chat_rep(&mut bob).await.res,
+        ResCode::ResBlocked as i32
+    );
+    let rep = say(&mut bob, ChatType::ChatGuild, "hello guild").await;
+    assert_eq!(rep.res, ResCode::ResOk as i32);
+    assert_eq!(chat_line(&mut carol).await.strcontext, "hello guild");
+    assert_silent(&mut alice).await;
+    match block_request(&mut alice, block_list()).await {
+        ServerMsg::BlockListRep(r) => assert_eq!(r.userids, vec![2]),
+        other => panic!("{other:?}"),
+    }
+    // A new session (after a kick) reads the block from the store.
+    server.gm("POST", "/v1/players/1/kick", None).await;
+    drop(alice);
+    let mut alice = server.login(1, "alice", 10, 0, 0).await;
+    say(&mut bob, ChatType::ChatGuild, "again").await;
+    assert_eq!(chat_line(&mut carol).await.strcontext, "again");
+    assert_silent(&mut alice).await;
+    // Lifted: bob reaches alice again.
+    let rep = block_request(&mut alice, unblock(2)).await;
+    assert_eq!(res_of(&rep), ResCode::ResOk as i32);
+    say(&mut bob, ChatType::ChatGuild, "friends").await;
+    assert_eq!(chat_line(&mut alice).await.strcontext, "friends");
+    // Oneself and 0 are not players one can block.
+    let rep = block_request(&mut alice, block(1)).await;
+    assert_eq!(res_of(&rep), ResCode::ResBadRequest as i32);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn blocks_are_capped_per_player() {
+    let server = TestServer::start_with(|c| c.max_blocks = 2).await;
+    let mut alice = server.login(1, "alice", 10, 0, 0).await;
+    for (user, want) in [
+        (2, ResCode::ResOk),
+        (3, ResCode::ResOk),
+        (2, ResCode::ResOk),
+        (4, ResCode::ResBlockLimit),
+    ] {
+        let rep = block_request(&mut alice, block(user)).await;
+        assert_eq!(res_of(&rep), want as i32, "block {user}");
+    }
+    server.stop().await;
+}
