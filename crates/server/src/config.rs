@@ -803,6 +803,41 @@ pub fn max_notify_bytes(max_chars: usize) -> usize {
 mod tests {
     use super::*;
 
+    /// The README's configuration example is the defaults, and valid.
+    #[test]
+    fn the_readme_config_example_parses_and_validates() {
+        let dir = std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo");
+        let readme = std::fs::read_to_string(std::path::Path::new(&dir).join("../../README.md"))
+            .expect("README.md at the workspace root");
+        let section = readme
+            .split("## Configuration")
+            .nth(1)
+            .expect("a Configuration section");
+        let block = section
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("a toml block");
+        let c = parse(block).unwrap();
+        let d = Config::default();
+        assert_eq!(c.admin.listen, d.admin.listen);
+        assert_eq!(c.max_blocks, d.max_blocks);
+        assert_eq!(c.chat.world.filter, d.chat.world.filter);
+        assert_eq!(c.limits.outbound_queue, d.limits.outbound_queue);
+    }
+
+    #[test]
+    fn admin_keys_must_be_long_and_unique_and_keyless_admin_stays_on_loopback() {
+        let key = |id: &str, key: &str| format!("[[admin.keys]]\nid = \"{id}\"\nkey = \"{key}\"\nscope = \"gm\"\n");
+        assert!(parse(&key("a", "short")).unwrap_err().contains("shorter"));
+        let twice = format!("{}{}", key("a", "0123456789abcdef"), key("a", "fedcba9876543210"));
+        assert!(parse(&twice).unwrap_err().contains("twice"));
+        assert!(parse("[admin]\nlisten = \"0.0.0.0:7001\"\n").unwrap_err().contains("loopback"));
+        let open = format!("[admin]\nlisten = \"0.0.0.0:7001\"\n{}", key("a", "0123456789abcdef"));
+        assert!(parse(&open).is_ok());
+        assert_eq!(parse("[admin]\nlisten = \"off\"\n").unwrap().admin.listen, None);
+    }
+
     fn parse(s: &str) -> Result<Config, String> {
         let c: Config = toml::from_str(s).map_err(|e| e.to_string())?;
         c.validate().map_err(|e| e.to_string())?;
