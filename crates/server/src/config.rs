@@ -75,6 +75,9 @@ pub struct AdminConfig {
     /// serves only `/metrics`, `/healthz` and `/readyz`, and only on a
     /// loopback address.
     pub keys: Vec<crate::admin::AdminKey>,
+    /// Requests per second each key may make (burst: twice as many);
+    /// beyond it, 429.
+    pub requests_per_sec: u32,
 }
 
 impl Default for AdminConfig {
@@ -82,6 +85,7 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 7001))),
             keys: Vec::new(),
+            requests_per_sec: 200,
         }
     }
 }
@@ -103,6 +107,9 @@ fn listen_or_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Socket
 
 impl AdminConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=100_000).contains(&self.requests_per_sec) {
+            return Err(invalid("admin.requests_per_sec", "must be in 1..=100000"));
+        }
         let mut ids = std::collections::HashSet::new();
         let mut keys = std::collections::HashSet::new();
         for k in &self.keys {
@@ -828,14 +835,28 @@ mod tests {
 
     #[test]
     fn admin_keys_must_be_long_and_unique_and_keyless_admin_stays_on_loopback() {
-        let key = |id: &str, key: &str| format!("[[admin.keys]]\nid = \"{id}\"\nkey = \"{key}\"\nscope = \"gm\"\n");
+        let key = |id: &str, key: &str| {
+            format!("[[admin.keys]]\nid = \"{id}\"\nkey = \"{key}\"\nscope = \"gm\"\n")
+        };
         assert!(parse(&key("a", "short")).unwrap_err().contains("shorter"));
-        let twice = format!("{}{}", key("a", "0123456789abcdef"), key("a", "fedcba9876543210"));
+        let twice = format!(
+            "{}{}",
+            key("a", "0123456789abcdef"),
+            key("a", "fedcba9876543210")
+        );
         assert!(parse(&twice).unwrap_err().contains("twice"));
-        assert!(parse("[admin]\nlisten = \"0.0.0.0:7001\"\n").unwrap_err().contains("loopback"));
-        let open = format!("[admin]\nlisten = \"0.0.0.0:7001\"\n{}", key("a", "0123456789abcdef"));
+        assert!(parse("[admin]\nlisten = \"0.0.0.0:7001\"\n")
+            .unwrap_err()
+            .contains("loopback"));
+        let open = format!(
+            "[admin]\nlisten = \"0.0.0.0:7001\"\n{}",
+            key("a", "0123456789abcdef")
+        );
         assert!(parse(&open).is_ok());
-        assert_eq!(parse("[admin]\nlisten = \"off\"\n").unwrap().admin.listen, None);
+        assert_eq!(
+            parse("[admin]\nlisten = \"off\"\n").unwrap().admin.listen,
+            None
+        );
     }
 
     fn parse(s: &str) -> Result<Config, String> {

@@ -125,6 +125,13 @@ impl FromRequestParts<AdminState> for Caller {
             .strip_prefix(b"Bearer ")
             .ok_or(ApiError::Unauthorized)?;
         let key = find(&state.keys, token).ok_or(ApiError::Unauthorized)?;
+        // Per key, so one runaway script cannot starve the other callers.
+        if let Err(not_until) = state.limiter.check_key(&key.id) {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            return Err(ApiError::TooMany(wait.as_millis().max(1) as u64));
+        }
         Ok(Caller {
             id: key.id.clone(),
             scope: key.scope,

@@ -58,6 +58,9 @@ pub struct AdminState {
     pub(crate) keys: Arc<[AdminKey]>,
     /// Without a store: announce keys and the audit log, bounded.
     memory: Arc<Mutex<Memory>>,
+    /// Requests per key: `admin.requests_per_sec`, with a burst of twice
+    /// that; beyond it, 429 with `Retry-After`.
+    pub(crate) limiter: Arc<governor::DefaultKeyedRateLimiter<String>>,
     /// Held from the idempotency check to the record of an announce key,
     /// so that two concurrent repeats send once.
     pub(crate) announce_lock: Arc<tokio::sync::Mutex<()>>,
@@ -82,6 +85,12 @@ impl AdminState {
         config: Arc<Config>,
     ) -> AdminState {
         let keys = config.admin.keys.clone().into();
+        let rate = std::num::NonZeroU32::new(config.admin.requests_per_sec)
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let burst = rate.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(1));
+        let limiter = Arc::new(governor::RateLimiter::keyed(
+            governor::Quota::per_second(rate).allow_burst(burst),
+        ));
         AdminState {
             world,
             stats,
@@ -92,6 +101,7 @@ impl AdminState {
             config,
             keys,
             memory: Arc::default(),
+            limiter,
             announce_lock: Arc::default(),
         }
     }

@@ -724,3 +724,26 @@ async fn blocks_are_capped_per_player() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_key_past_its_request_rate_gets_429_and_others_do_not() {
+    let server = TestServer::start_with(|c| c.admin.requests_per_sec = 1).await;
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(
+            server
+                .call("GET", "/v1/stats", Some(READ_KEY), None)
+                .await
+                .status,
+        );
+    }
+    assert_eq!(&statuses[..2], [200, 200], "the burst is twice the rate");
+    assert!(statuses[2..].contains(&429), "{statuses:?}");
+    let r = server.call("GET", "/v1/stats", Some(READ_KEY), None).await;
+    if r.status == 429 {
+        assert_eq!(r.code(), "rate_limited");
+    }
+    // Another key has its own budget.
+    assert_eq!(server.gm("GET", "/v1/stats", None).await.status, 200);
+    server.stop().await;
+}
