@@ -85,11 +85,16 @@ impl Moderation {
             set_ms: s.set_ms,
             deadline: Instant::now().checked_add(left).unwrap_or(far).min(far),
         };
+        let now = Instant::now();
         let mut state = self.write();
-        match s.kind {
-            SanctionKind::Mute => state.mutes.insert(UserId(s.user), entry),
-            SanctionKind::Ban => state.bans.insert(UserId(s.user), entry),
+        let map = match s.kind {
+            SanctionKind::Mute => &mut state.mutes,
+            SanctionKind::Ban => &mut state.bans,
         };
+        // Ended sanctions go here, so the maps hold what is in force (plus
+        // whatever ended since the last new one), not every sanction ever.
+        map.retain(|_, s| s.deadline > now);
+        map.insert(UserId(s.user), entry);
     }
 
     /// Lifts a sanction; true if one was in force.
