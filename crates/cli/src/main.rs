@@ -1,19 +1,21 @@
 //! The `guildchat` binary: a thin command line over the server library and
-//! the client crate. Parses arguments, sets up logging and signals, and
+//! the client crate (`serve` in [`serve`], the admin API's client in
+//! [`admin`]). Parses arguments, sets up logging and signals, and
 //! hands off; no chat logic lives here.
 
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
+mod admin;
+mod serve;
+
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use guildchat_auth::{Claims, KeyAlg, KeyRing, Signer, TokenFormat};
-use guildchat_server::{auth, Config, Server};
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use guildchat_server::auth;
 
 #[derive(Parser)]
 #[command(
@@ -29,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the chat server.
-    Serve(ServeArgs),
+    Serve(serve::ServeArgs),
     /// Make a key ring for production: the private ring for the game's
     /// logic server and the public ring for the chat server.
     Keygen(KeygenArgs),
@@ -40,23 +42,8 @@ enum Command {
     /// Load generator: real clients against a guildchat (and a reference
     /// relay), on loopback only.
     Bench(Box<guildchat_bench::BenchArgs>),
-}
-
-#[derive(clap::Args)]
-struct ServeArgs {
-    /// Websocket listen address [default: 127.0.0.1:7000]
-    #[arg(long, env = "GUILDCHAT_LISTEN")]
-    listen: Option<SocketAddr>,
-    /// Data directory (keys, history) [default: ./data]
-    #[arg(long, env = "GUILDCHAT_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// TOML config file; unknown keys are rejected.
-    #[arg(long, env = "GUILDCHAT_CONFIG")]
-    config: Option<PathBuf>,
-    /// Accept ANY token and trust the login request. Only for trying the
-    /// protocol.
-    #[arg(long)]
-    insecure_dev_auth: bool,
+    /// Game master's client for a running server's admin API.
+    Admin(admin::AdminArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -210,78 +197,6 @@ fn mint(
     Ok(signer.mint(&claims))
 }
 
-/// Logs go to stderr through a non-blocking writer: the world actor and the
-/// connection tasks never wait on a slow log pipe (a full buffer drops
-/// lines instead). The guard flushes what is buffered when `main` returns.
-fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(writer)
-        .init();
-    guard
-}
-
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
-    if let Some(listen) = args.listen {
-        config.listen = listen;
-    }
-    if let Some(dir) = args.data_dir {
-        config.data_dir = dir;
-    }
-    if args.insecure_dev_auth {
-        config.auth.insecure_dev_auth = true;
-    }
-    // The store (WAL recovery) and the keys first: a listener bound before
-    // would let early clients queue in the backlog and time out meanwhile.
-    let (listen, backlog) = (config.listen, config.backlog);
-    let server = Server::new(config)?;
-    let listener = guildchat_server::bind(listen, backlog)?;
-    let addr = listener.local_addr()?;
-    info!(%addr, "guildchat listening (websocket)");
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        signal.cancel();
-    });
-    // An error here makes `main` return it, so the process exits non-zero.
-    server.run(listener, shutdown).await?;
-    info!("bye");
-    Ok(())
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {},
-                    _ = term.recv() => {},
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the server");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
 fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     let alg = match args.alg {
         AlgArg::Aes => KeyAlg::Dir,
@@ -303,9 +218,9 @@ fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    match cli.command {
+    let done = match cli.command {
         Command::Keygen(args) => keygen(args),
         Command::Token(a) => {
             let format = match a.format {
@@ -327,11 +242,11 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => {
-            let _logs = init_logging();
+            let _logs = serve::init_logging(args.log_format);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(serve(args))
+                .block_on(serve::serve(args))
         }
         Command::Chat(a) => {
             let token = match (a.token, a.data_dir, a.user) {
@@ -358,7 +273,10 @@ fn main() -> anyhow::Result<()> {
                 .block_on(guildchat_client::chat::run(&a.url, &token))
         }
         Command::Bench(args) => guildchat_bench::main(*args),
-    }
+        // Blocking HTTP, outside any runtime; it picks its own exit code.
+        Command::Admin(args) => return Ok(admin::run(args)),
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

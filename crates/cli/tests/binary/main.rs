@@ -1,6 +1,6 @@
 //! Integration tests of the `guildchat` binary itself, as a child process:
-//! its tools (keygen, token, config checks) and crash recovery after
-//! SIGKILL. The in-process server tests live in the server crate; the
+//! its tools (keygen, token, config checks), the admin listener driven by
+//! `guildchat admin`, SIGHUP reload, and crash recovery after SIGKILL. The in-process server tests live in the server crate; the
 //! harness is shared with them.
 
 // Test code: a failed unwrap is a failed test.
@@ -10,5 +10,6 @@
 #[allow(dead_code)]
 mod common;
 
+mod admin;
 mod cli;
 mod crash;
