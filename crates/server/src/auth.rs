@@ -215,6 +215,11 @@ impl Authenticator {
         }
     }
 
+    /// Time left on the player's ban, if banned now.
+    pub fn ban_left(&self, user: UserId) -> Option<Duration> {
+        self.moderation.ban_left(user)
+    }
+
     fn current(&self) -> Option<Arc<Verifier>> {
         self.verifier
             .as_ref()

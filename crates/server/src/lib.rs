@@ -144,6 +144,9 @@ impl Server {
         };
         let config = Arc::new(config);
         let stats = Arc::new(Stats::default());
+        if history.is_none() {
+            moderation.mark_loaded();
+        }
         let services = Arc::new(user::Services {
             moderation,
             filter: filter.clone(),

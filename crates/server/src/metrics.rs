@@ -24,8 +24,11 @@ const RES_CODES: usize = 31;
 /// Chat channels by wire value (0..=6).
 const CHANNELS: usize = 7;
 
-/// Kick reasons by wire value, plus the slow-consumer and too-big cuts.
-const KICKS: usize = 12;
+/// Kick reasons by wire value (0..=10), then the slow-consumer and
+/// too-big cuts.
+const KICKS: usize = 13;
+const SLOW_CUT: usize = 11;
+const TOO_BIG: usize = 12;
 
 /// The metrics a server records.
 pub struct Metrics {
@@ -62,8 +65,8 @@ fn res_name(i: usize) -> &'static str {
 
 fn kick_name(i: usize) -> &'static str {
     match i {
-        10 => "SLOW_CONSUMER_CUT",
-        11 => "TOO_BIG",
+        SLOW_CUT => "SLOW_CONSUMER_CUT",
+        TOO_BIG => "TOO_BIG",
         _ => KickReason::try_from(i as i32).map_or("other", |r| r.as_str_name()),
     }
 }
@@ -187,15 +190,15 @@ impl Metrics {
 
     /// A connection closed by the server: a kick reason, or a cut.
     pub fn kick(&self, reason: KickReason) {
-        self.kicks[(reason as usize).min(KICKS - 1)].increment(1);
+        self.kicks[(reason as usize).min(SLOW_CUT - 1)].increment(1);
     }
 
     pub fn slow_consumer_cut(&self) {
-        self.kicks[10].increment(1);
+        self.kicks[SLOW_CUT].increment(1);
     }
 
     pub fn too_big(&self) {
-        self.kicks[11].increment(1);
+        self.kicks[TOO_BIG].increment(1);
     }
 
     /// A request refused by its rate limit: 0 cheap, 1 world, 2 store.
@@ -216,15 +219,15 @@ impl Metrics {
 
     /// The Prometheus text: the labelled metrics here, the gauges given,
     /// and every counter in `stats` as `guildchat_<name>_total`.
-    /// `players`: (online, lingering), if the world answered.
-    pub fn render(&self, stats: &Stats, players: Option<(u64, u64)>, world_inbox: usize) -> String {
+    /// Reads only atomics: a scrape never asks the world anything.
+    pub fn render(&self, stats: &Stats, world_inbox: usize) -> String {
         self.gauges
             .connections
             .set(Stats::get(&stats.open_connections) as f64);
-        if let Some((online, lingering)) = players {
-            self.gauges.online.set(online as f64);
-            self.gauges.lingering.set(lingering as f64);
-        }
+        self.gauges.online.set(Stats::get(&stats.online) as f64);
+        self.gauges
+            .lingering
+            .set(Stats::get(&stats.lingering_now) as f64);
         self.gauges.world_inbox.set(world_inbox as f64);
         let _ = &self.recorder;
         let mut out = self.handle.render();
@@ -255,10 +258,12 @@ mod tests {
         m.chat(ChatType::ChatWorld, ResCode::ResOk);
         m.delivered(Priority::Sheddable, 5);
         m.kick(KickReason::KickOperator);
+        m.kick(KickReason::KickBanned);
         m.slow_consumer_cut();
         m.commit(3, Duration::from_millis(2));
         m.fanout(Duration::from_micros(300));
-        let text = m.render(&stats, Some((4, 1)), 0);
+        stats.online.store(4, std::sync::atomic::Ordering::Relaxed);
+        let text = m.render(&stats, 0);
         for line in [
             "guildchat_logins_total{result=\"RES_OK\"} 1",
             "guildchat_logins_total{result=\"RES_BANNED\"} 1",
@@ -266,6 +271,7 @@ mod tests {
             "guildchat_deliveries_total{class=\"sheddable\"} 5",
             "guildchat_disconnects_total{reason=\"KICK_OPERATOR\"} 1",
             "guildchat_disconnects_total{reason=\"SLOW_CONSUMER_CUT\"} 1",
+            "guildchat_disconnects_total{reason=\"KICK_BANNED\"} 1",
             "guildchat_players_online 4",
             "guildchat_history_commit_batch_size_count 1",
             "guildchat_fanout_seconds_count 1",
@@ -282,10 +288,10 @@ mod tests {
         a.login(ResCode::ResOk);
         let stats = Stats::default();
         assert!(a
-            .render(&stats, None, 0)
+            .render(&stats, 0)
             .contains("guildchat_logins_total{result=\"RES_OK\"} 1"));
         assert!(b
-            .render(&stats, None, 0)
+            .render(&stats, 0)
             .contains("guildchat_logins_total{result=\"RES_OK\"} 0"));
     }
 }

@@ -51,10 +51,13 @@ struct State {
 #[derive(Debug, Default)]
 pub struct Moderation {
     state: RwLock<State>,
+    /// Set once what the store holds is in (at once without a store):
+    /// changes wait for it, so a load cannot undo one made before it.
+    loaded: tokio::sync::watch::Sender<bool>,
 }
 
 impl Moderation {
-    /// Takes in what the store holds, at start-up.
+    /// Takes in what the store holds, at start-up, and lets changes in.
     pub fn load(&self, stored: Stored) {
         for s in stored.sanctions {
             self.apply(&s);
@@ -62,6 +65,20 @@ impl Moderation {
         for (user, before) in stored.revocations {
             self.revoke(UserId(user), before);
         }
+        self.mark_loaded();
+    }
+
+    /// There is nothing to load (no store).
+    pub fn mark_loaded(&self) {
+        self.loaded.send_replace(true);
+    }
+
+    /// Waits until the store's sanctions are in; false after `within`.
+    pub async fn wait_loaded(&self, within: Duration) -> bool {
+        let mut rx = self.loaded.subscribe();
+        tokio::time::timeout(within, rx.wait_for(|loaded| *loaded))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {

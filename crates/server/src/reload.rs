@@ -56,6 +56,9 @@ impl Reloader {
     /// runtime. Returns what was reloaded.
     pub fn reload(&self) -> Result<Vec<&'static str>, ReloadError> {
         let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        // The file is read and installed with list edits held off, so an
+        // edit made meanwhile is neither lost nor overwritten.
+        let _edits = self.filter.lock_edits();
         let verifier = self.auth.prepare_reload(&self.config)?;
         let acceptor = match (&self.tls, &self.config.tls) {
             (Some(_), Some(tls)) => Some(crate::tls::acceptor(tls)?),

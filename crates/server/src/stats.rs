@@ -71,6 +71,9 @@ pub struct Stats {
     pub refused_per_ip: AtomicU64,
     pub refused_login_rate: AtomicU64,
     pub refused_proxy: AtomicU64,
+    /// Sessions lingering without a connection now (a gauge, updated on
+    /// the world's one-second tick).
+    pub lingering_now: AtomicU64,
     /// Connections open now, logged in or not (a gauge, bounded by
     /// `admission.max_connections`).
     pub open_connections: AtomicU64,
@@ -138,6 +141,7 @@ impl Stats {
     pub fn gauges(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("online", Stats::get(&self.online)),
+            ("lingering_now", Stats::get(&self.lingering_now)),
             ("open_connections", Stats::get(&self.open_connections)),
             ("prelogin", Stats::get(&self.prelogin)),
         ]

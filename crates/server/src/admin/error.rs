@@ -84,7 +84,8 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
     /// `bad_request`, `unauthorized`, `forbidden`, `not_found`, `conflict`,
-    /// `too_large`, `unprocessable`, `rate_limited` or `unavailable`.
+    /// `too_large`, `unprocessable`, `rate_limited`, `unavailable`, or
+    /// `method_not_allowed` (405).
     pub code: String,
     pub message: String,
 }

@@ -64,6 +64,14 @@ pub struct AdminState {
     /// Held from the idempotency check to the record of an announce key,
     /// so that two concurrent repeats send once.
     pub(crate) announce_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Held by each sanction change from its store write to its in-memory
+    /// update, so two changes cannot land in one order and apply in the
+    /// other.
+    change_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The world's last answer to a readiness probe, and when: probes
+    /// (which need no key) share one question a second, so a flood of them
+    /// cannot fill the world's inbox.
+    probe: Arc<tokio::sync::Mutex<Option<(std::time::Instant, bool)>>>,
 }
 
 #[derive(Default)]
@@ -103,7 +111,49 @@ impl AdminState {
             memory: Arc::default(),
             limiter,
             announce_lock: Arc::default(),
+            change_lock: Arc::default(),
+            probe: Arc::default(),
         }
+    }
+
+    /// Whether the world answers within a second, asked at most once a
+    /// second however many probes come.
+    pub(crate) async fn world_answers(&self) -> bool {
+        let mut last = self.probe.lock().await;
+        if let Some((at, ok)) = *last {
+            if at.elapsed() < std::time::Duration::from_secs(1) {
+                return ok;
+            }
+        }
+        let ok = tokio::time::timeout(std::time::Duration::from_secs(1), self.world.counts())
+            .await
+            .is_ok_and(|r| r.is_ok());
+        *last = Some((std::time::Instant::now(), ok));
+        ok
+    }
+
+    /// Runs a change to the end on a task of its own, one change at a time,
+    /// once the store's sanctions are loaded: a caller who hangs up cannot
+    /// leave it half done (stored but not applied).
+    pub(crate) async fn change<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, error::ApiError>> + Send + 'static,
+    ) -> Result<T, error::ApiError> {
+        let unavailable = |why: &str| error::ApiError::Unavailable(why.to_owned());
+        if !self
+            .moderation
+            .wait_loaded(std::time::Duration::from_secs(5))
+            .await
+        {
+            return Err(unavailable("the sanctions in force are still being loaded"));
+        }
+        let lock = self.change_lock.clone();
+        tokio::spawn(async move {
+            let _one_at_a_time = lock.lock().await;
+            f.await
+        })
+        .await
+        .map_err(|_| unavailable("the change stopped"))?
     }
 
     fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
@@ -170,52 +220,141 @@ impl AdminState {
         }
     }
 
-    /// The msg_id an announce key already has (sent within 24 h), or
-    /// `msg_id` after recording it for this key.
-    pub(crate) async fn announce_key(
-        &self,
-        key: String,
-        msg_id: u64,
-    ) -> Result<u64, error::ApiError> {
+    /// Records that announce `key` sent `msg_id`; returns the msg_id that
+    /// owns the key. Kept in memory as well as in the store, so a store
+    /// that cannot take the record now still stops a repeat in this
+    /// process (the failure is logged: the line has gone out already).
+    pub(crate) async fn announce_key(&self, key: String, msg_id: u64) -> u64 {
         let now = now_ms();
-        match &self.history {
-            Some(history) => Ok(history.announce_key(key, msg_id, now).await?),
-            None => {
-                let mut memory = self.memory();
-                memory
+        let owner = {
+            let mut memory = self.memory();
+            memory
+                .announce
+                .retain(|_, (_, at)| now.saturating_sub(*at) < IDEMPOTENCY_MS);
+            if memory.announce.len() >= MEMORY_CAP {
+                let oldest = memory
                     .announce
-                    .retain(|_, (_, at)| now.saturating_sub(*at) < IDEMPOTENCY_MS);
-                if let Some((id, _)) = memory.announce.get(&key) {
-                    return Ok(*id);
+                    .iter()
+                    .min_by_key(|(_, (_, at))| *at)
+                    .map(|(k, _)| k.clone());
+                if let Some(oldest) = oldest {
+                    memory.announce.remove(&oldest);
                 }
-                if memory.announce.len() >= MEMORY_CAP {
-                    let oldest = memory
-                        .announce
-                        .iter()
-                        .min_by_key(|(_, (_, at))| *at)
-                        .map(|(k, _)| k.clone());
-                    if let Some(oldest) = oldest {
-                        memory.announce.remove(&oldest);
-                    }
-                }
-                memory.announce.insert(key, (msg_id, now));
-                Ok(msg_id)
+            }
+            memory
+                .announce
+                .entry(key.clone())
+                .or_insert((msg_id, now))
+                .0
+        };
+        if let Some(history) = &self.history {
+            match history.announce_key(key, owner, now).await {
+                Ok(stored) => return stored,
+                Err(e) => warn!(error = %e, "could not store an announce idempotency key"),
             }
         }
+        owner
     }
 
     /// An announce key already used within 24 h, if any.
     pub(crate) async fn announce_seen(&self, key: &str) -> Result<Option<u64>, error::ApiError> {
         let now = now_ms();
-        match &self.history {
-            Some(history) => Ok(history.announce_seen(key.to_owned(), now).await?),
-            None => Ok(self
-                .memory()
-                .announce
-                .get(key)
-                .filter(|(_, at)| now.saturating_sub(*at) < IDEMPOTENCY_MS)
-                .map(|(id, _)| *id)),
+        let remembered = self
+            .memory()
+            .announce
+            .get(key)
+            .filter(|(_, at)| now.saturating_sub(*at) < IDEMPOTENCY_MS)
+            .map(|(id, _)| *id);
+        match (remembered, &self.history) {
+            (Some(id), _) => Ok(Some(id)),
+            (None, Some(history)) => Ok(history.announce_seen(key.to_owned(), now).await?),
+            (None, None) => Ok(None),
         }
+    }
+}
+
+/// Most admin connections open at once. The admin listener shares the
+/// process's descriptors with the game port; past this, new admin
+/// connections wait in the kernel's backlog instead of taking more.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// The admin listener with its connection cap.
+struct Capped {
+    inner: TcpListener,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// An admin connection holding its place under [`MAX_CONNECTIONS`].
+struct Placed {
+    stream: tokio::net::TcpStream,
+    _place: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl axum::serve::Listener for Capped {
+    type Io = Placed;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Placed, SocketAddr) {
+        let place = match self.permits.clone().acquire_owned().await {
+            Ok(place) => place,
+            // The semaphore is never closed.
+            Err(_) => std::future::pending().await,
+        };
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    return (
+                        Placed {
+                            stream,
+                            _place: place,
+                        },
+                        addr,
+                    );
+                }
+                // Out of descriptors, or a connection reset before it was
+                // taken: wait a little rather than spin.
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+impl tokio::io::AsyncRead for Placed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Placed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -232,7 +371,11 @@ pub async fn serve(
         info!(%addr, keys = state.keys.len(), "admin listener up");
     }
     let app = router(state);
-    axum::serve(listener, app)
+    let capped = Capped {
+        inner: listener,
+        permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+    };
+    axum::serve(capped, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

@@ -3,8 +3,6 @@
 //! the audit log, and answers JSON. The OpenAPI document is collected from
 //! the same registrations that build the router, so the two cannot drift.
 
-use std::time::Duration;
-
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -136,9 +134,7 @@ async fn healthz() -> &'static str {
 async fn readyz(axum::extract::State(state): axum::extract::State<AdminState>) -> Response {
     let listening = state.stats.ready.load(std::sync::atomic::Ordering::Acquire);
     let store = state.history.as_ref().is_none_or(|h| h.is_healthy());
-    let world = tokio::time::timeout(Duration::from_secs(1), state.world.counts())
-        .await
-        .is_ok_and(|r| r.is_ok());
+    let world = state.world_answers().await;
     let body = serde_json::json!({ "listening": listening, "store": store, "world": world });
     let status = if listening && store && world {
         StatusCode::OK
@@ -149,14 +145,10 @@ async fn readyz(axum::extract::State(state): axum::extract::State<AdminState>) -
 }
 
 async fn metrics(axum::extract::State(state): axum::extract::State<AdminState>) -> Response {
-    let counts = tokio::time::timeout(Duration::from_secs(1), state.world.counts())
-        .await
-        .ok()
-        .and_then(|r| r.ok());
     let text = state
         .stats
         .metrics
-        .render(&state.stats, counts, state.world.inbox_depth());
+        .render(&state.stats, state.world.inbox_depth());
     (
         [(
             header::CONTENT_TYPE,
@@ -475,21 +467,31 @@ async fn announce(
             .await;
         return Ok(axum::Json(MsgIdReply { msg_id: id.0 }));
     };
-    let _one_at_a_time = state.announce_lock.lock().await;
-    if let Some(msg_id) = state.announce_seen(&key).await? {
-        return Ok(axum::Json(MsgIdReply { msg_id }));
-    }
-    let id = state.world.announce(text.to_owned(), to).await?;
-    let msg_id = state.announce_key(key, id.0).await?;
-    state
-        .audit(
-            &caller.id,
-            "announce",
-            target,
-            "",
-            &format!("msg_id={msg_id}"),
-        )
-        .await;
+    // On a task of its own, so a caller who hangs up between the send and
+    // the record cannot make a retry send again.
+    let state = state.0.clone();
+    let caller_id = caller.id.clone();
+    let text = text.to_owned();
+    let msg_id = tokio::spawn(async move {
+        let _one_at_a_time = state.announce_lock.lock().await;
+        if let Some(msg_id) = state.announce_seen(&key).await? {
+            return Ok::<_, ApiError>(msg_id);
+        }
+        let id = state.world.announce(text, to).await?;
+        let msg_id = state.announce_key(key, id.0).await;
+        state
+            .audit(
+                &caller_id,
+                "announce",
+                target,
+                "",
+                &format!("msg_id={msg_id}"),
+            )
+            .await;
+        Ok(msg_id)
+    })
+    .await
+    .map_err(|_| ApiError::Unavailable("the announcement stopped".into()))??;
     Ok(axum::Json(MsgIdReply { msg_id }))
 }
 
@@ -509,7 +511,7 @@ fn reason(r: &str) -> Result<&str, ApiError> {
 #[utoipa::path(post, path = "/v1/players/{id}/kick", tag = "gm",
     params(("id" = u64, Path, description = "user id")),
     request_body(content = Option<ReasonBody>, description = "optional"),
-    responses((status = 200, body = PlayerReply), (status = 404, body = ErrorBody)))]
+    responses((status = 204), (status = 404, body = ErrorBody)))]
 async fn kick(
     caller: Caller,
     state: State,
@@ -655,7 +657,11 @@ async fn mute(
     Path(id): Path<u64>,
     Json(body): Json<SanctionBody>,
 ) -> Result<axum::Json<SanctionReply>, ApiError> {
-    sanction(&caller, &state, id, SanctionKind::Mute, body).await
+    caller.need(Need::Gm)?;
+    let state = state.0.clone();
+    let s = state.clone();
+    s.change(async move { sanction(&caller, &state, id, SanctionKind::Mute, body).await })
+        .await
 }
 
 /// Lifts a mute.
@@ -669,7 +675,11 @@ async fn unmute(
     Path(id): Path<u64>,
     OptionalJson(body): OptionalJson<ReasonBody>,
 ) -> Result<StatusCode, ApiError> {
-    lift(&caller, &state, id, SanctionKind::Mute, body).await
+    caller.need(Need::Gm)?;
+    let state = state.0.clone();
+    let s = state.clone();
+    s.change(async move { lift(&caller, &state, id, SanctionKind::Mute, body).await })
+        .await
 }
 
 #[derive(Serialize, ToSchema)]
@@ -707,7 +717,11 @@ async fn ban(
     Path(id): Path<u64>,
     Json(body): Json<SanctionBody>,
 ) -> Result<axum::Json<SanctionReply>, ApiError> {
-    sanction(&caller, &state, id, SanctionKind::Ban, body).await
+    caller.need(Need::Gm)?;
+    let state = state.0.clone();
+    let s = state.clone();
+    s.change(async move { sanction(&caller, &state, id, SanctionKind::Ban, body).await })
+        .await
 }
 
 /// Lifts a ban.
@@ -721,18 +735,24 @@ async fn unban(
     Path(id): Path<u64>,
     OptionalJson(body): OptionalJson<ReasonBody>,
 ) -> Result<StatusCode, ApiError> {
-    lift(&caller, &state, id, SanctionKind::Ban, body).await
+    caller.need(Need::Gm)?;
+    let state = state.0.clone();
+    let s = state.clone();
+    s.change(async move { lift(&caller, &state, id, SanctionKind::Ban, body).await })
+        .await
 }
 
 #[derive(Serialize, ToSchema)]
 struct RevokeReply {
     id: u64,
-    /// Tokens issued (iat) before this Unix second are refused.
+    /// Tokens issued (iat) before this Unix second are refused; mint the
+    /// next one with `iat` at or after it.
     before_s: u64,
 }
 
-/// Refuses, from now on, every token of the player issued before now. A
-/// session already logged in stays; its next login needs a new token.
+/// Refuses, from now on, every token of the player issued (`iat`) up to the
+/// end of the current second. A session already logged in stays; its next
+/// login needs a token issued after `before_s`.
 #[utoipa::path(post, path = "/v1/players/{id}/revoke-tokens", tag = "gm",
     params(("id" = u64, Path, description = "user id")),
     request_body(content = Option<ReasonBody>, description = "optional"),
@@ -748,22 +768,29 @@ async fn revoke(
     if id == 0 {
         return Err(ApiError::BadRequest("user id 0 is no player".into()));
     }
-    // A token minted in this very second is refused too: `iat` has
-    // second precision, and "before now" must include it.
+    // `iat` has second precision, so the revocation covers every token
+    // issued up to the end of this second, this second's included.
     let before_s = now_ms() / 1000 + 1;
-    if let Some(history) = &state.history {
-        history.revoke_tokens(id, before_s).await?;
-    }
-    state.moderation.revoke(UserId(id), before_s);
-    state
-        .audit(
-            &caller.id,
-            "revoke-tokens",
-            format!("player:{id}"),
-            reason,
-            "ok",
-        )
-        .await;
+    let reason = reason.to_owned();
+    let state = state.0.clone();
+    let s = state.clone();
+    s.change(async move {
+        if let Some(history) = &state.history {
+            history.revoke_tokens(id, before_s).await?;
+        }
+        state.moderation.revoke(UserId(id), before_s);
+        state
+            .audit(
+                &caller.id,
+                "revoke-tokens",
+                format!("player:{id}"),
+                &reason,
+                "ok",
+            )
+            .await;
+        Ok(())
+    })
+    .await?;
     Ok(axum::Json(RevokeReply { id, before_s }))
 }
 

@@ -165,6 +165,13 @@ impl FilterHandle {
         std::mem::replace(&mut *current, filter)
     }
 
+    /// Holds off list edits ([`FilterHandle::change`]) while the caller
+    /// replaces the filter by other means (a reload from the file), so the
+    /// two cannot undo each other.
+    pub fn lock_edits(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.editing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The list's words, as they were added.
     pub fn words(&self) -> Vec<String> {
         self.load().words().words().map(str::to_owned).collect()

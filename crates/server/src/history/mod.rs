@@ -653,9 +653,6 @@ impl HistoryHandle {
         rx.await.map_err(|_| HistoryError::Unavailable)?
     }
 
-    /// Cancelled once either store thread has died (a panic, or its loop
-    /// ended while handles remain); from then on every request fails with
-    /// `Unavailable`. Never cancelled by a normal shutdown.
     /// Whether `user` may block anyone (see the field's doc); false means
     /// certainly not.
     pub fn may_have_blocks(&self, user: u64) -> bool {
@@ -672,6 +669,9 @@ impl HistoryHandle {
         let _ = self.shared.commits.set(observe);
     }
 
+    /// Cancelled once either store thread has died (a panic, or its loop
+    /// ended while handles remain); from then on every request fails with
+    /// `Unavailable`. Never cancelled by a normal shutdown.
     pub fn died(&self) -> CancellationToken {
         self.shared.died.clone()
     }

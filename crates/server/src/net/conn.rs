@@ -324,8 +324,10 @@ where
         seq: u32,
     ) -> Result<mpsc::Sender<Box<Inbound>>, bool> {
         let checked = self.ctx.auth.check(&req);
+        let mut user = None;
         let result = match checked {
             Ok(identity) => {
+                user = Some(identity.user);
                 let (tx, inbound) = mpsc::channel(INBOUND_QUEUE);
                 let args = LoginArgs {
                     identity,
@@ -349,10 +351,17 @@ where
                 Stats::bump(&self.ctx.stats.login_failures);
                 self.ctx.stats.metrics.login(refusal.code());
                 debug!(conn = %self.conn.id(), ?refusal, "login refused");
-                let banned_ms = match refusal {
-                    Refusal::Banned(left) => left.as_millis().min(u32::MAX as u128) as u32,
-                    Refusal::Code(_) => 0,
+                // Rounded up, so a ban never reads as 0 ms left.
+                let left = match refusal {
+                    Refusal::Banned(left) => Some(left),
+                    Refusal::Code(ResCode::ResBanned) => {
+                        user.and_then(|u| self.ctx.auth.ban_left(u))
+                    }
+                    Refusal::Code(_) => None,
                 };
+                let banned_ms = left.map_or(0, |d| {
+                    d.as_micros().div_ceil(1000).clamp(1, u32::MAX as u128) as u32
+                });
                 let _ = self.conn.try_frame(codec::encode(&pb::ChatMessageLoginRep {
                     msghead: codec::head(MsgType::ChcLoginRep, seq),
                     res: refusal.code() as i32,

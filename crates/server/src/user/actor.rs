@@ -176,7 +176,6 @@ impl UserActor {
         }
     }
 
-    /// Meters a request of `class`. Refused requests are answered here;
     /// Blocks (or lifts a block on) `target`: the store first, so the block
     /// outlives the session, then the world's copy that fan-out checks.
     async fn block(&mut self, target: u64, add: bool) -> ResCode {
@@ -210,6 +209,7 @@ impl UserActor {
         }
     }
 
+    /// Meters a request of `class`. Refused requests are answered here;
     /// true means the request may be handled.
     async fn admit(&mut self, req: &ClientMsg, class: Class) -> bool {
         let now = Instant::now();

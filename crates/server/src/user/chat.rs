@@ -295,18 +295,20 @@ impl UserActor {
                     _ => return Err((ResCode::ResNoSuchTarget, none)),
                 };
                 match history.find_player(who).await {
-                    // An offline target who blocks the sender refuses the
-                    // whisper as a connected one would.
-                    Ok(Some((id, _)))
-                        if history.may_have_blocks(id)
-                            && history
-                                .blocks(id)
-                                .await
-                                .is_ok_and(|b| b.contains(&self.id.0)) =>
-                    {
-                        Err(ResCode::ResBlocked)
-                    }
                     Ok(Some((id, name))) => {
+                        // An offline target who blocks the sender refuses
+                        // the whisper as a connected one would; a block
+                        // list that cannot be read refuses it too.
+                        let blocked = if history.may_have_blocks(id) {
+                            history.blocks(id).await.map(|b| b.contains(&self.id.0))
+                        } else {
+                            Ok(false)
+                        };
+                        match blocked {
+                            Ok(true) => return Err((ResCode::ResBlocked, none)),
+                            Err(_) => return Err((ResCode::ResInternal, none)),
+                            Ok(false) => {}
+                        }
                         retry.target = Target::Known(UserId(id), name);
                         line = retry;
                         self.world.chat(line).await

@@ -307,6 +307,12 @@ impl World {
             return Err(ResCode::ResInternal);
         }
         let user = identity.user;
+        // Checked here too, not only by the reader: a ban's kick and this
+        // login are ordered by the world's inbox, so a ban applied while
+        // the token was being checked still keeps the player out.
+        if self.services.moderation.ban_left(user).is_some() {
+            return Err(ResCode::ResBanned);
+        }
         let since = self.last_msg_id;
         let resumed = self.registry.set_identity(&identity);
         if resumed {
@@ -362,6 +368,7 @@ impl World {
                 receipt: None,
                 actor,
                 blocks: None,
+                blocks_loaded: false,
             };
             self.registry.insert(user, entry);
             self.publish_gauges();
@@ -382,8 +389,9 @@ impl World {
         match &self.history {
             Some(history) => {
                 history.record_login(user.0, &identity.name);
-                // A running session keeps its block list; a new one reads it.
-                let want_blocks = !resumed && history.may_have_blocks(user.0);
+                // A session reads its block list once, at its first login.
+                let want_blocks = self.registry.get(user).is_some_and(|e| !e.blocks_loaded)
+                    && history.may_have_blocks(user.0);
                 let want_offline = history.may_have_offline(user.0);
                 if want_offline || want_blocks {
                     // Read through the writer's queue, after every whisper
@@ -441,6 +449,14 @@ impl World {
         let Some((entry, world_ring)) = self.registry.get_mut_with_world(user) else {
             return;
         };
+        // The session's block list, from the first read to come back, also
+        // a superseded login's: no block can have changed it since, as the
+        // actor has no connection before its first Ready.
+        if let Some(blocks) = blocks.filter(|_| !entry.blocks_loaded) {
+            entry.blocks =
+                (!blocks.is_empty()).then(|| Box::new(blocks.into_iter().map(UserId).collect()));
+            entry.blocks_loaded = true;
+        }
         if entry.pending.as_ref().map(|p| p.conn.id()) != Some(conn_id) {
             return;
         }
@@ -458,22 +474,9 @@ impl World {
         // Without a cursor, what was recorded while the login was pending is
         // still this client's to see.
         let after = if last_msg_id > 0 { last_msg_id } else { since };
-        if let Some(blocks) = blocks {
-            entry.blocks =
-                (!blocks.is_empty()).then(|| Box::new(blocks.into_iter().map(UserId).collect()));
-        }
         let mut resume = entry
             .replay
             .since(after, Some((world_ring, entry.began, &entry.world_masked)));
-        // The shared world ring holds every player's lines: a blocker's
-        // resume leaves out the blocked players' (their own rings never
-        // recorded them).
-        if let Some(blocks) = &entry.blocks {
-            resume.frames.retain(|(_, frame)| {
-                pb::ChatMessageNotifyChat::decode(frame.as_ref())
-                    .map_or(true, |n| !blocks.contains(&UserId(n.senderid)))
-            });
-        }
         // A cursor from before this session (it expired, the server
         // restarted, or another device started it): what came between
         // cannot be replayed.
@@ -517,6 +520,19 @@ impl World {
             }
         }
         resume.frames.extend(whispers);
+        // The shared world ring holds every player's lines, and whispers
+        // may have reached this session before its block list did: a
+        // blocker's resume leaves the blocked players' lines out.
+        if let Some(blocks) = &entry.blocks {
+            let blocked = |frame: &Bytes| {
+                pb::ChatMessageNotifyChat::decode(frame.as_ref())
+                    .is_ok_and(|n| blocks.contains(&UserId(n.senderid)))
+            };
+            resume.frames.retain(|(_, frame)| !blocked(frame));
+            entry
+                .unconfirmed
+                .retain(|m| !blocks.contains(&UserId(m.sender_id)));
+        }
         resume.frames.sort_unstable_by_key(|(id, _)| *id);
         // Everything after the reply is newer than its cursor.
         let cursor = resume
@@ -860,6 +876,15 @@ impl World {
     }
 
     fn housekeeping(&mut self) {
+        // Once a tick, not per change: a scan, and exact to within a tick.
+        let lingering = self
+            .registry
+            .entries()
+            .filter(|(_, e)| e.lingering.is_some())
+            .count() as u64;
+        self.stats
+            .lingering_now
+            .store(lingering, std::sync::atomic::Ordering::Relaxed);
         self.expire_replays();
         let linger = self.config.session.linger();
         let stall = self.config.limits.stall_timeout();
@@ -993,7 +1018,13 @@ impl World {
         });
         let mut told = 0;
         let stats = &self.stats;
+        let id = msg.msg_id;
+        self.registry.world.remove(id);
         self.registry.visit(&audience, |entry| {
+            // Gone from what a resume replays and from what a session's end
+            // would spill, so the line does not come back.
+            entry.replay.remove(id);
+            entry.unconfirmed.retain(|m| m.msg_id != id);
             if let Some(conn) = &entry.conn {
                 told += usize::from(conn.deliver(frame.clone(), Priority::Keep, stats));
             }

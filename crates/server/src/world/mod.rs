@@ -432,9 +432,10 @@ impl WorldHandle {
             .await
     }
 
-    /// Tells the audience of a removed line (its conversation's members
-    /// with a session) that it is gone, with `CHC_Notify_Recall`, and drops
-    /// it from their replay buffers. Returns how many were told.
+    /// Drops a removed line from the replay buffers of its audience (its
+    /// conversation's members with a session) and from whispers waiting to
+    /// be confirmed, and tells those connected that it is gone, with
+    /// `CHC_Notify_Recall`. Returns how many were told.
     pub async fn recall(&self, msg: StoredMsg) -> Result<usize, WorldGone> {
         self.ask(|respond_to| WorldMsg::Recall { msg, respond_to })
             .await

@@ -58,6 +58,8 @@ pub struct Entry {
     /// Players this one blocks (`None`: nobody): their channel lines are
     /// not delivered to this player and their whispers are refused.
     pub blocks: Option<Box<HashSet<UserId>>>,
+    /// Whether the block list was read from the store for this session.
+    pub blocks_loaded: bool,
 }
 
 impl Entry {

@@ -79,6 +79,14 @@ impl Ring {
         }
     }
 
+    /// Drops the entry with this msg_id, if held (a recalled line). Not an
+    /// eviction: nothing was missed.
+    pub fn remove(&mut self, msg_id: u64) {
+        if let Ok(i) = self.entries.binary_search_by_key(&msg_id, |(id, _)| *id) {
+            self.entries.remove(i);
+        }
+    }
+
     /// Index of the first entry newer than `after`.
     fn start(&self, after: u64) -> usize {
         self.entries.partition_point(|(id, _)| *id <= after)
@@ -153,6 +161,14 @@ impl Replay {
         match priority {
             Priority::Keep => rings.keep.push(msg_id, frame),
             Priority::Sheddable => rings.shed.push(msg_id, frame),
+        }
+    }
+
+    /// Drops a recalled line from both rings.
+    pub fn remove(&mut self, msg_id: u64) {
+        if let Some(rings) = &mut self.rings {
+            rings.keep.remove(msg_id);
+            rings.shed.remove(msg_id);
         }
     }
 
@@ -258,6 +274,19 @@ mod tests {
                 *id
             })
             .collect()
+    }
+
+    #[test]
+    fn a_removed_line_is_not_replayed_and_counts_as_no_gap() {
+        let mut r = Replay::new(8, 8);
+        for id in [1, 2, 3] {
+            r.record(id, frame(id), Priority::Keep);
+        }
+        r.remove(2);
+        r.remove(9);
+        let resume = r.since(0, None);
+        assert_eq!(ids(&resume), vec![1, 3]);
+        assert!(!resume.gap);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! websockets: membership, moderation, announcements, recall, the word
 //! filter, auth and scopes, bad input, metrics, the audit log and reload.
 
-use guildchat_client::Client;
+use guildchat_client::{Client, Event};
 use guildchat_protocol::{ChatType, KickReason, ResCode, ServerMsg};
 
 use crate::common::*;
@@ -745,5 +745,84 @@ async fn a_key_past_its_request_rate_gets_429_and_others_do_not() {
     }
     // Another key has its own budget.
     assert_eq!(server.gm("GET", "/v1/stats", None).await.status, 200);
+    server.stop().await;
+}
+
+/// Logs in again with a resume cursor; returns the frames replayed before
+/// live traffic (collected until the line is quiet).
+async fn resume(
+    server: &TestServer,
+    user: u64,
+    name: &str,
+    guild: u64,
+    cursor: u64,
+) -> (Client, Vec<ServerMsg>) {
+    let mut c = server.connect().await;
+    let rep = c
+        .login_from(&server.token(user, name, guild, 0, 0), cursor)
+        .await
+        .unwrap();
+    assert_eq!(rep.res, ResCode::ResOk as i32);
+    assert!(rep.resumed);
+    let mut got = Vec::new();
+    while let Ok(Event::Msg(m)) = c.recv_timeout(QUIET).await {
+        got.push(m);
+    }
+    (c, got)
+}
+
+fn chat_ids(msgs: &[ServerMsg]) -> Vec<u64> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            ServerMsg::Chat(n) => Some(n.msg_id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_recalled_line_is_not_replayed_to_a_lingering_player() {
+    let server = TestServer::start_with(no_cooldowns).await;
+    let mut a = server.login(1, "alice", 10, 0, 0).await;
+    let mut b = server.login(2, "bob", 10, 0, 0).await;
+    let first = say(&mut a, ChatType::ChatGuild, "before").await.msg_id;
+    assert_eq!(chat_line(&mut b).await.msg_id, first);
+    drop(b);
+    until_lingering(&server, 2).await;
+    let rude = say(&mut a, ChatType::ChatGuild, "rude").await.msg_id;
+    let kept = say(&mut a, ChatType::ChatGuild, "fine").await.msg_id;
+    let r = server
+        .gm("DELETE", &format!("/v1/messages/{rude}"), None)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    let (_b, got) = resume(&server, 2, "bob", 10, first).await;
+    assert_eq!(
+        chat_ids(&got),
+        vec![kept],
+        "the recalled line is gone from the replay"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_blockers_resume_leaves_out_the_blocked_players_world_lines() {
+    let server = TestServer::start_with(no_cooldowns).await;
+    let mut a = server.login(1, "alice", 10, 0, 0).await;
+    let mut b = server.login(2, "bob", 10, 0, 0).await;
+    let mut c = server.login(3, "carol", 10, 0, 0).await;
+    let rep = block_request(&mut a, block(2)).await;
+    assert_eq!(res_of(&rep), ResCode::ResOk as i32);
+    let mark = say(&mut c, ChatType::ChatGuild, "mark").await.msg_id;
+    assert_eq!(chat_line(&mut a).await.msg_id, mark);
+    drop(a);
+    until_lingering(&server, 1).await;
+    say(&mut b, ChatType::ChatWorld, "from bob").await;
+    let carol = say(&mut c, ChatType::ChatWorld, "from carol").await.msg_id;
+    let (_a, got) = resume(&server, 1, "alice", 10, mark).await;
+    assert_eq!(
+        chat_ids(&got),
+        vec![carol],
+        "bob's world line is not replayed to alice"
+    );
     server.stop().await;
 }
