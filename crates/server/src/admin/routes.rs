@@ -66,6 +66,7 @@ fn api() -> OpenApiRouter<AdminState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(stats))
         .routes(routes!(player))
+        .routes(routes!(find_player))
         .routes(routes!(groups))
         .routes(routes!(disband))
         .routes(routes!(guild_online))
@@ -100,6 +101,22 @@ pub fn router(state: AdminState) -> Router {
             async move { axum::Json((*doc).clone()) }
         }),
     )
+    .route(
+        "/console",
+        get(|| async { axum::response::Redirect::permanent("/console/") }),
+    )
+    .route(
+        "/console/",
+        get(|| async { console(CONSOLE_HTML, "text/html; charset=utf-8") }),
+    )
+    .route(
+        "/console/console.js",
+        get(|| async { console(CONSOLE_JS, "text/javascript; charset=utf-8") }),
+    )
+    .route(
+        "/console/console.css",
+        get(|| async { console(CONSOLE_CSS, "text/css; charset=utf-8") }),
+    )
     .route("/healthz", get(healthz))
     .route("/readyz", get(readyz))
     .route("/metrics", get(metrics))
@@ -107,6 +124,31 @@ pub fn router(state: AdminState) -> Router {
     .method_not_allowed_fallback(method_not_allowed)
     .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
     .with_state(state)
+}
+
+/// The GM console: static files built into the binary, served without a
+/// key (every API call the page makes carries the key the operator gives
+/// it).
+const CONSOLE_HTML: &str = include_str!("console/index.html");
+const CONSOLE_JS: &str = include_str!("console/console.js");
+const CONSOLE_CSS: &str = include_str!("console/console.css");
+
+fn console(body: &'static str, content_type: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            // Only the console's own files and API: no inline script, no
+            // other origin, no framing.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; frame-ancestors 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn not_found() -> ApiError {
@@ -267,6 +309,47 @@ async fn player(
         None => known_name(&state, id)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("player {} was never seen", id.0)))?,
+    };
+    Ok(axum::Json(player_reply(&state, id, view, name)))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct FindQuery {
+    /// The exact name the player last logged in with.
+    name: String,
+}
+
+/// Finds a player by the exact name they last logged in with (online, or
+/// known to the store).
+#[utoipa::path(get, path = "/v1/players", tag = "read",
+    params(FindQuery),
+    responses((status = 200, body = PlayerReply), (status = 404, body = ErrorBody)))]
+async fn find_player(
+    caller: Caller,
+    state: State,
+    Query(q): Query<FindQuery>,
+) -> Result<axum::Json<PlayerReply>, ApiError> {
+    caller.need(Need::Read)?;
+    let not_found = || ApiError::NotFound(format!("no player named {:?}", q.name));
+    if q.name.is_empty() || q.name.chars().count() > guildchat_protocol::limits::MAX_NAME_CHARS {
+        return Err(not_found());
+    }
+    let id = match state.world.find_name(q.name.clone()).await? {
+        Some(id) => id,
+        None => match &state.history {
+            Some(h) => h
+                .find_player(PlayerRef::Name(q.name.clone()))
+                .await?
+                .map(|(id, _)| UserId(id))
+                .ok_or_else(not_found)?,
+            None => return Err(not_found()),
+        },
+    };
+    let view = state.world.player(id).await?;
+    let name = match &view {
+        Some(_) => String::new(),
+        None => q.name.clone(),
     };
     Ok(axum::Json(player_reply(&state, id, view, name)))
 }

@@ -214,6 +214,9 @@ impl World {
                     .count() as u64;
                 let _ = respond_to.send((self.registry.len() as u64, lingering));
             }
+            WorldMsg::FindName { name, respond_to } => {
+                let _ = respond_to.send(self.registry.by_name(&name));
+            }
             WorldMsg::Player { user, respond_to } => {
                 let _ = respond_to.send(self.view(user));
             }

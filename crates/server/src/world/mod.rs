@@ -203,6 +203,10 @@ enum WorldMsg {
         user: UserId,
         respond_to: oneshot::Sender<Option<PlayerView>>,
     },
+    FindName {
+        name: String,
+        respond_to: oneshot::Sender<Option<UserId>>,
+    },
     Disband {
         guild: GuildId,
         respond_to: oneshot::Sender<usize>,
@@ -417,6 +421,12 @@ impl WorldHandle {
     /// A player's session, if they have one.
     pub async fn player(&self, user: UserId) -> Result<Option<PlayerView>, WorldGone> {
         self.ask(|respond_to| WorldMsg::Player { user, respond_to })
+            .await
+    }
+
+    /// The player with a session who has this name, if any.
+    pub async fn find_name(&self, name: String) -> Result<Option<UserId>, WorldGone> {
+        self.ask(|respond_to| WorldMsg::FindName { name, respond_to })
             .await
     }
 

@@ -577,6 +577,7 @@ async fn every_route_is_in_the_openapi_document() {
     let expected = [
         ("/v1/stats", "get"),
         ("/v1/players/{id}", "get"),
+        ("/v1/players", "get"),
         ("/v1/players/{id}/groups", "put"),
         ("/v1/guilds/{gid}/disband", "post"),
         ("/v1/guilds/{gid}/online", "get"),
@@ -825,4 +826,55 @@ async fn a_blockers_resume_leaves_out_the_blocked_players_world_lines() {
         "bob's world line is not replayed to alice"
     );
     server.stop().await;
+}
+
+#[tokio::test]
+async fn the_console_is_served_without_a_key_and_finds_players_by_name() {
+    let server = TestServer::start().await;
+    for (path, kind) in [
+        ("/console/", "text/html"),
+        ("/console/console.js", "text/javascript"),
+        ("/console/console.css", "text/css"),
+    ] {
+        let (status, headers, body) = raw_get(&server, path).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(
+            headers.contains(&format!("content-type: {kind}")),
+            "{path}: {headers}"
+        );
+        assert!(
+            headers.contains("content-security-policy: default-src 'self'"),
+            "{headers}"
+        );
+        assert!(!body.is_empty());
+    }
+    let (_, _, html) = raw_get(&server, "/console/").await;
+    assert!(html.contains("console.js") && html.contains("session storage"));
+    let _a = server.login(7, "grace", 3, 0, 0).await;
+    let found = server
+        .call("GET", "/v1/players?name=grace", Some(READ_KEY), None)
+        .await;
+    assert_eq!(found.status, 200, "{}", found.text);
+    assert_eq!(found.json()["id"], 7);
+    assert_eq!(found.json()["state"], "connected");
+    let r = server
+        .call("GET", "/v1/players?name=nobody", Some(READ_KEY), None)
+        .await;
+    assert_eq!(r.status, 404);
+    server.stop().await;
+}
+
+/// A GET with no key, returning (status, lower-cased headers, body).
+async fn raw_get(server: &TestServer, path: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = server.admin.trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head.to_lowercase(), body.to_owned())
 }
