@@ -94,6 +94,8 @@ pub struct Server {
     services: Arc<user::Services>,
     reloader: Arc<reload::Reloader>,
     store: Option<Store>,
+    /// The game port, set by `run`, for the demo page.
+    game_addr: Arc<std::sync::OnceLock<SocketAddr>>,
 }
 
 /// The history store's threads, watched while the server runs and joined
@@ -185,6 +187,7 @@ impl Server {
             history,
             services,
             reloader,
+            game_addr: Arc::default(),
         })
     }
 
@@ -201,7 +204,7 @@ impl Server {
     /// What the admin API drives; serve it with [`admin::serve`] on a
     /// listener of its own.
     pub fn admin(&self) -> admin::AdminState {
-        admin::AdminState::new(
+        let mut state = admin::AdminState::new(
             self.ctx.world.clone(),
             self.ctx.stats.clone(),
             self.history.clone(),
@@ -209,7 +212,10 @@ impl Server {
             self.services.filter.clone(),
             self.reloader.clone(),
             self.ctx.config.clone(),
-        )
+        );
+        state.game_addr = self.game_addr.clone();
+        state.dev_signer = dev_signer(&self.ctx.config).map(Arc::new);
+        state
     }
 
     /// Re-reads keys, TLS certificate and word list (SIGHUP).
@@ -233,6 +239,9 @@ impl Server {
                 .await
                 .map_err(ServerError::LoadModeration)?;
             self.services.moderation.load(stored);
+        }
+        if let Ok(addr) = listener.local_addr() {
+            let _ = self.game_addr.set(addr);
         }
         let tracker = TaskTracker::new();
         let ctx = self.ctx.clone();
@@ -306,6 +315,19 @@ impl Server {
             Ok(())
         }
     }
+}
+
+/// A signer over the development keys, when the server runs on them: no
+/// `auth.keys_file` set, and the ring in the data dir is the development
+/// ring (kid `dev-ed25519`). Production (a configured key file) never has
+/// one, so the demo's token endpoint does not exist there.
+fn dev_signer(config: &Config) -> Option<guildchat_auth::Signer> {
+    if config.auth.keys_file.is_some() || config.auth.insecure_dev_auth {
+        return None;
+    }
+    let text = std::fs::read_to_string(config.keys_file()).ok()?;
+    let ring = guildchat_auth::KeyRing::from_toml_str(&text).ok()?;
+    guildchat_auth::Signer::new(&ring, guildchat_auth::TokenFormat::Jws, Some("dev-ed25519")).ok()
 }
 
 /// Binds a listener with the configured backlog.

@@ -72,6 +72,11 @@ pub struct AdminState {
     /// (which need no key) share one question a second, so a flood of them
     /// cannot fill the world's inbox.
     probe: Arc<tokio::sync::Mutex<Option<(std::time::Instant, bool)>>>,
+    /// Development mode only (keys generated in the data dir): mints the
+    /// demo client's tokens. `None` in production.
+    pub(crate) dev_signer: Option<Arc<guildchat_auth::Signer>>,
+    /// The game port's address once it is bound, for the demo page.
+    pub(crate) game_addr: Arc<std::sync::OnceLock<SocketAddr>>,
 }
 
 #[derive(Default)]
@@ -113,6 +118,8 @@ impl AdminState {
             announce_lock: Arc::default(),
             change_lock: Arc::default(),
             probe: Arc::default(),
+            dev_signer: None,
+            game_addr: Arc::default(),
         }
     }
 

@@ -117,6 +117,13 @@ pub fn router(state: AdminState) -> Router {
         "/console/console.css",
         get(|| async { console(CONSOLE_CSS, "text/css; charset=utf-8") }),
     )
+    .route("/demo/", get(demo_page))
+    .route(
+        "/demo/demo.js",
+        get(|| async { console(DEMO_JS, "text/javascript; charset=utf-8") }),
+    )
+    .route("/demo/config", get(demo_config))
+    .route("/demo/token", axum::routing::post(demo_token))
     .route("/healthz", get(healthz))
     .route("/readyz", get(readyz))
     .route("/metrics", get(metrics))
@@ -132,6 +139,79 @@ pub fn router(state: AdminState) -> Router {
 const CONSOLE_HTML: &str = include_str!("console/index.html");
 const CONSOLE_JS: &str = include_str!("console/console.js");
 const CONSOLE_CSS: &str = include_str!("console/console.css");
+
+const DEMO_HTML: &str = include_str!("console/demo.html");
+const DEMO_JS: &str = include_str!("console/demo.js");
+
+/// The browser demo client: development mode only.
+async fn demo_page(axum::extract::State(state): axum::extract::State<AdminState>) -> Response {
+    if state.dev_signer.is_none() {
+        return ApiError::NotFound("the demo is served with development keys only".into())
+            .into_response();
+    }
+    console(DEMO_HTML, "text/html; charset=utf-8")
+}
+
+/// Where the demo connects: the game port, as bound.
+async fn demo_config(
+    axum::extract::State(state): axum::extract::State<AdminState>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    if state.dev_signer.is_none() {
+        return Err(ApiError::NotFound("development mode only".into()));
+    }
+    let addr = state
+        .game_addr
+        .get()
+        .ok_or_else(|| ApiError::Unavailable("the game port is not up yet".into()))?;
+    let scheme = if state.config.tls.is_some() { "wss" } else { "ws" };
+    Ok(axum::Json(serde_json::json!({ "url": format!("{scheme}://{addr}") })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DemoTokenBody {
+    user: u64,
+    name: String,
+    #[serde(default)]
+    guild: u64,
+    #[serde(default)]
+    team: u64,
+    #[serde(default)]
+    scene: u64,
+}
+
+/// A development token for the demo page (one hour). Never in production:
+/// without the development keys the route answers 404.
+async fn demo_token(
+    axum::extract::State(state): axum::extract::State<AdminState>,
+    Json(body): Json<DemoTokenBody>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let Some(signer) = &state.dev_signer else {
+        return Err(ApiError::NotFound("development mode only".into()));
+    };
+    if body.user == 0
+        || body.name.is_empty()
+        || body.name.chars().count() > guildchat_protocol::limits::MAX_NAME_CHARS
+    {
+        return Err(ApiError::Unprocessable("user must be > 0 and name 1 to 32 characters".into()));
+    }
+    let now = (now_ms() / 1000) as i64;
+    let claims = guildchat_auth::Claims {
+        user_id: body.user,
+        name: body.name,
+        exp: now + 3600,
+        guild: body.guild,
+        team: body.team,
+        scene: body.scene,
+        iat: Some(now),
+        nbf: None,
+        aud: vec![state.config.auth.audience.clone()],
+    };
+    let token = signer
+        .try_mint(&claims)
+        .map_err(|e| ApiError::Unavailable(format!("cannot mint: {e}")))?;
+    Ok(axum::Json(serde_json::json!({ "token": token })))
+}
 
 fn console(body: &'static str, content_type: &'static str) -> Response {
     (
