@@ -58,6 +58,10 @@ pub struct Stats {
     pub receipts: AtomicU64,
     /// Frames from clients that could not be handled.
     pub bad_frames: AtomicU64,
+    /// Protobuf frames transcoded to JSON for JSON connections: one per
+    /// reply or kick notice to a JSON client, and one per broadcast that has
+    /// any JSON recipient, however many it has.
+    pub json_encodes: AtomicU64,
     /// Requests refused with RES_RATE_LIMITED.
     pub rate_limited: AtomicU64,
     /// Connections closed for going on far past their rate limit.
