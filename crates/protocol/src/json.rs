@@ -59,7 +59,9 @@ impl Codec {
     /// The first codec this server speaks among a `Sec-WebSocket-Protocol`
     /// header's comma-separated offers, in the client's order of preference.
     pub fn choose(offers: &str) -> Option<Codec> {
-        offers.split(',').find_map(|o| Codec::from_subprotocol(o.trim()))
+        offers
+            .split(',')
+            .find_map(|o| Codec::from_subprotocol(o.trim()))
     }
 }
 

@@ -294,7 +294,10 @@ fn bad_json_is_a_typed_error() {
         (r#"{"msghead":{"seq":1}}"#.into(), DecodeError::NoHead),
         (r#"{"msghead":{"msgid":"x"}}"#.into(), DecodeError::NoHead),
         (
-            format!(r#"{{"msghead":{{"msgid":{}}}}}"#, MsgType::ChcOnlineRep as u32),
+            format!(
+                r#"{{"msghead":{{"msgid":{}}}}}"#,
+                MsgType::ChcOnlineRep as u32
+            ),
             DecodeError::UnknownMsg(MsgType::ChcOnlineRep as u32),
         ),
         (

@@ -798,7 +798,10 @@ mod tests {
                 .1
         };
         assert_eq!(codec(""), None);
-        assert_eq!(codec("\r\nSec-WebSocket-Protocol: guildchat.json"), Some(Codec::Json));
+        assert_eq!(
+            codec("\r\nSec-WebSocket-Protocol: guildchat.json"),
+            Some(Codec::Json)
+        );
         assert_eq!(
             codec("\r\nSec-WebSocket-Protocol: mqtt, guildchat.proto"),
             Some(Codec::Protobuf)
@@ -897,12 +900,13 @@ mod tests {
         let mut w = FrameWatch::default();
         assert!(!w.feed(&frame(0x2, &login_rep(ResCode::ResBadToken))));
         // A JSON connection's login reply is a text frame.
-        let json = |res: ResCode| {
-            json::transcode_server(&login_rep(res)).unwrap().to_vec()
-        };
+        let json = |res: ResCode| json::transcode_server(&login_rep(res)).unwrap().to_vec();
         let mut w = FrameWatch::default();
         assert!(!w.feed(&frame(0x1, &json(ResCode::ResBadToken))));
-        assert!(!w.feed(&frame(0x2, &json(ResCode::ResOk))), "JSON is never binary");
+        assert!(
+            !w.feed(&frame(0x2, &json(ResCode::ResOk))),
+            "JSON is never binary"
+        );
         assert!(w.feed(&frame(0x1, &json(ResCode::ResOk))));
     }
 

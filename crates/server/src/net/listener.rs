@@ -237,7 +237,10 @@ async fn plain_websocket(
 async fn tls_websocket(
     start: Start,
     acceptor: TlsAcceptor,
-) -> Option<(WebSocketStream<Admitted<TlsStream<TcpStream>>>, Option<Codec>)> {
+) -> Option<(
+    WebSocketStream<Admitted<TlsStream<TcpStream>>>,
+    Option<Codec>,
+)> {
     let Start {
         mut tcp,
         addr,

@@ -642,19 +642,13 @@ mod tests {
         let (conn, mut rx) = conn(8, 10);
         // An empty queue takes one frame of any size.
         conn.queue(Bytes::from(vec![0; 64])).unwrap();
-        assert_eq!(
-            conn.queue(Bytes::from_static(b"x")),
-            Err(SendError::Full)
-        );
+        assert_eq!(conn.queue(Bytes::from_static(b"x")), Err(SendError::Full));
         assert_eq!(queued(&conn), 64, "a refused frame leaves no trace");
         drain(&conn, &mut rx);
         conn.shared
             .queued_bytes
             .store(usize::MAX - 1, Ordering::Release);
-        assert_eq!(
-            conn.queue(Bytes::from_static(b"xyz")),
-            Err(SendError::Full)
-        );
+        assert_eq!(conn.queue(Bytes::from_static(b"xyz")), Err(SendError::Full));
         // Subtracting more than is counted stops at zero.
         conn.shared.drained(usize::MAX);
         conn.shared.drained(1);
@@ -754,6 +748,40 @@ mod tests {
                 close_code::SLOW_CONSUMER
             )
         );
+    }
+
+    #[test]
+    fn a_shared_frame_is_transcoded_once_and_counted_in_each_codec() {
+        let stats = Stats::default();
+        let frame = kick_notice(KickReason::KickIdle, "x");
+        let json = json::transcode_server(&frame).unwrap();
+        let conns: Vec<_> = [Codec::Json, Codec::Protobuf, Codec::Json]
+            .into_iter()
+            .map(|codec| {
+                let (c, rx) = conn(8, 1024);
+                assert_eq!(c.settle_codec(codec), codec);
+                // Fixed once: a later frame of the other kind changes nothing.
+                assert_eq!(c.settle_codec(Codec::Protobuf), codec);
+                (c, rx)
+            })
+            .collect();
+        let shared = Encoded::new(frame.clone());
+        for (c, _) in &conns {
+            assert!(c.deliver_encoded(&shared, Priority::Keep, &stats));
+        }
+        assert_eq!(Stats::get(&stats.json_encodes), 1);
+        for ((c, mut rx), want) in conns.into_iter().zip([&json, &frame, &json]) {
+            assert_eq!(queued(&c), want.len(), "counted in the codec written");
+            let Ok(Outbound::Frame(got)) = rx.try_recv() else {
+                panic!("nothing queued")
+            };
+            assert_eq!(&got.into_bytes(), want);
+        }
+        // A reply to one JSON connection is one transcode more.
+        let (c, _rx) = conn(8, 1024);
+        c.settle_codec(Codec::Json);
+        c.try_frame(frame, &stats).unwrap();
+        assert_eq!(Stats::get(&stats.json_encodes), 2);
     }
 
     #[test]

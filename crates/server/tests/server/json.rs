@@ -126,7 +126,10 @@ async fn a_json_client_chats_with_a_protobuf_client_both_ways() {
     assert!(rep["msgId"].as_str().unwrap().parse::<u64>().unwrap() > 0);
     let heard = next_chat(&mut pb).await;
     assert_eq!(heard.strcontext, "hello from a browser");
-    assert_eq!((heard.senderid, heard.chattype), (1, ChatType::ChatGuild as i32));
+    assert_eq!(
+        (heard.senderid, heard.chattype),
+        (1, ChatType::ChatGuild as i32)
+    );
 
     let rep = say(&mut pb, ChatType::ChatGuild, "hello from a game").await;
     let note = recv_of(&mut js, MsgType::ChcNotifyChat).await;
@@ -202,7 +205,10 @@ async fn bad_json_gets_json_error_notices_and_too_many_close_the_connection() {
     let before = Stats::get(&server.stats.bad_frames);
     send(&mut ws, json!({ "msghead": { "msgid": 9999, "seq": 5 } })).await;
     let err = recv(&mut ws).await;
-    assert_eq!(err["msghead"], json!({ "msgid": id(MsgType::ChcNotifyError), "seq": 5 }));
+    assert_eq!(
+        err["msghead"],
+        json!({ "msgid": id(MsgType::ChcNotifyError), "seq": 5 })
+    );
     assert_eq!(err["res"], "RES_UNKNOWN_MSG", "{err}");
     assert_eq!(err["badmsgid"], 9999);
     ws.send(Message::Text("{not json".into())).await.unwrap();
@@ -217,7 +223,11 @@ async fn bad_json_gets_json_error_notices_and_too_many_close_the_connection() {
     let err = recv(&mut ws).await;
     assert_eq!(
         (&err["res"], &err["badmsgid"], &err["msghead"]["seq"]),
-        (&json!("RES_BAD_REQUEST"), &json!(id(MsgType::CchSetMaskReq)), &json!(6)),
+        (
+            &json!("RES_BAD_REQUEST"),
+            &json!(id(MsgType::CchSetMaskReq)),
+            &json!(6)
+        ),
         "{err}"
     );
     for _ in 3..limit {
@@ -233,7 +243,10 @@ async fn bad_json_gets_json_error_notices_and_too_many_close_the_connection() {
     };
     assert_eq!(code, Some(4006));
     assert_eq!(kick.unwrap()["reason"], "KICK_PROTOCOL_ERROR");
-    assert_eq!(Stats::get(&server.stats.bad_frames) - before, u64::from(limit));
+    assert_eq!(
+        Stats::get(&server.stats.bad_frames) - before,
+        u64::from(limit)
+    );
     server.stop().await;
 }
 
