@@ -360,3 +360,21 @@ fn an_enum_number_the_schema_does_not_name_cannot_be_written() {
         Err(EncodeError::Decode(DecodeError::NoHead))
     ));
 }
+
+proptest::proptest! {
+    /// Whatever a client sends, decoding returns; a frame that decodes
+    /// survives the trip through protobuf and back.
+    #[test]
+    fn any_text_decodes_or_is_refused(
+        pick in 0usize..9,
+        cut in 0usize..400,
+        junk in proptest::collection::vec(proptest::num::u8::ANY, 0..8),
+    ) {
+        let mut text = client_msgs()[pick].to_json().unwrap().to_vec();
+        let at = cut.min(text.len());
+        text.splice(at..at, junk);
+        if let Ok(msg) = decode_client(&text) {
+            proptest::prop_assert_eq!(decode_proto_client(&msg.encode()).unwrap(), msg);
+        }
+    }
+}
