@@ -58,6 +58,12 @@ pub struct Stats {
     pub receipts: AtomicU64,
     /// Frames from clients that could not be handled.
     pub bad_frames: AtomicU64,
+    /// Protobuf frames transcoded to JSON on their way into a JSON
+    /// connection's queue: one per reply (or queued notice) to a JSON
+    /// client, and one per broadcast that has any JSON recipient, however
+    /// many it has. (The writer's own shed and kill-switch notices are
+    /// transcoded where they are written and not counted here.)
+    pub json_encodes: AtomicU64,
     /// Requests refused with RES_RATE_LIMITED.
     pub rate_limited: AtomicU64,
     /// Connections closed for going on far past their rate limit.

@@ -26,7 +26,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use guildchat_protocol::{codec, ResCode, ServerMsg};
+use guildchat_protocol::{codec, json, Codec, ResCode, ServerMsg};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -408,6 +408,9 @@ pub(crate) enum Head {
     Upgrade {
         accept: String,
         rest: Vec<u8>,
+        /// The codec the client asked for with `Sec-WebSocket-Protocol`,
+        /// if it offered one this server speaks.
+        codec: Option<Codec>,
     },
     Refused(HttpRefusal),
     /// The client went away, or sent something that is not HTTP at all.
@@ -436,16 +439,20 @@ pub(crate) async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Head {
         return Head::Refused(HttpRefusal::HeadersTooLarge);
     }
     match check_head(&buf[..end]) {
-        Ok(accept) => Head::Upgrade {
+        Ok((accept, codec)) => Head::Upgrade {
             accept,
             rest: buf[end..].to_vec(),
+            codec,
         },
         Err(refusal) => Head::Refused(refusal),
     }
 }
 
-/// Checks a complete request head; returns the `Sec-WebSocket-Accept`.
-fn check_head(head: &[u8]) -> Result<String, HttpRefusal> {
+/// Checks a complete request head; returns the `Sec-WebSocket-Accept` and
+/// the codec chosen from the offered subprotocols. An offer of none we
+/// speak is not refused: such a client gets no subprotocol back, and its
+/// first frame decides.
+fn check_head(head: &[u8]) -> Result<(String, Option<Codec>), HttpRefusal> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(head) {
@@ -485,14 +492,26 @@ fn check_head(head: &[u8]) -> Result<String, HttpRefusal> {
     if header("sec-websocket-version").map(<[u8]>::trim_ascii) != Some(b"13") {
         return Err(HttpRefusal::UpgradeRequired);
     }
-    Ok(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.trim_ascii()))
+    // The header may be repeated; its offers are read in order.
+    let codec = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-protocol"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .find_map(Codec::choose);
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.trim_ascii());
+    Ok((accept, codec))
 }
 
-/// The `101` that completes the upgrade.
-pub(crate) fn switching_protocols(accept: &str) -> String {
+/// The `101` that completes the upgrade, echoing the chosen subprotocol
+/// (a browser fails a connection that asked for one and got none).
+pub(crate) fn switching_protocols(accept: &str, codec: Option<Codec>) -> String {
+    let protocol = codec.map_or(String::new(), |c| {
+        format!("Sec-WebSocket-Protocol: {}\r\n", c.subprotocol())
+    });
     format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {accept}\r\n\r\n"
+         Sec-WebSocket-Accept: {accept}\r\n{protocol}\r\n"
     )
 }
 
@@ -660,8 +679,10 @@ struct FrameWatch {
     have: usize,
     /// Payload bytes of the current frame still to come.
     left: u64,
-    /// The current frame's payload, when it is a small binary frame.
+    /// The current frame's payload, when it is a small binary or text
+    /// frame, and whether it is text (a JSON connection's).
     capture: Option<Vec<u8>>,
+    text: bool,
     in_payload: bool,
 }
 
@@ -679,11 +700,13 @@ impl FrameWatch {
                 if self.have < need {
                     continue;
                 }
-                let binary_final = self.head[0] == 0x82;
+                // Final binary (0x82) or text (0x81) frames.
+                let data_final = matches!(self.head[0], 0x81 | 0x82);
+                self.text = self.head[0] == 0x81;
                 self.have = 0;
                 self.left = len;
                 self.in_payload = true;
-                self.capture = (binary_final && len <= MAX_WATCHED_FRAME as u64)
+                self.capture = (data_final && len <= MAX_WATCHED_FRAME as u64)
                     .then(|| Vec::with_capacity(len as usize));
             } else {
                 let take = (self.left.min(bytes.len() as u64)) as usize;
@@ -696,7 +719,7 @@ impl FrameWatch {
             if self.in_payload && self.left == 0 {
                 self.in_payload = false;
                 if let Some(frame) = self.capture.take() {
-                    if is_login_ok(&frame) {
+                    if is_login_ok(&frame, self.text) {
                         return true;
                     }
                 }
@@ -729,8 +752,13 @@ impl FrameWatch {
     }
 }
 
-fn is_login_ok(frame: &[u8]) -> bool {
-    matches!(codec::decode_server(frame), Ok(ServerMsg::LoginRep(rep)) if rep.res == ResCode::ResOk as i32)
+fn is_login_ok(frame: &[u8], text: bool) -> bool {
+    let decoded = if text {
+        json::decode_server(frame)
+    } else {
+        codec::decode_server(frame)
+    };
+    matches!(decoded, Ok(ServerMsg::LoginRep(rep)) if rep.res == ResCode::ResOk as i32)
 }
 
 #[cfg(test)]
@@ -757,7 +785,35 @@ mod tests {
     }
 
     fn req(lines: &str) -> Result<String, HttpRefusal> {
-        check_head(format!("{lines}\r\n\r\n").as_bytes())
+        check_head(format!("{lines}\r\n\r\n").as_bytes()).map(|(accept, _)| accept)
+    }
+
+    #[test]
+    fn the_subprotocol_chooses_the_codec() {
+        let good = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13";
+        let codec = |extra: &str| {
+            check_head(format!("{good}{extra}\r\n\r\n").as_bytes())
+                .unwrap()
+                .1
+        };
+        assert_eq!(codec(""), None);
+        assert_eq!(
+            codec("\r\nSec-WebSocket-Protocol: guildchat.json"),
+            Some(Codec::Json)
+        );
+        assert_eq!(
+            codec("\r\nSec-WebSocket-Protocol: mqtt, guildchat.proto"),
+            Some(Codec::Protobuf)
+        );
+        assert_eq!(
+            codec("\r\nsec-websocket-protocol: mqtt\r\nSec-WebSocket-Protocol: guildchat.json"),
+            Some(Codec::Json)
+        );
+        assert_eq!(codec("\r\nSec-WebSocket-Protocol: mqtt"), None);
+        let answer = switching_protocols("k", Some(Codec::Json));
+        assert!(answer.contains("\r\nSec-WebSocket-Protocol: guildchat.json\r\n\r\n"));
+        assert!(!switching_protocols("k", None).contains("Sec-WebSocket-Protocol"));
     }
 
     #[test]
@@ -843,6 +899,15 @@ mod tests {
         // A failed login is never taken for a success.
         let mut w = FrameWatch::default();
         assert!(!w.feed(&frame(0x2, &login_rep(ResCode::ResBadToken))));
+        // A JSON connection's login reply is a text frame.
+        let json = |res: ResCode| json::transcode_server(&login_rep(res)).unwrap().to_vec();
+        let mut w = FrameWatch::default();
+        assert!(!w.feed(&frame(0x1, &json(ResCode::ResBadToken))));
+        assert!(
+            !w.feed(&frame(0x2, &json(ResCode::ResOk))),
+            "JSON is never binary"
+        );
+        assert!(w.feed(&frame(0x1, &json(ResCode::ResOk))));
     }
 
     #[tokio::test]

@@ -6,6 +6,10 @@
 //! decodes them and forwards requests to the user actor, waiting when the
 //! actor is busy so that a flooding client is slowed at its own socket.
 //!
+//! A connection speaks one codec: protobuf in binary frames or JSON in
+//! text frames, chosen by the websocket subprotocol or else by the kind of
+//! its first frame. A frame of the other kind is a bad frame.
+//!
 //! It never holds chat state. Frames it cannot decode get an error notice;
 //! too many of them close the connection with PROTOCOL_ERROR. That budget
 //! refills slowly, so only a burst of garbage closes a connection, not the
@@ -17,7 +21,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
-use guildchat_protocol::{codec, pb, ClientMsg, DecodeError, KickReason, MsgType, ResCode};
+use guildchat_protocol::{
+    codec, json, pb, ClientMsg, Codec, DecodeError, KickReason, MsgType, ResCode,
+};
 use std::pin::Pin;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -52,10 +58,10 @@ pub(crate) struct ConnCtx {
 
 /// What the reader saw.
 enum Event {
-    Frame(Bytes),
+    /// A data frame: binary (protobuf) or text (JSON).
+    Frame(Bytes, Codec),
     /// A pong with a payload (the server's own delivery barrier).
     Pong(Bytes),
-    Text,
     /// The peer closed, or the socket failed.
     Closed,
     /// Nothing (not even a pong) within the idle limit.
@@ -131,6 +137,7 @@ pub(crate) fn serve<S>(
     id: ConnId,
     ctx: Arc<ConnCtx>,
     login_deadline: Instant,
+    subprotocol: Option<Codec>,
 ) -> impl std::future::Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -138,6 +145,9 @@ where
     let (sink, stream) = ws.split();
     let (tx, rx) = mpsc::channel(ctx.config.limits.outbound_queue);
     let shared = Shared::new();
+    if let Some(codec) = subprotocol {
+        shared.settle_codec(codec);
+    }
     let done = shared.kill.clone();
     let conn = ConnTx::new(id, tx, shared.clone(), ctx.config.limits.outbound_bytes);
     let writer = tokio::spawn(writer::run(
@@ -200,8 +210,8 @@ where
             self.last_seen = Instant::now();
             return match read {
                 None => Event::Closed,
-                Some(Ok(Message::Binary(b))) => Event::Frame(b),
-                Some(Ok(Message::Text(_))) => Event::Text,
+                Some(Ok(Message::Binary(b))) => Event::Frame(b, Codec::Protobuf),
+                Some(Ok(Message::Text(t))) => Event::Frame(t.into(), Codec::Json),
                 // Pings are answered by tungstenite; pongs and pings are
                 // life, nothing more.
                 Some(Ok(Message::Pong(p))) if !p.is_empty() => Event::Pong(p),
@@ -232,7 +242,7 @@ where
                 self.conn.close(Close::TooBig, &self.ctx.stats);
                 Some(false)
             }
-            Event::Frame(_) | Event::Text | Event::Pong(_) => None,
+            Event::Frame(..) | Event::Pong(_) => None,
         }
     }
 
@@ -243,14 +253,16 @@ where
         let count = self
             .bad_frames
             .add(Instant::now(), self.ctx.config.rates.bad_frame_forgive());
-        let _ = self
-            .conn
-            .try_frame(codec::encode(&pb::ChatMessageNotifyError {
+        // In the connection's codec, like every reply.
+        let _ = self.conn.try_frame(
+            codec::encode(&pb::ChatMessageNotifyError {
                 msghead: codec::head(MsgType::ChcNotifyError, seq),
                 res: res as i32,
                 badmsgid: msgid,
                 detail,
-            }));
+            }),
+            &self.ctx.stats,
+        );
         if count >= self.ctx.config.limits.bad_frame_limit {
             self.conn
                 .close(Close::Kick(KickReason::KickProtocolError), &self.ctx.stats);
@@ -259,7 +271,31 @@ where
         true
     }
 
-    fn decode_failed(&mut self, frame: &[u8], e: DecodeError) -> bool {
+    /// Decodes a data frame in the connection's codec, settling the codec
+    /// first if this is the connection's first frame. Ok(None) when the
+    /// frame was refused (and answered); Err(()) once too many were.
+    fn decode(&mut self, frame: &[u8], kind: Codec) -> Result<Option<ClientMsg>, ()> {
+        let codec = self.conn.settle_codec(kind);
+        if codec != kind {
+            let detail = match kind {
+                Codec::Json => "text frame on a protobuf connection",
+                Codec::Protobuf => "binary frame on a JSON connection",
+            };
+            let more = self.bad_frame(ResCode::ResBadRequest, 0, 0, detail.into());
+            return if more { Ok(None) } else { Err(()) };
+        }
+        let decoded = match codec {
+            Codec::Protobuf => codec::decode_client(frame),
+            Codec::Json => json::decode_client(frame),
+        };
+        match decoded {
+            Ok(msg) => Ok(Some(msg)),
+            Err(e) if self.decode_failed(frame, codec, e.clone()) => Ok(None),
+            Err(_) => Err(()),
+        }
+    }
+
+    fn decode_failed(&mut self, frame: &[u8], codec: Codec, e: DecodeError) -> bool {
         let res = match &e {
             DecodeError::UnknownMsg(_) => ResCode::ResUnknownMsg,
             DecodeError::Malformed { reason, .. } if reason.contains("UTF-8") => {
@@ -267,7 +303,11 @@ where
             }
             _ => ResCode::ResBadRequest,
         };
-        self.bad_frame(res, e.msgid(), codec::peek_seq(frame), e.to_string())
+        let seq = match codec {
+            Codec::Protobuf => codec::peek_seq(frame),
+            Codec::Json => json::peek_seq(frame),
+        };
+        self.bad_frame(res, e.msgid(), seq, e.to_string())
     }
 
     /// The login handshake, until `deadline` (set at the accept). Returns
@@ -293,20 +333,13 @@ where
             if let Event::Pong(_) = event {
                 continue;
             }
-            let Event::Frame(frame) = event else {
-                if !self.bad_frame(ResCode::ResBadRequest, 0, 0, "text frame".into()) {
-                    return Err(false);
-                }
+            let Event::Frame(frame, kind) = event else {
                 continue;
             };
-            let msg = match codec::decode_client(&frame) {
-                Ok(msg) => msg,
-                Err(e) => {
-                    if !self.decode_failed(&frame, e) {
-                        return Err(false);
-                    }
-                    continue;
-                }
+            let msg = match self.decode(&frame, kind) {
+                Ok(Some(msg)) => msg,
+                Ok(None) => continue,
+                Err(()) => return Err(false),
             };
             let seq = msg.seq();
             let refusal = match msg {
@@ -314,7 +347,7 @@ where
                 ClientMsg::Heartbeat(m) => crate::user::heartbeat_reply(seq, &m),
                 other => other.refusal(ResCode::ResNotLoggedIn, 0),
             };
-            let _ = self.conn.try_frame(refusal);
+            let _ = self.conn.try_frame(refusal, &self.ctx.stats);
         }
     }
 
@@ -362,12 +395,15 @@ where
                 let banned_ms = left.map_or(0, |d| {
                     d.as_micros().div_ceil(1000).clamp(1, u32::MAX as u128) as u32
                 });
-                let _ = self.conn.try_frame(codec::encode(&pb::ChatMessageLoginRep {
-                    msghead: codec::head(MsgType::ChcLoginRep, seq),
-                    res: refusal.code() as i32,
-                    banned_ms,
-                    ..Default::default()
-                }));
+                let _ = self.conn.try_frame(
+                    codec::encode(&pb::ChatMessageLoginRep {
+                        msghead: codec::head(MsgType::ChcLoginRep, seq),
+                        res: refusal.code() as i32,
+                        banned_ms,
+                        ..Default::default()
+                    }),
+                    &self.ctx.stats,
+                );
                 self.conn
                     .close(Close::Kick(KickReason::KickLoginFailed), &self.ctx.stats);
                 Err(false)
@@ -393,21 +429,14 @@ where
                 }
                 continue;
             }
-            let Event::Frame(frame) = event else {
-                if !self.bad_frame(ResCode::ResBadRequest, 0, 0, "text frame".into()) {
-                    return false;
-                }
+            let Event::Frame(frame, kind) = event else {
                 continue;
             };
             // Boxed before the await (see Memory layout in ARCHITECTURE.md).
-            let req = match codec::decode_client(&frame) {
-                Ok(msg) => Box::new(Inbound::Request(msg)),
-                Err(e) => {
-                    if !self.decode_failed(&frame, e) {
-                        return false;
-                    }
-                    continue;
-                }
+            let req = match self.decode(&frame, kind) {
+                Ok(Some(msg)) => Box::new(Inbound::Request(msg)),
+                Ok(None) => continue,
+                Err(()) => return false,
             };
             // Waits while the user actor is busy: backpressure. Fails once
             // the actor has moved to another connection.
@@ -496,7 +525,13 @@ mod tests {
         });
         let (io, _peer) = tokio::io::duplex(64);
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
-        let reader = serve(ws, ConnId(1), ctx, Instant::now() + Duration::from_secs(5));
+        let reader = serve(
+            ws,
+            ConnId(1),
+            ctx,
+            Instant::now() + Duration::from_secs(5),
+            None,
+        );
         let size = std::mem::size_of_val(&reader);
         // 448 bytes today (see Memory layout in ARCHITECTURE.md).
         assert!(

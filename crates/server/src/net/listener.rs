@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use guildchat_protocol::limits::MAX_FRAME_BYTES;
+use guildchat_protocol::Codec;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -145,13 +146,13 @@ fn connection<S, H>(
 ) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Future<Output = Option<WebSocketStream<S>>> + Send,
+    H: Future<Output = Option<(WebSocketStream<S>, Option<Codec>)>> + Send,
 {
     async move {
         let session = match handshake.await {
-            Some(ws) => {
+            Some((ws, subprotocol)) => {
                 Stats::bump(&ctx.stats.connections);
-                conn::serve(ws, id, ctx, login_deadline)
+                conn::serve(ws, id, ctx, login_deadline, subprotocol)
             }
             None => return,
         };
@@ -209,7 +210,9 @@ async fn admit_peer(
 }
 
 /// The plain transport: admission, then the upgrade, within the deadline.
-async fn plain_websocket(start: Start) -> Option<WebSocketStream<Admitted<TcpStream>>> {
+async fn plain_websocket(
+    start: Start,
+) -> Option<(WebSocketStream<Admitted<TcpStream>>, Option<Codec>)> {
     let Start {
         mut tcp,
         addr,
@@ -221,12 +224,12 @@ async fn plain_websocket(start: Start) -> Option<WebSocketStream<Admitted<TcpStr
     let stats = admission.stats.clone();
     let steps = async {
         let guard = admit_peer(&mut tcp, addr, &admission, true).await?;
-        let rest = upgrade(&mut tcp, &stats).await?;
-        Some((guard, rest))
+        let upgraded = upgrade(&mut tcp, &stats).await?;
+        Some((guard, upgraded))
     };
-    let (guard, rest) = within(deadline, &shutdown, &stats, steps).await?;
+    let (guard, (rest, codec)) = within(deadline, &shutdown, &stats, steps).await?;
     let stream = Admitted::new(tcp, permits, Some(guard), deadline + LOGIN_CUT_SLACK, stats);
-    Some(into_websocket(stream, rest).await)
+    Some((into_websocket(stream, rest).await, codec))
 }
 
 /// The TLS transport: admission, the TLS handshake, then the upgrade, all
@@ -234,7 +237,10 @@ async fn plain_websocket(start: Start) -> Option<WebSocketStream<Admitted<TcpStr
 async fn tls_websocket(
     start: Start,
     acceptor: TlsAcceptor,
-) -> Option<WebSocketStream<Admitted<TlsStream<TcpStream>>>> {
+) -> Option<(
+    WebSocketStream<Admitted<TlsStream<TcpStream>>>,
+    Option<Codec>,
+)> {
     let Start {
         mut tcp,
         addr,
@@ -253,10 +259,10 @@ async fn tls_websocket(
                 return None;
             }
         };
-        let rest = upgrade(&mut stream, &stats).await?;
-        Some((guard, stream, rest))
+        let upgraded = upgrade(&mut stream, &stats).await?;
+        Some((guard, stream, upgraded))
     };
-    let (guard, stream, rest) = within(deadline, &shutdown, &stats, steps).await?;
+    let (guard, stream, (rest, codec)) = within(deadline, &shutdown, &stats, steps).await?;
     let stream = Admitted::new(
         stream,
         permits,
@@ -264,7 +270,7 @@ async fn tls_websocket(
         deadline + LOGIN_CUT_SLACK,
         stats,
     );
-    Some(into_websocket(stream, rest).await)
+    Some((into_websocket(stream, rest).await, codec))
 }
 
 /// Runs the steps before the upgrade under the login deadline, until
@@ -291,19 +297,24 @@ async fn within<T>(
 
 /// Reads the upgrade request and answers it: `101`, or an HTTP error for
 /// a request that is not a websocket upgrade we serve. Returns what the
-/// client sent after its request.
-async fn upgrade<S>(stream: &mut S, stats: &Stats) -> Option<Vec<u8>>
+/// client sent after its request, and the subprotocol's codec (echoed in
+/// the `101`).
+async fn upgrade<S>(stream: &mut S, stats: &Stats) -> Option<(Vec<u8>, Option<Codec>)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     match admission::read_head(stream).await {
-        Head::Upgrade { accept, rest } => {
-            let response = admission::switching_protocols(&accept);
+        Head::Upgrade {
+            accept,
+            rest,
+            codec,
+        } => {
+            let response = admission::switching_protocols(&accept, codec);
             if let Err(e) = stream.write_all(response.as_bytes()).await {
                 debug!(error = %e, "websocket upgrade failed");
                 return None;
             }
-            Some(rest)
+            Some((rest, codec))
         }
         Head::Refused(refusal) => {
             Stats::bump(&stats.http_refused);

@@ -11,19 +11,25 @@
 //! that has not drained for `stall_timeout`, makes it a slow consumer, which
 //! is disconnected through the kill switch, bypassing the full queue.
 //!
+//! A connection speaks one [`Codec`], fixed by its websocket subprotocol or
+//! by its first frame. Logic code always hands over protobuf; a frame for a
+//! JSON connection is transcoded here, before its bytes are counted, and a
+//! broadcast ([`Encoded`]) is transcoded once for all its JSON recipients.
+//!
 //! Every end of a connection is a [`Close`] verdict given to
 //! [`ConnTx::close`]; nothing else here ends one. It must never queue a
 //! frame uncounted, never wait, and never let a later verdict rewrite the
 //! first.
 
+use std::cell::OnceCell;
 use std::sync::atomic::{
-    AtomicBool, AtomicI32, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+    AtomicBool, AtomicI32, AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use guildchat_protocol::{close_code, codec, pb, KickReason, MsgType};
+use guildchat_protocol::{close_code, codec, json, pb, Codec, KickReason, MsgType};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +41,8 @@ use crate::stats::Stats;
 /// the rare rest is boxed (see Memory layout in ARCHITECTURE.md).
 #[derive(Debug)]
 pub enum Outbound {
-    /// Write one encoded message as a binary frame.
+    /// Write one encoded message: a binary frame, or a text frame on a
+    /// JSON connection.
     Frame(Counted),
     /// Anything else: a ping, a close, a wake-up.
     Control(Box<Control>),
@@ -79,7 +86,8 @@ impl Counted {
         self.0.is_empty()
     }
 
-    /// The encoded message, for the socket.
+    /// The encoded message, for the socket: protobuf, or JSON text on a
+    /// JSON connection.
     pub fn into_bytes(self) -> Bytes {
         self.0
     }
@@ -127,6 +135,9 @@ pub(crate) struct Shared {
     killed: AtomicBool,
     /// The reader has finished: the writer stops too.
     reader_gone: AtomicBool,
+    /// The connection's codec: [`UNDECIDED`] until the subprotocol or the
+    /// first frame decides, read as protobuf meanwhile.
+    codec: AtomicU8,
     /// The kill switch. Also cancelled when the reader or the writer ends,
     /// so that the other stops too; only `killed` says a verdict was given.
     pub(crate) kill: CancellationToken,
@@ -146,6 +157,7 @@ impl Shared {
             code: AtomicU16::new(1000),
             killed: AtomicBool::new(false),
             reader_gone: AtomicBool::new(false),
+            codec: AtomicU8::new(UNDECIDED),
             kill: CancellationToken::new(),
         })
     }
@@ -230,6 +242,77 @@ impl Shared {
 
     pub(crate) fn is_reader_gone(&self) -> bool {
         self.reader_gone.load(Ordering::Acquire)
+    }
+
+    /// The codec frames are written in (protobuf while undecided).
+    pub(crate) fn codec(&self) -> Codec {
+        match self.codec.load(Ordering::Acquire) {
+            JSON => Codec::Json,
+            _ => Codec::Protobuf,
+        }
+    }
+
+    /// Fixes the codec unless it is already fixed; returns the one in force.
+    /// Decided once: nothing may be queued in one codec and written in the
+    /// other.
+    pub(crate) fn settle_codec(&self, codec: Codec) -> Codec {
+        let want = match codec {
+            Codec::Protobuf => PROTOBUF,
+            Codec::Json => JSON,
+        };
+        let _ = self
+            .codec
+            .compare_exchange(UNDECIDED, want, Ordering::AcqRel, Ordering::Acquire);
+        self.codec()
+    }
+}
+
+/// Values of [`Shared::codec`].
+const UNDECIDED: u8 = 0;
+const PROTOBUF: u8 = 1;
+const JSON: u8 = 2;
+
+/// Transcodes a protobuf frame for a JSON connection, counted. None only
+/// for a frame the server should never have made (logged: it is a bug).
+fn transcode(frame: &[u8], stats: &Stats) -> Option<Bytes> {
+    Stats::bump(&stats.json_encodes);
+    match json::transcode_server(frame) {
+        Ok(text) => Some(text),
+        Err(e) => {
+            tracing::warn!(error = %e, "a frame could not be written as JSON");
+            None
+        }
+    }
+}
+
+/// One encoded message on its way to several connections: the protobuf
+/// frame, encoded once, and its JSON form, transcoded the first time a JSON
+/// recipient needs it and shared by every other. So a broadcast costs one
+/// encode per codec that has recipients, never one per recipient.
+#[derive(Debug)]
+pub struct Encoded {
+    proto: Bytes,
+    json: OnceCell<Option<Bytes>>,
+}
+
+impl Encoded {
+    pub fn new(proto: Bytes) -> Self {
+        Encoded {
+            proto,
+            json: OnceCell::new(),
+        }
+    }
+
+    /// The frame in `codec`, sharing the buffer with every other recipient
+    /// of that codec.
+    fn get(&self, codec: Codec, stats: &Stats) -> Option<Bytes> {
+        match codec {
+            Codec::Protobuf => Some(self.proto.clone()),
+            Codec::Json => self
+                .json
+                .get_or_init(|| transcode(&self.proto, stats))
+                .clone(),
+        }
     }
 }
 
@@ -316,11 +399,39 @@ impl ConnTx {
         self.id
     }
 
-    /// Queues one frame without waiting, within the byte bound: the only
-    /// way a frame enters the queue. Its bytes are counted before it is
-    /// sent, so that several senders (world, user actor, reader) cannot
-    /// together pass the bound, and taken back if it cannot be queued.
-    pub fn try_frame(&self, frame: Bytes) -> Result<(), SendError> {
+    /// The codec this connection's frames are written in.
+    pub fn codec(&self) -> Codec {
+        self.shared.codec()
+    }
+
+    /// Fixes the connection's codec from its first frame, unless the
+    /// subprotocol already did; returns the codec in force.
+    pub fn settle_codec(&self, codec: Codec) -> Codec {
+        self.shared.settle_codec(codec)
+    }
+
+    /// Queues one protobuf frame without waiting, within the byte bound,
+    /// transcoded first on a JSON connection (one recipient, one encode).
+    /// `stats` counts the transcodes.
+    pub fn try_frame(&self, frame: Bytes, stats: &Stats) -> Result<(), SendError> {
+        self.try_encoded(&Encoded::new(frame), stats)
+    }
+
+    /// [`ConnTx::try_frame`] for a frame shared by several recipients.
+    pub fn try_encoded(&self, frame: &Encoded, stats: &Stats) -> Result<(), SendError> {
+        match frame.get(self.codec(), stats) {
+            Some(bytes) => self.queue(bytes),
+            // Nothing the client could read: as if it were not there.
+            None => Ok(()),
+        }
+    }
+
+    /// Queues one frame, already in the connection's codec, without
+    /// waiting, within the byte bound: the only way a frame enters the
+    /// queue. Its bytes are counted before it is sent, so that several
+    /// senders (world, user actor, reader) cannot together pass the bound,
+    /// and taken back if it cannot be queued.
+    fn queue(&self, frame: Bytes) -> Result<(), SendError> {
         let len = frame.len();
         let max = self.max_bytes;
         let counted =
@@ -357,16 +468,21 @@ impl ConnTx {
             || self.shared.queued_bytes.load(Ordering::Acquire) > self.max_bytes / 2
     }
 
-    /// Queues a frame for a player under the slow-consumer policy. Returns
-    /// whether the frame was queued.
+    /// Queues a protobuf frame for a player under the slow-consumer policy
+    /// (transcoded on a JSON connection). Returns whether it was queued.
     pub fn deliver(&self, frame: Bytes, priority: Priority, stats: &Stats) -> bool {
+        self.deliver_encoded(&Encoded::new(frame), priority, stats)
+    }
+
+    /// [`ConnTx::deliver`] for a frame shared by several recipients.
+    pub fn deliver_encoded(&self, frame: &Encoded, priority: Priority, stats: &Stats) -> bool {
         if priority == Priority::Sheddable && self.congested() {
             self.shared.shed_one();
             Stats::bump(&stats.shed);
             stats.metrics.shed(priority);
             return false;
         }
-        match self.try_frame(frame) {
+        match self.try_encoded(frame, stats) {
             Ok(()) => true,
             Err(SendError::Full) => {
                 self.close(Close::SlowConsumer, stats);
@@ -405,7 +521,7 @@ impl ConnTx {
             Close::Kick(reason) => {
                 // Through the queue, counted like every frame, so that every
                 // frame queued before it is delivered first.
-                let queued = self.try_frame(kick_notice(reason, "")).is_ok()
+                let queued = self.try_frame(kick_notice(reason, ""), stats).is_ok()
                     && self.control(Control::Close(close_code::for_reason(reason)));
                 if !queued {
                     self.kill(verdict);
@@ -509,14 +625,14 @@ mod tests {
     #[test]
     fn a_kick_notice_is_counted_like_any_frame() {
         let (conn, mut rx) = conn(8, 1024);
-        conn.try_frame(Bytes::from_static(b"hello")).unwrap();
+        conn.queue(Bytes::from_static(b"hello")).unwrap();
         conn.close(Close::Kick(KickReason::KickIdle), &Stats::default());
         assert!(queued(&conn) > 5, "the notice is counted");
         drain(&conn, &mut rx);
         assert_eq!(queued(&conn), 0);
         // A frame queued after the kick (the world still fans out until the
         // player is detached) finds an honest count, not a wrapped one.
-        conn.try_frame(Bytes::from_static(b"late")).unwrap();
+        conn.queue(Bytes::from_static(b"late")).unwrap();
         assert_eq!(conn.backlog(), (1, 4));
         assert!(!conn.congested());
     }
@@ -525,20 +641,14 @@ mod tests {
     fn the_byte_bound_refuses_without_overflowing() {
         let (conn, mut rx) = conn(8, 10);
         // An empty queue takes one frame of any size.
-        conn.try_frame(Bytes::from(vec![0; 64])).unwrap();
-        assert_eq!(
-            conn.try_frame(Bytes::from_static(b"x")),
-            Err(SendError::Full)
-        );
+        conn.queue(Bytes::from(vec![0; 64])).unwrap();
+        assert_eq!(conn.queue(Bytes::from_static(b"x")), Err(SendError::Full));
         assert_eq!(queued(&conn), 64, "a refused frame leaves no trace");
         drain(&conn, &mut rx);
         conn.shared
             .queued_bytes
             .store(usize::MAX - 1, Ordering::Release);
-        assert_eq!(
-            conn.try_frame(Bytes::from_static(b"xyz")),
-            Err(SendError::Full)
-        );
+        assert_eq!(conn.queue(Bytes::from_static(b"xyz")), Err(SendError::Full));
         // Subtracting more than is counted stops at zero.
         conn.shared.drained(usize::MAX);
         conn.shared.drained(1);
@@ -548,7 +658,7 @@ mod tests {
     #[test]
     fn a_kick_that_does_not_fit_fires_the_kill_switch() {
         let (conn, _rx) = conn(8, 16);
-        conn.try_frame(Bytes::from(vec![0; 16])).unwrap();
+        conn.queue(Bytes::from(vec![0; 16])).unwrap();
         conn.close(Close::Kick(KickReason::KickIdle), &Stats::default());
         assert!(conn.shared.is_killed());
         assert_eq!(
@@ -609,7 +719,7 @@ mod tests {
     fn a_slow_consumer_is_counted_once_and_bypasses_the_queue() {
         let stats = Stats::default();
         let (conn, _rx) = conn(8, 1024);
-        conn.try_frame(Bytes::from_static(b"unread")).unwrap();
+        conn.queue(Bytes::from_static(b"unread")).unwrap();
         conn.close(Close::SlowConsumer, &stats);
         conn.close(Close::SlowConsumer, &stats);
         assert_eq!(Stats::get(&stats.slow_consumers), 1);
@@ -638,6 +748,40 @@ mod tests {
                 close_code::SLOW_CONSUMER
             )
         );
+    }
+
+    #[test]
+    fn a_shared_frame_is_transcoded_once_and_counted_in_each_codec() {
+        let stats = Stats::default();
+        let frame = kick_notice(KickReason::KickIdle, "x");
+        let json = json::transcode_server(&frame).unwrap();
+        let conns: Vec<_> = [Codec::Json, Codec::Protobuf, Codec::Json]
+            .into_iter()
+            .map(|codec| {
+                let (c, rx) = conn(8, 1024);
+                assert_eq!(c.settle_codec(codec), codec);
+                // Fixed once: a later frame of the other kind changes nothing.
+                assert_eq!(c.settle_codec(Codec::Protobuf), codec);
+                (c, rx)
+            })
+            .collect();
+        let shared = Encoded::new(frame.clone());
+        for (c, _) in &conns {
+            assert!(c.deliver_encoded(&shared, Priority::Keep, &stats));
+        }
+        assert_eq!(Stats::get(&stats.json_encodes), 1);
+        for ((c, mut rx), want) in conns.into_iter().zip([&json, &frame, &json]) {
+            assert_eq!(queued(&c), want.len(), "counted in the codec written");
+            let Ok(Outbound::Frame(got)) = rx.try_recv() else {
+                panic!("nothing queued")
+            };
+            assert_eq!(&got.into_bytes(), want);
+        }
+        // A reply to one JSON connection is one transcode more.
+        let (c, _rx) = conn(8, 1024);
+        c.settle_codec(Codec::Json);
+        c.try_frame(frame, &stats).unwrap();
+        assert_eq!(Stats::get(&stats.json_encodes), 2);
     }
 
     #[test]

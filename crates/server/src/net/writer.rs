@@ -11,7 +11,10 @@
 //! `coalesce`, and never more than `coalesce`. It also sends the periodic ping, and obeys
 //! the kill switch even while a write is stuck on a client that stopped
 //! reading. When sheddable notifications were dropped for this client, it
-//! tells the client how many once its queue has drained.
+//! tells the client how many once its queue has drained. On a JSON
+//! connection it writes text frames; the frames were transcoded before they
+//! were queued, and only its own notices (shed, kill switch) are transcoded
+//! here.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,13 +23,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::SplitSink;
 use futures_util::SinkExt;
-use guildchat_protocol::{codec, pb, KickReason, MsgType};
+use guildchat_protocol::{codec, json, pb, Codec, KickReason, MsgType};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 use super::outbound::{kick_notice, Control, Outbound, Shared};
@@ -39,6 +42,25 @@ const MAX_BATCH: usize = 64;
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
 type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
+
+/// A queued frame as the websocket message of the connection's codec.
+fn frame_message(codec: Codec, frame: Bytes) -> Option<Message> {
+    match codec {
+        Codec::Protobuf => Some(Message::Binary(frame)),
+        // serde_json writes UTF-8; checked again (a few hundred bytes)
+        // rather than taken on trust with `unsafe`.
+        Codec::Json => Utf8Bytes::try_from(frame).ok().map(Message::Text),
+    }
+}
+
+/// A notice of the writer's own, encoded as protobuf, in the connection's
+/// codec. One recipient: transcoded here, once.
+fn notice_message(codec: Codec, proto: Bytes) -> Option<Message> {
+    match codec {
+        Codec::Protobuf => Some(Message::Binary(proto)),
+        Codec::Json => frame_message(codec, json::transcode_server(&proto).ok()?),
+    }
+}
 
 pub(crate) fn close_message(code: u16) -> Message {
     Message::Close(Some(CloseFrame {
@@ -86,7 +108,7 @@ where
                 let (reason, code) = shared.verdict();
                 // Boxed, like every once-only path (see Memory layout in
                 // ARCHITECTURE.md).
-                Box::pin(killed(&mut sink, reason, code)).await;
+                Box::pin(killed(&mut sink, shared.codec(), reason, code)).await;
                 break;
             }
             if shared.is_reader_gone() {
@@ -179,6 +201,8 @@ where
 {
     let mut closing = false;
     let mut bytes = 0usize;
+    // Settled before anything was queued, so one read serves the batch.
+    let codec = shared.codec();
     let mut next = Some(first);
     for _ in 0..MAX_BATCH {
         let Some(item) = next.take().or_else(|| rx.try_recv().ok()) else {
@@ -187,7 +211,11 @@ where
         let msg = match item {
             Outbound::Frame(frame) => {
                 bytes = bytes.saturating_add(frame.len());
-                Message::Binary(frame.into_bytes())
+                match frame_message(codec, frame.into_bytes()) {
+                    Some(msg) => msg,
+                    // Never made by this server; counted, not written.
+                    None => continue,
+                }
             }
             Outbound::Control(control) => match *control {
                 Control::Wake => continue,
@@ -231,18 +259,21 @@ where
         count,
         total: shared.shed_total.load(std::sync::atomic::Ordering::Acquire),
     });
-    sink.send(Message::Binary(notice)).await.map_err(|_| ())
+    match notice_message(shared.codec(), notice) {
+        Some(msg) => sink.send(msg).await.map_err(|_| ()),
+        None => Ok(()),
+    }
 }
 
 /// Best effort: the notice and the close frame, within a deadline, skipping
 /// whatever was queued.
-async fn killed<S>(sink: &mut Sink<S>, reason: Option<KickReason>, code: u16)
+async fn killed<S>(sink: &mut Sink<S>, codec: Codec, reason: Option<KickReason>, code: u16)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
-        if let Some(reason) = reason {
-            sink.feed(Message::Binary(kick_notice(reason, ""))).await?;
+        if let Some(notice) = reason.and_then(|r| notice_message(codec, kick_notice(r, ""))) {
+            sink.feed(notice).await?;
         }
         sink.send(close_message(code)).await
     })

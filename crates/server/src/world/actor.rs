@@ -20,6 +20,7 @@ use super::{ChatLine, ChatOutcome, LoginArgs, Target, WeakWorld, WorldMsg};
 use crate::config::Config;
 use crate::history::{Conversation, HistoryHandle, StoredMsg};
 use crate::ids::{ConnId, MsgId, UserId};
+use crate::net::outbound::Encoded;
 use crate::net::{Close, Priority};
 use crate::records;
 use crate::stats::Stats;
@@ -548,7 +549,7 @@ impl World {
         if resume.gap {
             Stats::bump(&self.stats.replay_gaps);
         }
-        let _ = conn.try_frame(reply);
+        let _ = conn.try_frame(reply, &self.stats);
         for (_, frame) in resume.frames {
             if !conn.deliver(frame, Priority::Keep, &self.stats) {
                 break;
@@ -1019,6 +1020,7 @@ impl World {
             msghead: codec::head(MsgType::ChcNotifyRecall, 0),
             msg_id: msg.msg_id,
         });
+        let frame = Encoded::new(frame);
         let mut told = 0;
         let stats = &self.stats;
         let id = msg.msg_id;
@@ -1029,7 +1031,7 @@ impl World {
             entry.replay.remove(id);
             entry.unconfirmed.retain(|m| m.msg_id != id);
             if let Some(conn) = &entry.conn {
-                told += usize::from(conn.deliver(frame.clone(), Priority::Keep, stats));
+                told += usize::from(conn.deliver_encoded(&frame, Priority::Keep, stats));
             }
         });
         told
@@ -1106,7 +1108,7 @@ fn abandon(user: UserId, entry: &Entry, pending: &PendingLogin, reason: KickReas
         0,
         &Resume::default(),
     );
-    let _ = pending.conn.try_frame(reply);
+    let _ = pending.conn.try_frame(reply, stats);
     pending.conn.close(Close::Kick(reason), stats);
 }
 

@@ -1,7 +1,8 @@
 //! The fan-out seam: "deliver this encoded notification to this audience".
 //!
 //! The world actor decides *who* hears a message and encodes it once; a
-//! [`Fanout`] gets the frame to them. [`LocalFanout`] delivers to players on
+//! [`Fanout`] gets the frame to them, in each recipient's codec, transcoding
+//! it to JSON at most once per notification. [`LocalFanout`] delivers to players on
 //! this node. A cluster deployment wraps it with one that also publishes the
 //! same frame to other nodes, without the world actor changing.
 //!
@@ -13,6 +14,7 @@ use guildchat_protocol::{mask_bit, ChatType};
 
 use super::registry::Registry;
 use crate::ids::{GuildId, MsgId, SceneId, TeamId, UserId};
+use crate::net::outbound::Encoded;
 use crate::net::Priority;
 use crate::stats::Stats;
 
@@ -85,6 +87,8 @@ impl Fanout for LocalFanout {
         if shared {
             registry.world.push(msg_id.0, frame.clone());
         }
+        // Transcoded to JSON at most once, for the first JSON recipient.
+        let encoded = Encoded::new(frame.clone());
         let mut queued = 0;
         registry.visit(audience, |entry| {
             if entry.mask & bit != 0 {
@@ -101,7 +105,7 @@ impl Fanout for LocalFanout {
                 entry.replay.record(msg_id.0, frame.clone(), priority);
             }
             if let Some(conn) = &entry.conn {
-                queued += usize::from(conn.deliver(frame.clone(), priority, stats));
+                queued += usize::from(conn.deliver_encoded(&encoded, priority, stats));
             }
         });
         Stats::add(&stats.deliveries, queued as u64);

@@ -10,6 +10,7 @@ mod channels;
 mod common;
 mod counting;
 mod history;
+mod json;
 mod login;
 mod promises;
 mod rates;
