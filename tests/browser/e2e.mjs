@@ -15,12 +15,14 @@ const artifacts = process.env.ARTIFACTS || "browser-artifacts";
 mkdirSync(artifacts, { recursive: true });
 
 const profile = mkdtempSync(join(tmpdir(), "guildchat-chromium-"));
-const browser = await chromium.launch({
+// A fresh, empty profile directory (playwright passes it as
+// --user-data-dir).
+const browser = await chromium.launchPersistentContext(profile, {
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
   args: [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
-    `--user-data-dir=${profile}`,
   ],
 });
 
@@ -33,6 +35,7 @@ const step = async (name, fn) => {
   } catch (e) {
     failed = true;
     console.log("FAILED\n  " + (e && e.message ? e.message.split("\n")[0] : e));
+    for (const l of logs.slice(-20)) console.log("  | " + l);
     throw e;
   }
 };
@@ -42,8 +45,16 @@ const waitFor = (page, fn, arg, what) =>
     throw new Error("timed out waiting for " + what);
   });
 
+// Page errors and console lines, printed when a step fails.
+const logs = [];
+function watch(page, who) {
+  page.on("console", (m) => logs.push(`${who}: ${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => logs.push(`${who}: error: ${e.message}`));
+  return page;
+}
+
 async function player(user, name, guild) {
-  const page = await browser.newPage();
+  const page = watch(await browser.newPage(), name);
   await page.goto(admin + "/demo/");
   await page.fill("#user", String(user));
   await page.fill("#name", name);
@@ -78,7 +89,7 @@ try {
     await heard(alice, "hi alice");
   });
   await step("the console logs in with a key", async () => {
-    console_ = await browser.newPage();
+    console_ = watch(await browser.newPage(), "console");
     await console_.goto(admin + "/console/");
     await console_.fill("#key", gmKey);
     await console_.click("#login-form button[type=submit]");

@@ -149,7 +149,23 @@ async fn demo_page(axum::extract::State(state): axum::extract::State<AdminState>
         return ApiError::NotFound("the demo is served with development keys only".into())
             .into_response();
     }
-    console(DEMO_HTML, "text/html; charset=utf-8")
+    // The page talks to the game port too, and to nothing else.
+    let game = match state.game_addr.get() {
+        Some(addr) => {
+            let scheme = if state.config.tls.is_some() {
+                "wss"
+            } else {
+                "ws"
+            };
+            format!(" {scheme}://{addr}")
+        }
+        None => String::new(),
+    };
+    page(
+        DEMO_HTML,
+        "text/html; charset=utf-8",
+        format!("default-src 'self'; connect-src 'self'{game}; frame-ancestors 'none'"),
+    )
 }
 
 /// Where the demo connects: the game port, as bound.
@@ -163,8 +179,14 @@ async fn demo_config(
         .game_addr
         .get()
         .ok_or_else(|| ApiError::Unavailable("the game port is not up yet".into()))?;
-    let scheme = if state.config.tls.is_some() { "wss" } else { "ws" };
-    Ok(axum::Json(serde_json::json!({ "url": format!("{scheme}://{addr}") })))
+    let scheme = if state.config.tls.is_some() {
+        "wss"
+    } else {
+        "ws"
+    };
+    Ok(axum::Json(
+        serde_json::json!({ "url": format!("{scheme}://{addr}") }),
+    ))
 }
 
 #[derive(Deserialize, Default)]
@@ -193,7 +215,9 @@ async fn demo_token(
         || body.name.is_empty()
         || body.name.chars().count() > guildchat_protocol::limits::MAX_NAME_CHARS
     {
-        return Err(ApiError::Unprocessable("user must be > 0 and name 1 to 32 characters".into()));
+        return Err(ApiError::Unprocessable(
+            "user must be > 0 and name 1 to 32 characters".into(),
+        ));
     }
     let now = (now_ms() / 1000) as i64;
     let claims = guildchat_auth::Claims {
@@ -214,17 +238,22 @@ async fn demo_token(
 }
 
 fn console(body: &'static str, content_type: &'static str) -> Response {
+    // Only the console's own files and API: no inline script, no other
+    // origin, no framing.
+    page(
+        body,
+        content_type,
+        "default-src 'self'; frame-ancestors 'none'".to_owned(),
+    )
+}
+
+fn page(body: &'static str, content_type: &'static str, csp: String) -> Response {
     (
         [
-            (header::CONTENT_TYPE, content_type),
-            // Only the console's own files and API: no inline script, no
-            // other origin, no framing.
-            (
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; frame-ancestors 'none'",
-            ),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-            (header::CACHE_CONTROL, "no-cache"),
+            (header::CONTENT_TYPE, content_type.to_owned()),
+            (header::CONTENT_SECURITY_POLICY, csp),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+            (header::CACHE_CONTROL, "no-cache".to_owned()),
         ],
         body,
     )
