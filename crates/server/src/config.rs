@@ -314,7 +314,7 @@ impl Default for LimitsConfig {
             // Both sized so that a full resume replay fits with the default
             // session and history settings (see `Config::replay_bound`).
             outbound_queue: 1024,
-            outbound_bytes: 1024 * 1024,
+            outbound_bytes: 2 * 1024 * 1024,
             stall_timeout_ms: 10_000,
             socket_send_buffer: 64 * 1024,
             bad_frame_limit: 8,
@@ -796,14 +796,17 @@ pub const MAX_LEEWAY_SECS: u64 = 300;
 const REPLAY_HEADROOM_FRAMES: usize = 64;
 
 /// The largest encoded notification a client can cause on channels whose
-/// longest text is `max_chars`: up to 4 UTF-8 bytes per character of the
-/// text and of two names (sender and whisper target), plus 128 bytes for
-/// the head, ids, times and field tags.
+/// longest text is `max_chars`, in either codec: in JSON, up to 6 bytes
+/// per character of the text and of two names (sender and whisper target;
+/// a control character is escaped as `\uXXXX`, anything else is at most 4
+/// UTF-8 bytes), plus 512 bytes for the field names, the head, and ids and
+/// times written as strings. The protobuf frame (4 bytes a character plus
+/// 128) is always smaller.
 pub fn max_notify_bytes(max_chars: usize) -> usize {
     max_chars
-        .saturating_mul(4)
-        .saturating_add(2 * MAX_NAME_CHARS * 4)
-        .saturating_add(128)
+        .saturating_mul(6)
+        .saturating_add(2 * MAX_NAME_CHARS * 6)
+        .saturating_add(512)
 }
 
 #[cfg(test)]
@@ -985,8 +988,8 @@ mod tests {
         // 1 + 256 + 2 x 64 + 200 offline whispers + 256 unconfirmed ones,
         // of 200 chars at most.
         assert_eq!(frames, 841);
-        assert_eq!(max_notify_bytes(200), 1184);
-        assert_eq!(bytes, 841 * 1184);
+        assert_eq!(max_notify_bytes(200), 2096);
+        assert_eq!(bytes, 841 * 2096);
         assert!(c.limits.outbound_queue >= frames + 64);
         assert!(c.limits.outbound_bytes >= bytes);
         // Without history there are no offline whispers to replay.
@@ -996,23 +999,49 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_notification_fits_the_bound_in_both_codecs() {
+        use guildchat_protocol::{codec, pb, ChatType, MsgType};
+        // Control characters take the most room in JSON (\u0001).
+        let worst = |n: usize| "\u{1}".repeat(n);
+        let max = u64::MAX;
+        let n = pb::ChatMessageNotifyChat {
+            msghead: codec::head(MsgType::ChcNotifyChat, u32::MAX),
+            chattype: ChatType::ChatPrivate as i32,
+            senderid: max,
+            strcontext: worst(200),
+            sendername: worst(MAX_NAME_CHARS),
+            msg_id: max,
+            time_ms: max,
+            guildid: max,
+            teamid: max,
+            sceneid: max,
+            targetid: max,
+            targetname: worst(MAX_NAME_CHARS),
+        };
+        let proto = codec::encode(&n);
+        let json = guildchat_protocol::json::transcode_server(&proto).unwrap();
+        assert!(proto.len() <= max_notify_bytes(200), "{}", proto.len());
+        assert!(json.len() <= max_notify_bytes(200), "{}", json.len());
+    }
+
+    #[test]
     fn a_replay_that_does_not_fit_the_queue_is_refused() {
         // The old defaults: 512 frames are too few for 841 + 64.
         let err = parse("[limits]\noutbound_queue = 512").unwrap_err();
         assert!(err.contains("limits.outbound_queue"), "{err}");
         assert!(err.contains("905"), "{err}");
-        // 256 KiB cannot hold 841 frames of 1184 bytes.
+        // 256 KiB cannot hold 841 frames of 2096 bytes.
         let err = parse("[limits]\noutbound_bytes = 262144").unwrap_err();
         assert!(err.contains("limits.outbound_bytes"), "{err}");
-        // Longer texts need more bytes: 1000 chars are 4384-byte frames.
+        // Longer texts need more bytes: 1000 chars are 6896-byte frames.
         let err = parse("[chat.private]\nmax_chars = 1000").unwrap_err();
         assert!(err.contains("limits.outbound_bytes"), "{err}");
-        parse("[chat.private]\nmax_chars = 1000\n[limits]\noutbound_bytes = 3686944").unwrap();
+        parse("[chat.private]\nmax_chars = 1000\n[limits]\noutbound_bytes = 5799536").unwrap();
         // A bigger replay buffer needs a bigger queue; fewer offline
         // whispers need less.
         let err = parse("[session]\nreplay_buffer = 1024").unwrap_err();
         assert!(err.contains("limits.outbound_queue"), "{err}");
-        parse("[history]\nmax_offline_whispers = 10\n[limits]\noutbound_queue = 715\noutbound_bytes = 770784")
+        parse("[history]\nmax_offline_whispers = 10\n[limits]\noutbound_queue = 715\noutbound_bytes = 1364496")
             .unwrap();
     }
 }
