@@ -45,11 +45,16 @@ const waitFor = (page, fn, arg, what) =>
     throw new Error("timed out waiting for " + what);
   });
 
-// Page errors and console lines, printed when a step fails.
+// Page errors and console lines, printed when a step fails; an uncaught
+// error on any page fails the run.
 const logs = [];
+const pageErrors = [];
 function watch(page, who) {
   page.on("console", (m) => logs.push(`${who}: ${m.type()}: ${m.text()}`));
-  page.on("pageerror", (e) => logs.push(`${who}: error: ${e.message}`));
+  page.on("pageerror", (e) => {
+    logs.push(`${who}: error: ${e.message}`);
+    pageErrors.push(`${who}: ${e.message}`);
+  });
   return page;
 }
 
@@ -96,12 +101,18 @@ try {
     await console_.waitForSelector("#app:not([hidden])", { timeout: 10000 });
   });
   await step("the graphs show data after traffic", async () => {
-    await say(alice, "CHAT_GUILD", "more traffic");
-    await waitFor(console_, () => {
+    // Rates need traffic between two scrapes (2 s apart): keep talking
+    // until the graphs show it, for at most 10 lines.
+    const shown = () => {
       const d = window.consoleData;
       const some = (s) => s.some((v) => v > 0);
       return d.online.some((v) => v >= 2) && some(d.deliveries) && Object.values(d.chats).some(some);
-    }, null, "non-zero graphs");
+    };
+    for (let i = 0; i < 10 && !(await console_.evaluate(shown)); i++) {
+      await say(alice, "CHAT_GUILD", "traffic " + i);
+      await console_.waitForTimeout(1000);
+    }
+    await waitFor(console_, shown, null, "non-zero graphs");
   });
   await step("an announcement from the console reaches both pages", async () => {
     // Announcements need a logic key (gm keys moderate): a second console
@@ -133,13 +144,20 @@ try {
     await console_.click("[data-act=kick]");
     await waitFor(bob, () => window.demo.kicked === "KICK_OPERATOR", null, "bob's kick notice");
   });
-  for (const [name, page] of [["alice", alice], ["bob", bob], ["console", console_]]) {
-    await page.screenshot({ path: join(artifacts, `${name}.png`), fullPage: true });
-  }
 } catch {
   failed = true;
 } finally {
+  // Kept whether or not a step failed: that is when they are wanted.
+  for (const page of browser.pages()) {
+    const name = await page.title().catch(() => "page");
+    const n = browser.pages().indexOf(page);
+    await page.screenshot({ path: join(artifacts, `${n}-${name.replace(/\W+/g, "_")}.png`), fullPage: true }).catch(() => {});
+  }
   await browser.close();
+}
+if (pageErrors.length) {
+  failed = true;
+  console.log("uncaught errors on the pages:\n  " + pageErrors.join("\n  "));
 }
 console.log(failed ? "browser tests FAILED" : "browser tests passed");
 process.exit(failed ? 1 : 0);

@@ -72,8 +72,8 @@ pub struct AdminConfig {
     #[serde(deserialize_with = "listen_or_off")]
     pub listen: Option<SocketAddr>,
     /// `[[admin.keys]]`: who may call the API. With none, the listener
-    /// serves only `/metrics`, `/healthz` and `/readyz`, and only on a
-    /// loopback address.
+    /// serves only `/metrics`, `/healthz`, `/readyz` and the console's
+    /// static pages, and only on a loopback address.
     pub keys: Vec<crate::admin::AdminKey>,
     /// Requests per second each key may make (burst: twice as many);
     /// beyond it, 429.

@@ -143,50 +143,85 @@ const CONSOLE_CSS: &str = include_str!("console/console.css");
 const DEMO_HTML: &str = include_str!("console/demo.html");
 const DEMO_JS: &str = include_str!("console/demo.js");
 
+/// Whether a request may use the demo: development keys, an admin
+/// listener on loopback, and a `Host` that names loopback (so a page from
+/// elsewhere cannot reach it through a rebound DNS name).
+fn demo_allowed(state: &AdminState, headers: &axum::http::HeaderMap) -> bool {
+    let loopback_listener = state
+        .config
+        .admin
+        .listen
+        .is_none_or(|a| a.ip().is_loopback());
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let name = host
+        .strip_prefix('[')
+        .and_then(|h| h.split(']').next())
+        .unwrap_or_else(|| host.split(':').next().unwrap_or(""));
+    let loopback_host = name == "localhost"
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    state.dev_signer.is_some() && loopback_listener && loopback_host
+}
+
+fn demo_host(headers: &axum::http::HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    match host.strip_prefix('[') {
+        Some(v6) => format!("[{}]", v6.split(']').next().unwrap_or("::1")),
+        None => host.split(':').next().unwrap_or("127.0.0.1").to_owned(),
+    }
+}
+
+/// The game port's URL as the browser should reach it: the host it used
+/// for this page, and the game port.
+fn game_url(state: &AdminState, headers: &axum::http::HeaderMap) -> Option<String> {
+    let addr = state.game_addr.get()?;
+    let scheme = if state.config.tls.is_some() {
+        "wss"
+    } else {
+        "ws"
+    };
+    Some(format!("{scheme}://{}:{}", demo_host(headers), addr.port()))
+}
+
 /// The browser demo client: development mode only.
-async fn demo_page(axum::extract::State(state): axum::extract::State<AdminState>) -> Response {
-    if state.dev_signer.is_none() {
+async fn demo_page(
+    axum::extract::State(state): axum::extract::State<AdminState>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if !demo_allowed(&state, &headers) {
         return ApiError::NotFound("the demo is served with development keys only".into())
             .into_response();
     }
     // The page talks to the game port too, and to nothing else.
-    let game = match state.game_addr.get() {
-        Some(addr) => {
-            let scheme = if state.config.tls.is_some() {
-                "wss"
-            } else {
-                "ws"
-            };
-            format!(" {scheme}://{addr}")
-        }
-        None => String::new(),
-    };
+    let game = game_url(&state, &headers).map_or(String::new(), |u| format!(" {u}"));
     page(
         DEMO_HTML,
         "text/html; charset=utf-8",
-        format!("default-src 'self'; connect-src 'self'{game}; frame-ancestors 'none'"),
+        format!(
+            "default-src 'self'; connect-src 'self'{game}; base-uri 'none'; \
+             form-action 'none'; frame-ancestors 'none'"
+        ),
     )
 }
 
 /// Where the demo connects: the game port, as bound.
 async fn demo_config(
     axum::extract::State(state): axum::extract::State<AdminState>,
+    headers: axum::http::HeaderMap,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    if state.dev_signer.is_none() {
+    if !demo_allowed(&state, &headers) {
         return Err(ApiError::NotFound("development mode only".into()));
     }
-    let addr = state
-        .game_addr
-        .get()
+    let url = game_url(&state, &headers)
         .ok_or_else(|| ApiError::Unavailable("the game port is not up yet".into()))?;
-    let scheme = if state.config.tls.is_some() {
-        "wss"
-    } else {
-        "ws"
-    };
-    Ok(axum::Json(
-        serde_json::json!({ "url": format!("{scheme}://{addr}") }),
-    ))
+    Ok(axum::Json(serde_json::json!({ "url": url })))
 }
 
 #[derive(Deserialize, Default)]
@@ -203,12 +238,19 @@ struct DemoTokenBody {
 }
 
 /// A development token for the demo page (one hour). Never in production:
-/// without the development keys the route answers 404.
+/// without the development keys, on an admin listener that is not on
+/// loopback, or asked through a host that is not loopback, the route
+/// answers 404.
 async fn demo_token(
     axum::extract::State(state): axum::extract::State<AdminState>,
+    headers: axum::http::HeaderMap,
     Json(body): Json<DemoTokenBody>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let Some(signer) = &state.dev_signer else {
+    let Some(signer) = state
+        .dev_signer
+        .as_ref()
+        .filter(|_| demo_allowed(&state, &headers))
+    else {
         return Err(ApiError::NotFound("development mode only".into()));
     };
     if body.user == 0
@@ -243,7 +285,8 @@ fn console(body: &'static str, content_type: &'static str) -> Response {
     page(
         body,
         content_type,
-        "default-src 'self'; frame-ancestors 'none'".to_owned(),
+        "default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+            .to_owned(),
     )
 }
 

@@ -869,12 +869,64 @@ async fn raw_get(server: &TestServer, path: &str) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = server.admin.trim_start_matches("http://").to_owned();
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     let (head, body) = out.split_once("\r\n\r\n").unwrap();
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     (status, head.to_lowercase(), body.to_owned())
+}
+
+/// A POST of a JSON body with a chosen `Host`, returning the status.
+async fn raw_post(server: &TestServer, path: &str, host: &str, body: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = server.admin.trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn the_demo_mints_tokens_only_with_development_keys_and_for_loopback_hosts() {
+    let body = r#"{"user": 9, "name": "demo"}"#;
+    let server = TestServer::start().await;
+    let host = server.admin.trim_start_matches("http://").to_owned();
+    assert_eq!(raw_post(&server, "/demo/token", &host, body).await, 200);
+    assert_eq!(
+        raw_post(&server, "/demo/token", "localhost:7001", body).await,
+        200
+    );
+    // A rebound DNS name pointing at loopback is not a loopback host.
+    assert_eq!(
+        raw_post(&server, "/demo/token", "evil.example:7001", body).await,
+        404
+    );
+    let (status, headers, _) = raw_get(&server, "/demo/").await;
+    assert_eq!(status, 200);
+    assert!(headers.contains("connect-src 'self' ws://"), "{headers}");
+    server.stop().await;
+    // Production: a configured key file, even one holding a development
+    // ring, and the demo is gone.
+    let server = TestServer::start_with(|c| {
+        let path = c.data_dir.join("prod-keys.toml");
+        std::fs::create_dir_all(&c.data_dir).unwrap();
+        let ring = guildchat_auth::KeyRing::dev().unwrap();
+        std::fs::write(&path, ring.to_toml_string()).unwrap();
+        c.auth.keys_file = Some(path);
+    })
+    .await;
+    let host = server.admin.trim_start_matches("http://").to_owned();
+    assert_eq!(raw_post(&server, "/demo/token", &host, body).await, 404);
+    assert_eq!(raw_get(&server, "/demo/").await.0, 404);
+    server.stop().await;
 }

@@ -7,6 +7,32 @@ const KEY = "guildchat.admin.key";
 const $ = (id) => document.getElementById(id);
 const key = () => sessionStorage.getItem(KEY) || "";
 
+// JSON numbers lose precision above 2^53, and user ids are u64: the
+// console keeps every id as the digit string the API wrote.
+const idIn = (text, field) => {
+  const m = text.match(new RegExp('"' + field + '":(\\d+)'));
+  return m ? m[1] : "";
+};
+
+// `body`: an object to send as JSON, or a JSON string sent as it is.
+async function apiText(method, path, body) {
+  const init = { method, headers: { Authorization: "Bearer " + key() } };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = typeof body === "string" ? body : JSON.stringify(body);
+  }
+  const res = await fetch(path, init);
+  const text = await res.text();
+  if (!res.ok) {
+    let err = { code: String(res.status), message: text };
+    try {
+      err = JSON.parse(text).error || err;
+    } catch (_) {}
+    throw new Error(err.code + ": " + err.message);
+  }
+  return text;
+}
+
 async function api(method, path, body) {
   const init = { method, headers: { Authorization: "Bearer " + key() } };
   if (body !== undefined) {
@@ -195,15 +221,25 @@ function row(table, cells, header) {
 const when = (ms) => (ms ? new Date(ms).toISOString().replace("T", " ").slice(0, 19) : "-");
 
 async function showPlayer(id) {
-  const p = await api("GET", "/v1/players/" + id);
-  current = p.id;
+  const text = await apiText("GET", "/v1/players/" + id);
+  const p = JSON.parse(text);
+  current = idIn(text, "id");
   const t = $("player-table");
   t.replaceChildren();
-  for (const k of ["id", "name", "state", "guild", "team", "scene", "mask"]) row(t, [k, String(p[k])]);
+  row(t, ["id", current]);
+  row(t, ["name", p.name]);
+  row(t, ["state", p.state]);
+  for (const k of ["guild", "team", "scene", "mask"]) row(t, [k, idIn(text, k)]);
   row(t, ["muted until", when(p.muted_until_ms)]);
   row(t, ["banned until", when(p.banned_until_ms)]);
   $("player").hidden = false;
-  await showMessages();
+  // Needs a gm key; a read key still sees the player.
+  try {
+    await showMessages();
+  } catch (e) {
+    $("messages").replaceChildren();
+    row($("messages"), [e.message]);
+  }
 }
 
 async function showMessages() {
@@ -235,8 +271,8 @@ $("find-form").addEventListener("submit", async (ev) => {
     if (/^\d+$/.test(q)) {
       await showPlayer(q);
     } else {
-      const p = await api("GET", "/v1/players?name=" + encodeURIComponent(q));
-      await showPlayer(p.id);
+      const text = await apiText("GET", "/v1/players?name=" + encodeURIComponent(q));
+      await showPlayer(idIn(text, "id"));
     }
   } catch (e) {
     $("player").hidden = true;
@@ -270,11 +306,12 @@ for (const b of document.querySelectorAll("[data-act]")) {
 $("announce-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const body = { text: $("announce-text").value };
-  const guild = $("announce-guild").value;
-  if (guild) body.guild = Number(guild);
+  const guild = $("announce-guild").value.trim();
+  // Sent as the digits typed, so a guild id above 2^53 stays exact.
+  const json = guild ? JSON.stringify(body).slice(0, -1) + ',"guild":' + guild.replace(/\D/g, "") + "}" : JSON.stringify(body);
   try {
-    const r = await api("POST", "/v1/announce", body);
-    $("announce-result").textContent = "sent, msg_id " + r.msg_id;
+    const text = await apiText("POST", "/v1/announce", json);
+    $("announce-result").textContent = "sent, msg_id " + idIn(text, "msg_id");
   } catch (e) {
     $("announce-result").textContent = e.message;
   }
