@@ -41,6 +41,9 @@ function connect(resume) {
     const t = m.msghead ? m.msghead.msgid : 0;
     if (t === MSG.LOGIN_REP) {
       window.demo.loggedIn = res(m) === "RES_OK";
+      // Below everything that follows: the cursor to resume from if the
+      // connection drops before any notification arrives.
+      if (window.demo.loggedIn && (!resume || lastMsgId === "0")) lastMsgId = m.lastMsgId || lastMsgId;
       $("status").textContent = window.demo.loggedIn
         ? "online as " + m.username + (m.resumed ? " (resumed, " + (m.replayed || 0) + " replayed)" : "")
         : "login refused: " + res(m);
@@ -95,8 +98,16 @@ $("chat-form").addEventListener("submit", (ev) => {
   $("text").value = "";
 });
 
+// Paging starts again from the newest when the channel or peer changes.
+let pagedFor = "";
 $("older").addEventListener("click", () => {
-  send({ msghead: head(MSG.HISTORY_REQ), chattype: $("channel").value, beforeMsgId: oldest, limit: 20 });
+  const channel = $("channel").value;
+  const peer = channel === "CHAT_PRIVATE" ? String($("target").value || 0) : "0";
+  if (pagedFor !== channel + "/" + peer) {
+    oldest = "0";
+    pagedFor = channel + "/" + peer;
+  }
+  send({ msghead: head(MSG.HISTORY_REQ), chattype: channel, peerid: peer, beforeMsgId: oldest, limit: 20 });
 });
 
 // Keeps the connection alive while the page is open.
