@@ -1,6 +1,6 @@
 //! The child processes of a bench run: the server under test (guildchat
 //! started with a generated config, or one already running), the reference
-//! server, and the worker fleet.
+//! server, the uWebSockets relay (`--peer uws`), and the worker fleet.
 //!
 //! Every child is started from this binary or the given server binary, on
 //! 127.0.0.1 only, with its output in the run's work directory, and is
@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use super::plan::{Cmd, Note, Plan};
 use super::procfs::{self, Sample};
 use super::tally::{new_histogram, Snap, StepSnap};
+use super::uws::UwsPeer;
 
 /// How long a server may take to start accepting.
 const START_LIMIT: Duration = Duration::from_secs(20);
@@ -189,6 +190,35 @@ impl ServerProc {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", exe.display()))?;
+        wait_accepting(&mut child, port, &log).await?;
+        Ok(ServerProc {
+            url: format!("ws://127.0.0.1:{port}"),
+            pid: child.id(),
+            keys_file: None,
+            log: Some(log),
+            child: Some(child),
+        })
+    }
+
+    /// Starts the uWebSockets relay: `peer`'s interpreter running its
+    /// relay script. Its pid is the interpreter's, so /proc sampling sees
+    /// the whole relay, uWS included.
+    pub async fn uws(peer: &UwsPeer, dir: &Path, limit: Duration) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let port = free_port()?;
+        let log = dir.join("uws.log");
+        let mut child = Command::new(&peer.python)
+            .arg(&peer.script)
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--limit-secs")
+            .arg(limit.as_secs().max(1).to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", peer.python.display()))?;
         wait_accepting(&mut child, port, &log).await?;
         Ok(ServerProc {
             url: format!("ws://127.0.0.1:{port}"),
