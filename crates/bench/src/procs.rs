@@ -77,7 +77,7 @@ fn free_port() -> anyhow::Result<u16> {
 /// clients share a few loopback addresses), a backlog for login storms, and per-connection queues chosen by the scenario. World lines
 /// may be 1000 characters, so the byte bound is raised to what the server
 /// requires for a full resume replay of lines that long (841 frames of up
-/// to 4,384 bytes).
+/// to 6,896 bytes, the JSON codec's worst case: 5,799,536 bytes).
 fn config_toml(opts: &ServerOpts) -> String {
     format!(
         "# Written by `guildchat bench`.\n\
@@ -86,7 +86,7 @@ fn config_toml(opts: &ServerOpts) -> String {
          [limits]\n\
          login_timeout_ms = 30000\n\
          outbound_queue = {}\n\
-         outbound_bytes = 4194304\n\
+         outbound_bytes = 6291456\n\
          stall_timeout_ms = {}\n\
          socket_send_buffer = {}\n\
          [chat.world]\n\
