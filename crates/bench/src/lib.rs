@@ -22,6 +22,7 @@
 //! - [`run`](self::run): the scenarios.
 //! - [`report`]: result types, ratios, tables.
 //! - [`reference`]: the reference relay server.
+//! - [`uws`]: the environment of the uWebSockets relay (`--peer uws`).
 
 mod conn;
 mod plan;
@@ -31,6 +32,7 @@ mod reference;
 mod report;
 mod run;
 mod tally;
+mod uws;
 mod wire;
 mod worker;
 
@@ -67,6 +69,14 @@ impl Scenario {
             Scenario::Slow => "slow",
         }
     }
+}
+
+/// A further server to compare with, beside the reference relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Peer {
+    /// uWebSockets (socketify from PyPI, in a venv under the target dir)
+    /// relaying the reference's protocol; needs python3 and libuv1.
+    Uws,
 }
 
 /// `guildchat bench`.
@@ -129,6 +139,9 @@ pub struct RunArgs {
     /// Skip the reference server.
     #[arg(long)]
     pub no_reference: bool,
+    /// Also measure these servers in `idle` and `fanout` (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub peer: Vec<Peer>,
     /// Hard cap on the whole run, in seconds.
     #[arg(long, default_value_t = 900)]
     pub duration: u64,

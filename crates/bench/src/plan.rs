@@ -28,6 +28,8 @@ pub enum TargetKind {
     Guildchat,
     /// The reference relay: no login, frames are relayed verbatim.
     Reference,
+    /// The uWebSockets relay: the reference's protocol, served by uWS.
+    Uws,
 }
 
 impl TargetKind {
@@ -35,7 +37,14 @@ impl TargetKind {
         match self {
             TargetKind::Guildchat => "guildchat",
             TargetKind::Reference => "reference",
+            TargetKind::Uws => "uws",
         }
+    }
+
+    /// Whether the target speaks the relay protocol (no login; every
+    /// binary frame relayed verbatim to everyone) rather than guildchat's.
+    pub fn relay(self) -> bool {
+        matches!(self, TargetKind::Reference | TargetKind::Uws)
     }
 }
 

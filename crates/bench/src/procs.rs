@@ -1,6 +1,6 @@
 //! The child processes of a bench run: the server under test (guildchat
 //! started with a generated config, or one already running), the reference
-//! server, and the worker fleet.
+//! server, the uWebSockets relay (`--peer uws`), and the worker fleet.
 //!
 //! Every child is started from this binary or the given server binary, on
 //! 127.0.0.1 only, with its output in the run's work directory, and is
@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use super::plan::{Cmd, Note, Plan};
 use super::procfs::{self, Sample};
 use super::tally::{new_histogram, Snap, StepSnap};
+use super::uws::UwsPeer;
 
 /// How long a server may take to start accepting.
 const START_LIMIT: Duration = Duration::from_secs(20);
@@ -76,7 +77,7 @@ fn free_port() -> anyhow::Result<u16> {
 /// clients share a few loopback addresses), a backlog for login storms, and per-connection queues chosen by the scenario. World lines
 /// may be 1000 characters, so the byte bound is raised to what the server
 /// requires for a full resume replay of lines that long (841 frames of up
-/// to 4,384 bytes).
+/// to 6,896 bytes, the JSON codec's worst case: 5,799,536 bytes).
 fn config_toml(opts: &ServerOpts) -> String {
     format!(
         "# Written by `guildchat bench`.\n\
@@ -85,7 +86,7 @@ fn config_toml(opts: &ServerOpts) -> String {
          [limits]\n\
          login_timeout_ms = 30000\n\
          outbound_queue = {}\n\
-         outbound_bytes = 4194304\n\
+         outbound_bytes = 6291456\n\
          stall_timeout_ms = {}\n\
          socket_send_buffer = {}\n\
          [chat.world]\n\
@@ -189,6 +190,35 @@ impl ServerProc {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", exe.display()))?;
+        wait_accepting(&mut child, port, &log).await?;
+        Ok(ServerProc {
+            url: format!("ws://127.0.0.1:{port}"),
+            pid: child.id(),
+            keys_file: None,
+            log: Some(log),
+            child: Some(child),
+        })
+    }
+
+    /// Starts the uWebSockets relay: `peer`'s interpreter running its
+    /// relay script. Its pid is the interpreter's, so /proc sampling sees
+    /// the whole relay, uWS included.
+    pub async fn uws(peer: &UwsPeer, dir: &Path, limit: Duration) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let port = free_port()?;
+        let log = dir.join("uws.log");
+        let mut child = Command::new(&peer.python)
+            .arg(&peer.script)
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--limit-secs")
+            .arg(limit.as_secs().max(1).to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", peer.python.display()))?;
         wait_accepting(&mut child, port, &log).await?;
         Ok(ServerProc {
             url: format!("ws://127.0.0.1:{port}"),

@@ -1,5 +1,6 @@
 //! Results: what a run found, as JSON for machines and as tables for
-//! people, with guildchat's figures set against the reference server's.
+//! people, with guildchat's figures set against the reference server's
+//! (and the uWebSockets relay's, with `--peer uws`).
 //!
 //! This module formats numbers it is given; it measures nothing and decides
 //! nothing beyond listing the problems the scenarios recorded.
@@ -103,6 +104,12 @@ pub struct ScenarioResult {
     /// guildchat / reference, metric by metric.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub ratios: BTreeMap<String, f64>,
+    /// The uWebSockets relay (`--peer uws`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uws: Option<TargetResult>,
+    /// guildchat / uws, metric by metric.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub uws_ratios: BTreeMap<String, f64>,
 }
 
 /// A whole run.
@@ -206,7 +213,9 @@ fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn target_rows(g: Option<&TargetResult>, r: Option<&TargetResult>) -> Vec<Vec<String>> {
+/// The metric rows: guildchat's figure, then for each other target present
+/// its figure and guildchat's over it.
+fn target_rows(g: Option<&TargetResult>, others: &[&TargetResult]) -> Vec<Vec<String>> {
     type Get = fn(&TargetResult) -> Option<f64>;
     let metrics: &[(&str, Get)] = &[
         ("clients ready", |t| Some(t.ready as f64)),
@@ -265,38 +274,35 @@ fn target_rows(g: Option<&TargetResult>, r: Option<&TargetResult>) -> Vec<Vec<St
     let mut rows = Vec::new();
     for (name, get) in metrics {
         let a = g.and_then(get);
-        let b = r.and_then(get);
-        if a.is_none() && b.is_none() {
+        let bs: Vec<Option<f64>> = others.iter().map(|t| get(t)).collect();
+        if a.is_none() && bs.iter().all(Option::is_none) {
             continue;
         }
-        let ratio = match (a, b) {
-            (Some(a), Some(b)) if b.abs() > f64::EPSILON => num(a / b),
-            _ => "-".into(),
-        };
         let mut row = vec![name.to_string(), opt(a)];
-        if r.is_some() {
+        for b in bs {
+            let ratio = match (a, b) {
+                (Some(a), Some(b)) if b.abs() > f64::EPSILON => num(a / b),
+                _ => "-".into(),
+            };
             row.push(opt(b));
             row.push(ratio);
         }
         rows.push(row);
     }
-    let mut extras: BTreeMap<&str, (Option<f64>, Option<f64>)> = BTreeMap::new();
-    for (i, t) in [g, r].into_iter().enumerate() {
-        if let Some(t) = t {
-            for (k, v) in &t.extra {
-                let e = extras.entry(k.as_str()).or_default();
-                if i == 0 {
-                    e.0 = Some(*v);
-                } else {
-                    e.1 = Some(*v);
-                }
-            }
+    // Scenario-specific figures, by name: guildchat's, then each other's.
+    let mut extras: BTreeMap<&str, Vec<Option<f64>>> = BTreeMap::new();
+    let all = std::iter::once(g).chain(others.iter().map(|t| Some(*t)));
+    for (i, t) in all.enumerate() {
+        for (k, v) in t.map(|t| &t.extra).into_iter().flatten() {
+            extras
+                .entry(k.as_str())
+                .or_insert_with(|| vec![None; others.len() + 1])[i] = Some(*v);
         }
     }
-    for (k, (a, b)) in extras {
-        let mut row = vec![k.to_string(), opt(a)];
-        if r.is_some() {
-            row.push(opt(b));
+    for (k, vals) in extras {
+        let mut row = vec![k.to_string(), opt(vals[0])];
+        for v in &vals[1..] {
+            row.push(opt(*v));
             row.push("-".into());
         }
         rows.push(row);
@@ -340,13 +346,17 @@ pub fn render(run: &RunResult) -> String {
         let _ = writeln!(out, "\n== {} ==  {}", sc.name, sc.params);
         let g = sc.guildchat.as_ref();
         let r = sc.reference.as_ref();
-        let header: Vec<&str> = if r.is_some() {
-            vec!["metric", "guildchat", "reference", "ratio g/r"]
-        } else {
-            vec!["metric", "guildchat"]
-        };
-        table(&mut out, &header, &target_rows(g, r));
-        for t in [g, r].into_iter().flatten() {
+        let u = sc.uws.as_ref();
+        let mut header = vec!["metric", "guildchat"];
+        if r.is_some() {
+            header.extend(["reference", "ratio g/r"]);
+        }
+        if u.is_some() {
+            header.extend(["uws", "ratio g/uws"]);
+        }
+        let others: Vec<&TargetResult> = [r, u].into_iter().flatten().collect();
+        table(&mut out, &header, &target_rows(g, &others));
+        for t in [g, r, u].into_iter().flatten() {
             if t.steps.is_empty() {
                 continue;
             }
@@ -373,7 +383,7 @@ pub fn render(run: &RunResult) -> String {
                 &step_rows(t),
             );
         }
-        for t in [g, r].into_iter().flatten() {
+        for t in [g, r, u].into_iter().flatten() {
             if !t.close_codes.is_empty() {
                 let codes: Vec<String> = t
                     .close_codes
@@ -426,6 +436,46 @@ mod tests {
         assert_eq!(got.get("rss_loaded_mb"), Some(&1.5));
         assert!(!got.contains_key("deliveries_per_s"));
         assert!(!got.contains_key("latency_p99_ms"));
+    }
+
+    #[test]
+    fn uws_gets_its_own_figure_and_ratio_columns() {
+        let t = |target: &str, rss: f64| TargetResult {
+            target: target.into(),
+            rss_loaded_mb: rss,
+            extra: [("only here".to_owned(), 7.0)].into_iter().collect(),
+            ..Default::default()
+        };
+        let g = t("guildchat", 30.0);
+        let r = t("reference", 20.0);
+        let u = t("uws", 10.0);
+        let rows = target_rows(Some(&g), &[&r, &u]);
+        let rss = rows
+            .iter()
+            .find(|row| row[0] == "server RSS loaded MB")
+            .expect("an RSS row");
+        assert_eq!(rss[1..], ["30.000", "20.000", "1.500", "10.000", "3.000"]);
+        assert!(rows.iter().all(|row| row.len() == 6), "{rows:?}");
+        let run = RunResult {
+            started_unix_s: 0,
+            command: String::new(),
+            machine: BTreeMap::new(),
+            scenarios: vec![ScenarioResult {
+                name: "idle".into(),
+                params: serde_json::Value::Null,
+                ratios: ratios(&g, &r),
+                uws_ratios: ratios(&g, &u),
+                guildchat: Some(g),
+                reference: Some(r),
+                uws: Some(u),
+            }],
+            problems: Vec::new(),
+            ok: true,
+        };
+        let text = render(&run);
+        assert!(text.contains("ratio g/r"), "{text}");
+        assert!(text.contains("ratio g/uws"), "{text}");
+        assert_eq!(run.scenarios[0].uws_ratios.get("rss_loaded_mb"), Some(&3.0));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The coordinator: for each scenario it starts a fresh server (guildchat,
-//! then the reference where the scenario compares them), starts the worker
-//! fleet, drives the phases, samples the server's /proc and turns the
+//! then the reference and, with `--peer uws`, the uWebSockets relay, where
+//! the scenario compares them), starts the worker fleet, drives the phases, samples the server's /proc and turns the
 //! workers' counters into results.
 //!
 //! It owns the run's timeline and every verdict (a step passed, a delivery
@@ -20,7 +20,8 @@ use super::procfs::{self, Sample};
 use super::procs::{Fleet, FleetReport, ServerOpts, ServerProc};
 use super::report::{self, RunResult, ScenarioResult, StepResult, TargetResult};
 use super::tally::{Accounting, LatencySummary};
-use super::{RunArgs, Scenario};
+use super::uws::{self, UwsPeer};
+use super::{Peer, RunArgs, Scenario};
 
 /// Sockets per worker process, well under the 20,000 open files a process
 /// may have here.
@@ -92,6 +93,8 @@ impl Settings {
             a.storm_concurrency = 256;
             rates = vec![10.0, 40.0];
             stop_on_fail = false;
+            // CI has no Python: the smoke run compares with nothing.
+            a.peer.clear();
             slow_secs = (2.0, 5.0);
         }
         if rates.is_empty() {
@@ -185,6 +188,8 @@ struct Runner {
     bar: ProgressBar,
     seed: u64,
     runs: u32,
+    /// The uWebSockets relay's environment, when `--peer uws` was given.
+    uws: Option<UwsPeer>,
 }
 
 fn mb(bytes: u64) -> f64 {
@@ -276,6 +281,10 @@ impl Runner {
                 None => ServerProc::guildchat(&self.server_exe, dir, opts).await,
             },
             TargetKind::Reference => ServerProc::reference(&self.exe, dir, limit).await,
+            TargetKind::Uws => match &self.uws {
+                Some(peer) => ServerProc::uws(peer, dir, limit).await,
+                None => bail!("the uWebSockets relay was not prepared (--peer uws)"),
+            },
         }
     }
 
@@ -1053,8 +1062,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         bar: bar.clone(),
         seed: started ^ u64::from(std::process::id()) << 32,
         runs: 0,
+        uws: None,
         s: s.clone(),
     };
+    if s.a.peer.contains(&Peer::Uws) {
+        // Before any scenario, so that installing is never inside a
+        // measured window; a peer that cannot run stops the run here.
+        bar.set_message("preparing the uWebSockets relay");
+        runner.uws = Some(uws::prepare(&runner.exe).await?);
+    }
     let compare = !s.a.no_reference;
     let mut scenarios = Vec::new();
     let mut problems = Vec::new();
@@ -1088,12 +1104,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 } else {
                     None
                 };
+                let u = if runner.uws.is_some() {
+                    Some(runner.compared(sc, TargetKind::Uws).await)
+                } else {
+                    None
+                };
                 let mut res = ScenarioResult {
                     name: sc.name().into(),
                     params,
                     guildchat: None,
                     reference: None,
                     ratios: Default::default(),
+                    uws: None,
+                    uws_ratios: Default::default(),
                 };
                 match g {
                     Ok(g) => res.guildchat = Some(g),
@@ -1104,8 +1127,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     Some(Err(e)) => problems.push(format!("{} reference: {e:#}", sc.name())),
                     None => {}
                 }
+                match u {
+                    Some(Ok(u)) => res.uws = Some(u),
+                    Some(Err(e)) => problems.push(format!("{} uws: {e:#}", sc.name())),
+                    None => {}
+                }
                 if let (Some(g), Some(r)) = (&res.guildchat, &res.reference) {
                     res.ratios = report::ratios(g, r);
+                }
+                if let (Some(g), Some(u)) = (&res.guildchat, &res.uws) {
+                    res.uws_ratios = report::ratios(g, u);
                 }
                 results.push(res);
             }
@@ -1120,6 +1151,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         guildchat: None,
                         reference: None,
                         ratios: Default::default(),
+                        uws: None,
+                        uws_ratios: Default::default(),
                     };
                     match runner.login_storm(token).await {
                         Ok(g) => res.guildchat = Some(g),
@@ -1143,6 +1176,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     guildchat: None,
                     reference: None,
                     ratios: Default::default(),
+                    uws: None,
+                    uws_ratios: Default::default(),
                 };
                 match runner.mix().await {
                     Ok(g) => res.guildchat = Some(g),
@@ -1165,6 +1200,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     guildchat: None,
                     reference: None,
                     ratios: Default::default(),
+                    uws: None,
+                    uws_ratios: Default::default(),
                 };
                 match runner.slow().await {
                     Ok(g) => res.guildchat = Some(g),
@@ -1174,7 +1211,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
         for res in &results {
-            for t in [&res.guildchat, &res.reference].into_iter().flatten() {
+            for t in [&res.guildchat, &res.reference, &res.uws]
+                .into_iter()
+                .flatten()
+            {
                 for p in &t.problems {
                     problems.push(format!("{} {}: {p}", res.name, t.target));
                 }
