@@ -1,7 +1,7 @@
-//! Replays the committed fuzz corpus (`fuzz/corpus/decode_client` and
-//! `fuzz/corpus/peek_msgid`), and random mutations of it, through the
-//! properties the fuzz targets check, so the normal suite keeps what
-//! fuzzing found.
+//! Replays the committed fuzz corpus (`fuzz/corpus/decode_client`,
+//! `fuzz/corpus/peek_msgid` and `fuzz/corpus/decode_json`), and random
+//! mutations of it, through the properties the fuzz targets check, so the
+//! normal suite keeps what fuzzing found.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use guildchat_protocol::{codec, decode_client, peek_msgid};
+use guildchat_protocol::{codec, decode_client, json, peek_msgid};
 use proptest::prelude::*;
 
 /// This crate's directory, read when the test runs: a test binary reused
@@ -53,6 +53,34 @@ fn check(frame: &[u8]) {
     }
 }
 
+/// The JSON target's corpus, read once.
+fn json_corpus() -> &'static [Vec<u8>] {
+    static CORPUS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    CORPUS.get_or_init(|| read_corpus("decode_json"))
+}
+
+/// What the JSON fuzz target asserts about one text frame.
+fn check_json(text: &[u8]) {
+    let _ = json::peek_seq(text);
+    if let Ok(msg) = json::decode_client(text) {
+        let out = msg.to_json().unwrap();
+        assert_eq!(json::decode_client(&out).as_ref(), Ok(&msg), "{text:?}");
+        assert_eq!(decode_client(&msg.encode()).as_ref(), Ok(&msg), "{text:?}");
+        assert_eq!(json::peek_seq(text), msg.seq(), "{text:?}");
+    }
+}
+
+#[test]
+fn every_json_corpus_frame_keeps_the_codec_properties() {
+    let mut decoded = 0;
+    for text in json_corpus() {
+        check_json(text);
+        decoded += usize::from(json::decode_client(text).is_ok());
+    }
+    // The seeds hold one valid frame of every request type.
+    assert!(decoded >= 9, "only {decoded} JSON corpus frames decode");
+}
+
 #[test]
 fn every_corpus_frame_keeps_the_codec_properties() {
     let mut decoded = 0;
@@ -92,5 +120,32 @@ proptest! {
             }
         }
         check(&frame);
+    }
+
+    #[test]
+    fn mutated_json_corpus_frames_keep_the_codec_properties(
+        pick in any::<prop::sample::Index>(),
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8),
+    ) {
+        let all = json_corpus();
+        let mut text = all[pick.index(all.len())].clone();
+        for (at, byte, kind) in edits {
+            match kind {
+                0 if !text.is_empty() => {
+                    let i = at.index(text.len());
+                    text[i] = byte;
+                }
+                1 => {
+                    let i = at.index(text.len() + 1);
+                    text.insert(i, byte);
+                }
+                _ if !text.is_empty() => {
+                    let i = at.index(text.len());
+                    text.truncate(i);
+                }
+                _ => text.push(byte),
+            }
+        }
+        check_json(&text);
     }
 }
