@@ -787,14 +787,42 @@ struct SanctionReply {
     reason: String,
 }
 
+/// Applies a mute or ban: checks the scope, then runs the change to the
+/// end on its own task ([`AdminState::change`]).
 async fn sanction(
+    caller: Caller,
+    state: AdminState,
+    id: u64,
+    kind: SanctionKind,
+    body: SanctionBody,
+) -> Result<axum::Json<SanctionReply>, ApiError> {
+    caller.need(Need::Gm)?;
+    let s = state.clone();
+    s.change(async move { sanction_now(&caller, &state, id, kind, body).await })
+        .await
+}
+
+/// Lifts a mute or ban, the same way as [`sanction`].
+async fn lift(
+    caller: Caller,
+    state: AdminState,
+    id: u64,
+    kind: SanctionKind,
+    body: ReasonBody,
+) -> Result<StatusCode, ApiError> {
+    caller.need(Need::Gm)?;
+    let s = state.clone();
+    s.change(async move { lift_now(&caller, &state, id, kind, body).await })
+        .await
+}
+
+async fn sanction_now(
     caller: &Caller,
     state: &AdminState,
     id: u64,
     kind: SanctionKind,
     body: SanctionBody,
 ) -> Result<axum::Json<SanctionReply>, ApiError> {
-    caller.need(Need::Gm)?;
     let reason = reason(&body.reason)?.to_owned();
     if body.seconds == 0 || body.seconds > MAX_SANCTION_SECS {
         return Err(ApiError::Unprocessable(format!(
@@ -843,14 +871,13 @@ async fn sanction(
     }))
 }
 
-async fn lift(
+async fn lift_now(
     caller: &Caller,
     state: &AdminState,
     id: u64,
     kind: SanctionKind,
     body: ReasonBody,
 ) -> Result<StatusCode, ApiError> {
-    caller.need(Need::Gm)?;
     let reason = reason(&body.reason)?;
     let stored = match &state.history {
         Some(history) => history.clear_sanction(id, kind).await?,
@@ -892,11 +919,7 @@ async fn mute(
     Path(id): Path<u64>,
     Json(body): Json<SanctionBody>,
 ) -> Result<axum::Json<SanctionReply>, ApiError> {
-    caller.need(Need::Gm)?;
-    let state = state.0.clone();
-    let s = state.clone();
-    s.change(async move { sanction(&caller, &state, id, SanctionKind::Mute, body).await })
-        .await
+    sanction(caller, state.0, id, SanctionKind::Mute, body).await
 }
 
 /// Lifts a mute.
@@ -910,11 +933,7 @@ async fn unmute(
     Path(id): Path<u64>,
     OptionalJson(body): OptionalJson<ReasonBody>,
 ) -> Result<StatusCode, ApiError> {
-    caller.need(Need::Gm)?;
-    let state = state.0.clone();
-    let s = state.clone();
-    s.change(async move { lift(&caller, &state, id, SanctionKind::Mute, body).await })
-        .await
+    lift(caller, state.0, id, SanctionKind::Mute, body).await
 }
 
 #[derive(Serialize, ToSchema)]
@@ -952,11 +971,7 @@ async fn ban(
     Path(id): Path<u64>,
     Json(body): Json<SanctionBody>,
 ) -> Result<axum::Json<SanctionReply>, ApiError> {
-    caller.need(Need::Gm)?;
-    let state = state.0.clone();
-    let s = state.clone();
-    s.change(async move { sanction(&caller, &state, id, SanctionKind::Ban, body).await })
-        .await
+    sanction(caller, state.0, id, SanctionKind::Ban, body).await
 }
 
 /// Lifts a ban.
@@ -970,11 +985,7 @@ async fn unban(
     Path(id): Path<u64>,
     OptionalJson(body): OptionalJson<ReasonBody>,
 ) -> Result<StatusCode, ApiError> {
-    caller.need(Need::Gm)?;
-    let state = state.0.clone();
-    let s = state.clone();
-    s.change(async move { lift(&caller, &state, id, SanctionKind::Ban, body).await })
-        .await
+    lift(caller, state.0, id, SanctionKind::Ban, body).await
 }
 
 #[derive(Serialize, ToSchema)]
