@@ -92,10 +92,6 @@ pub fn load_or_create_keys(config: &Config) -> Result<(KeyRing, bool), KeysError
         })?;
         return Ok((ring, true));
     }
-    let text = std::fs::read_to_string(&path).map_err(|source| KeysError::Read {
-        path: shown.clone(),
-        source,
-    })?;
     if let Some(mode) = loose_mode(&path) {
         warn!(
             path = %shown,
@@ -103,11 +99,20 @@ pub fn load_or_create_keys(config: &Config) -> Result<(KeyRing, bool), KeysError
             "key ring is readable by group or others: it may hold shared secrets; chmod 600 it"
         );
     }
-    let ring = KeyRing::from_toml_str(&text).map_err(|source| KeysError::Invalid {
-        path: shown,
+    Ok((read_ring(&path)?, false))
+}
+
+/// Reads and parses a key ring file.
+pub fn read_ring(path: &Path) -> Result<KeyRing, KeysError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read {
+        path: shown.clone(),
         source,
     })?;
-    Ok((ring, false))
+    KeyRing::from_toml_str(&text).map_err(|source| KeysError::Invalid {
+        path: shown,
+        source,
+    })
 }
 
 fn verifier_for(config: &Config, ring: &KeyRing) -> Result<Verifier, KeysError> {
@@ -194,16 +199,7 @@ impl Authenticator {
         if self.verifier.is_none() {
             return Ok(None);
         }
-        let path = config.keys_file();
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(&path).map_err(|source| KeysError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        let ring = KeyRing::from_toml_str(&text).map_err(|source| KeysError::Invalid {
-            path: shown,
-            source,
-        })?;
+        let ring = read_ring(&config.keys_file())?;
         verifier_for(config, &ring).map(Some)
     }
 

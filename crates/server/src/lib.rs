@@ -325,8 +325,7 @@ fn dev_signer(config: &Config) -> Option<guildchat_auth::Signer> {
     if config.auth.keys_file.is_some() || config.auth.insecure_dev_auth {
         return None;
     }
-    let text = std::fs::read_to_string(config.keys_file()).ok()?;
-    let ring = guildchat_auth::KeyRing::from_toml_str(&text).ok()?;
+    let ring = auth::read_ring(&config.keys_file()).ok()?;
     guildchat_auth::Signer::new(&ring, guildchat_auth::TokenFormat::Jws, Some("dev-ed25519")).ok()
 }
 
