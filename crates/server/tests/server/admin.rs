@@ -866,34 +866,37 @@ async fn the_console_is_served_without_a_key_and_finds_players_by_name() {
 
 /// A GET with no key, returning (status, lower-cased headers, body).
 async fn raw_get(server: &TestServer, path: &str) -> (u16, String, String) {
+    let host = server.admin.trim_start_matches("http://").to_owned();
+    raw(
+        server,
+        &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n"),
+        "",
+    )
+    .await
+}
+
+/// A POST of a JSON body with a chosen `Host`, returning the status.
+async fn raw_post(server: &TestServer, path: &str, host: &str, body: &str) -> u16 {
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    raw(server, &head, body).await.0
+}
+
+/// One request written by hand (so the test picks every header, `Host`
+/// included), returning (status, lower-cased headers, body).
+async fn raw(server: &TestServer, head: &str, body: &str) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = server.admin.trim_start_matches("http://").to_owned();
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
+    let req = format!("{head}Connection: close\r\n\r\n{body}");
+    s.write_all(req.as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     let (head, body) = out.split_once("\r\n\r\n").unwrap();
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     (status, head.to_lowercase(), body.to_owned())
-}
-
-/// A POST of a JSON body with a chosen `Host`, returning the status.
-async fn raw_post(server: &TestServer, path: &str, host: &str, body: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = server.admin.trim_start_matches("http://").to_owned();
-    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out.split(' ').nth(1).unwrap().parse().unwrap()
 }
 
 #[tokio::test]
