@@ -933,3 +933,45 @@ async fn the_demo_mints_tokens_only_with_development_keys_and_for_loopback_hosts
     assert_eq!(raw_get(&server, "/demo/").await.0, 404);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_mute_holds_across_a_takeover() {
+    let server = TestServer::start_with(no_cooldowns).await;
+    let _first = server.login(1, "alice", 10, 0, 0).await;
+    let r = server
+        .gm("PUT", "/v1/players/1/mute", Some(r#"{"seconds": 60}"#))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // A second device takes the running session over.
+    let mut second = server.login(1, "alice", 10, 0, 0).await;
+    let rep = say(&mut second, ChatType::ChatGuild, "still muted?").await;
+    assert_eq!(rep.res, ResCode::ResMuted as i32);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_whisper_to_an_offline_blocker_is_refused() {
+    let server = TestServer::start_with(no_cooldowns).await;
+    let mut carol = server.login(3, "carol", 10, 0, 0).await;
+    let rep = block_request(&mut carol, block(2)).await;
+    assert_eq!(res_of(&rep), ResCode::ResOk as i32);
+    // Carol's session ends: she is known to the store and offline.
+    server.gm("POST", "/v1/players/3/kick", None).await;
+    drop(carol);
+    let mut bob = server.login(2, "bob", 10, 0, 0).await;
+    bob.send_chat(ChatType::ChatPrivate, "psst", 3, "")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_chat_rep(&mut bob).await.res,
+        ResCode::ResBlocked as i32
+    );
+    // Someone she does not block still leaves her an offline whisper.
+    let mut dave = server.login(4, "dave", 10, 0, 0).await;
+    dave.send_chat(ChatType::ChatPrivate, "hi", 3, "")
+        .await
+        .unwrap();
+    let rep = next_chat_rep(&mut dave).await;
+    assert_eq!((rep.res, rep.offline), (ResCode::ResOk as i32, true));
+    server.stop().await;
+}
