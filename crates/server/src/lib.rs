@@ -232,6 +232,10 @@ impl Server {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), ServerError> {
+        // First, before anything awaits: the demo page names this port.
+        if let Ok(addr) = listener.local_addr() {
+            let _ = self.game_addr.set(addr);
+        }
         // Sanctions in force before the first login is accepted.
         if let Some(history) = self.history.take() {
             let stored = history
@@ -239,9 +243,6 @@ impl Server {
                 .await
                 .map_err(ServerError::LoadModeration)?;
             self.services.moderation.load(stored);
-        }
-        if let Ok(addr) = listener.local_addr() {
-            let _ = self.game_addr.set(addr);
         }
         let tracker = TaskTracker::new();
         let ctx = self.ctx.clone();

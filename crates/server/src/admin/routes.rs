@@ -200,12 +200,14 @@ async fn demo_page(
             .into_response();
     }
     // The page talks to the game port too, and to nothing else.
-    let game = game_url(&state, &headers).map_or(String::new(), |u| format!(" {u}"));
+    let Some(game) = game_url(&state, &headers) else {
+        return ApiError::Unavailable("the game port is not up yet".into()).into_response();
+    };
     page(
         DEMO_HTML,
         "text/html; charset=utf-8",
         format!(
-            "default-src 'self'; connect-src 'self'{game}; base-uri 'none'; \
+            "default-src 'self'; connect-src 'self' {game}; base-uri 'none'; \
              form-action 'none'; frame-ancestors 'none'"
         ),
     )
