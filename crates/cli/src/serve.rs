@@ -31,6 +31,14 @@ pub struct ServeArgs {
     /// TOML config file; unknown keys are rejected.
     #[arg(long, env = "GUILDCHAT_CONFIG")]
     config: Option<PathBuf>,
+    /// Join a cluster through this NATS server (JetStream on), e.g.
+    /// `nats://127.0.0.1:4222`; overrides `cluster.url`.
+    #[arg(long, env = "GUILDCHAT_CLUSTER")]
+    cluster: Option<String>,
+    /// This node's unique name in the cluster; overrides
+    /// `cluster.node_id`.
+    #[arg(long, env = "GUILDCHAT_NODE_ID")]
+    node_id: Option<String>,
     /// Accept ANY token and trust the login request. Only for trying the
     /// protocol.
     #[arg(long)]
@@ -88,13 +96,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.listen = listen;
     }
     if let Some(AdminListen(admin_listen)) = args.admin_listen {
-        // Set before `Server::new`, whose validation refuses a non-loopback
+        // Set before `Server::start`, whose validation refuses a non-loopback
         // admin listener without keys: the flag gets the same checks as
         // the file.
         config.admin.listen = admin_listen;
     }
     if let Some(dir) = args.data_dir {
         config.data_dir = dir;
+    }
+    if let Some(url) = args.cluster {
+        config.cluster.url = Some(url);
+    }
+    if let Some(node) = args.node_id {
+        config.cluster.node_id = Some(node);
     }
     if args.insecure_dev_auth {
         config.auth.insecure_dev_auth = true;
@@ -106,7 +120,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // The store (WAL recovery) and the keys first: a listener bound before
     // would let early clients queue in the backlog and time out meanwhile.
     let (listen, backlog, admin_listen) = (config.listen, config.backlog, config.admin.listen);
-    let server = Server::new(config)?;
+    let server = Server::start(config).await?;
     let listener = guildchat_server::bind(listen, backlog)?;
     let addr = listener.local_addr()?;
     let admin_listener = match admin_listen {

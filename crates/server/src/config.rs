@@ -61,6 +61,49 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Most players one player may block.
     pub max_blocks: usize,
+    /// `[cluster]`: join other nodes over NATS (off by default).
+    pub cluster: ClusterConfig,
+}
+
+/// Cluster mode: nodes that share one chat service through NATS with
+/// JetStream. With no `url`, the server runs alone, in-process.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The NATS server, e.g. `nats://127.0.0.1:4222`.
+    pub url: Option<String>,
+    /// This node's name in the cluster: unique, 1 to 32 of `[A-Za-z0-9_-]`.
+    pub node_id: Option<String>,
+}
+
+impl ClusterConfig {
+    /// Whether this server is a node of a cluster.
+    pub fn enabled(&self) -> bool {
+        self.url.is_some()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let Some(_) = &self.url else {
+            if self.node_id.is_some() {
+                return Err(invalid("cluster.node_id", "needs cluster.url"));
+            }
+            return Ok(());
+        };
+        let Some(node) = &self.node_id else {
+            return Err(invalid("cluster.node_id", "a cluster node needs a node id"));
+        };
+        let ok = (1..=32).contains(&node.len())
+            && node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !ok {
+            return Err(invalid(
+                "cluster.node_id",
+                "1 to 32 characters of A-Z, a-z, 0-9, `_` and `-`",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The admin HTTP API's listener and keys.
@@ -165,6 +208,7 @@ impl Default for Config {
             admission: AdmissionConfig::default(),
             admin: AdminConfig::default(),
             max_blocks: 500,
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -643,6 +687,7 @@ impl Config {
     /// Checks cross-field rules that serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.admin.validate()?;
+        self.cluster.validate()?;
         if !(1..=10_000).contains(&self.max_blocks) {
             return Err(invalid("max_blocks", "must be in 1..=10000"));
         }
@@ -834,6 +879,32 @@ mod tests {
         assert_eq!(c.max_blocks, d.max_blocks);
         assert_eq!(c.chat.world.filter, d.chat.world.filter);
         assert_eq!(c.limits.outbound_queue, d.limits.outbound_queue);
+    }
+
+    #[test]
+    fn a_cluster_node_needs_a_url_and_a_plain_node_id() {
+        let with = |url: Option<&str>, node: Option<&str>| {
+            let mut c = Config::default();
+            c.cluster.url = url.map(str::to_owned);
+            c.cluster.node_id = node.map(str::to_owned);
+            c.validate()
+        };
+        assert!(with(None, None).is_ok());
+        assert!(with(Some("nats://127.0.0.1:4222"), Some("eu-1_a")).is_ok());
+        for (url, node) in [
+            (Some("nats://127.0.0.1:4222"), None),
+            (None, Some("n1")),
+            (Some("nats://127.0.0.1:4222"), Some("")),
+            (Some("nats://127.0.0.1:4222"), Some("n.1")),
+            (Some("nats://127.0.0.1:4222"), Some("n>")),
+        ] {
+            let err = with(url, node).unwrap_err().to_string();
+            assert!(err.contains("cluster.node_id"), "{url:?} {node:?}: {err}");
+        }
+        let toml = "[cluster]\nurl = \"nats://h:4222\"\nnode_id = \"n1\"\n";
+        let c: Config = toml::from_str(toml).unwrap();
+        assert!(c.cluster.enabled());
+        assert_eq!(c.cluster.node_id.as_deref(), Some("n1"));
     }
 
     #[test]

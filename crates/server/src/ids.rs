@@ -44,6 +44,16 @@ id_type!(
     MsgId
 );
 
+/// A cluster node, as named by `cluster.node_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeId(pub std::sync::Arc<str>);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 impl GuildId {
     pub fn is_none(self) -> bool {
         self.0 == 0

@@ -31,6 +31,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod filter;
 pub mod history;
@@ -75,6 +76,10 @@ pub enum ServerError {
     Filter(#[from] filter::FilterError),
     #[error("history store: {0}")]
     History(history::OpenError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
+    #[error("cluster mode needs Server::start, which connects to NATS")]
+    ClusterNeedsStart,
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -114,8 +119,44 @@ const STORE_JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1
 
 impl Server {
     /// Validates the config, loads keys (generating development keys on
-    /// first start) and spawns the world actor. Call inside a runtime.
+    /// first start) and spawns the world actor. Call inside a runtime. A
+    /// cluster node needs [`Server::start`] instead.
     pub fn new(config: Config) -> Result<Server, ServerError> {
+        if config.cluster.enabled() {
+            return Err(ServerError::ClusterNeedsStart);
+        }
+        let parts = Parts::open(config)?;
+        Ok(parts.assemble(None))
+    }
+
+    /// [`Server::new`], and in cluster mode (`cluster.url`) first joins the
+    /// cluster: connects to NATS and sets up the stream and buckets.
+    pub async fn start(config: Config) -> Result<Server, ServerError> {
+        let parts = Parts::open(config)?;
+        let joined = match parts.config.cluster.enabled() {
+            true => {
+                Some(cluster::Cluster::connect(&parts.config.cluster, parts.first_msg_id).await?)
+            }
+            false => None,
+        };
+        Ok(parts.assemble(joined))
+    }
+}
+
+/// What a server is built from, before it joins a cluster.
+struct Parts {
+    config: Config,
+    moderation: Arc<moderation::Moderation>,
+    auth: Arc<auth::Authenticator>,
+    tls: Option<tls::TlsSwap>,
+    filter: filter::FilterHandle,
+    history: Option<history::HistoryHandle>,
+    first_msg_id: u64,
+    store: Option<Store>,
+}
+
+impl Parts {
+    fn open(config: Config) -> Result<Parts, ServerError> {
         config.validate()?;
         let moderation = Arc::new(moderation::Moderation::default());
         let auth = Arc::new(auth::Authenticator::from_config(
@@ -144,6 +185,29 @@ impl Server {
         } else {
             (None, 0, None)
         };
+        Ok(Parts {
+            config,
+            moderation,
+            auth,
+            tls,
+            filter,
+            history,
+            first_msg_id,
+            store,
+        })
+    }
+
+    fn assemble(self, joined: Option<(cluster::Cluster, cluster::Feeds)>) -> Server {
+        let Parts {
+            config,
+            moderation,
+            auth,
+            tls,
+            filter,
+            history,
+            first_msg_id,
+            store,
+        } = self;
         let config = Arc::new(config);
         let stats = Arc::new(Stats::default());
         if history.is_none() {
@@ -166,7 +230,12 @@ impl Server {
             history.clone(),
             first_msg_id,
             services.clone(),
+            joined.as_ref().map(|(c, _)| c.clone()),
         );
+        let cluster = joined.map(|(cluster, feeds)| {
+            cluster.start(feeds, world.clone());
+            cluster
+        });
         let reloader = Arc::new(reload::Reloader::new(
             config.clone(),
             auth.clone(),
@@ -179,8 +248,9 @@ impl Server {
             config,
             stats,
             shutdown: CancellationToken::new(),
+            cluster,
         });
-        Ok(Server {
+        Server {
             ctx,
             tls,
             store,
@@ -188,9 +258,11 @@ impl Server {
             services,
             reloader,
             game_addr: Arc::default(),
-        })
+        }
     }
+}
 
+impl Server {
     /// The world actor, for in-process control (operators, tests).
     pub fn world(&self) -> WorldHandle {
         self.ctx.world.clone()
@@ -351,7 +423,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    Server::new(config)?.run(listener, shutdown).await
+    Server::start(config).await?.run(listener, shutdown).await
 }
 
 #[cfg(test)]

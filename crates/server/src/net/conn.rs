@@ -32,7 +32,7 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::outbound::{Close, ConnTx, Shared};
 use super::writer;
@@ -54,6 +54,8 @@ pub(crate) struct ConnCtx {
     pub config: Arc<Config>,
     pub stats: Arc<Stats>,
     pub shutdown: CancellationToken,
+    /// In a cluster: where logins claim the player's session.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 /// What the reader saw.
@@ -361,20 +363,38 @@ where
         let result = match checked {
             Ok(identity) => {
                 user = Some(identity.user);
-                let (tx, inbound) = mpsc::channel(INBOUND_QUEUE);
-                let args = LoginArgs {
-                    identity,
-                    conn: self.conn.clone(),
-                    inbound,
-                    seq,
-                    last_msg_id: req.last_msg_id,
+                // In a cluster the session is claimed first: the directory
+                // then names this node, and the node that held it ends its
+                // copy when it sees the claim.
+                let claim = match &self.ctx.cluster {
+                    Some(cluster) => cluster.claim(identity.user, &identity.name).await.map_err(
+                        |e| {
+                            warn!(user = %identity.user, error = %e, "cannot claim the session");
+                            Refusal::Code(ResCode::ResInternal)
+                        },
+                    ),
+                    None => Ok(0),
                 };
-                self.ctx
-                    .world
-                    .login(args)
-                    .await
-                    .map(|()| tx)
-                    .map_err(Refusal::Code)
+                match claim {
+                    Err(refusal) => Err(refusal),
+                    Ok(claim) => {
+                        let (tx, inbound) = mpsc::channel(INBOUND_QUEUE);
+                        let args = LoginArgs {
+                            identity,
+                            conn: self.conn.clone(),
+                            inbound,
+                            seq,
+                            last_msg_id: req.last_msg_id,
+                            claim,
+                        };
+                        self.ctx
+                            .world
+                            .login(args)
+                            .await
+                            .map(|()| tx)
+                            .map_err(Refusal::Code)
+                    }
+                }
             }
             Err(refusal) => Err(refusal),
         };
@@ -515,6 +535,7 @@ mod tests {
             None,
             0,
             Default::default(),
+            None,
         );
         let ctx = Arc::new(ConnCtx {
             world,
@@ -522,6 +543,7 @@ mod tests {
             config,
             stats,
             shutdown: CancellationToken::new(),
+            cluster: None,
         });
         let (io, _peer) = tokio::io::duplex(64);
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;

@@ -13,12 +13,16 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
+use std::collections::HashMap;
+
 use super::fanout::{Audience, Fanout, Line};
 use super::registry::{Entry, PendingLogin, Registry};
 use super::replay::{MaskLog, Replay, Resume};
 use super::{ChatLine, ChatOutcome, LoginArgs, Target, WeakWorld, WorldMsg};
+use crate::cluster::{wire, BusLine, Cluster, Holder};
 use crate::config::Config;
 use crate::history::{Conversation, HistoryHandle, StoredMsg};
+use crate::ids::NodeId;
 use crate::ids::{ConnId, MsgId, UserId};
 use crate::net::outbound::Encoded;
 use crate::net::{Close, Priority};
@@ -50,6 +54,33 @@ pub(super) struct World {
     /// inbox, kept here while the store's queue is full and retried on
     /// every tick (at most [`MAX_SPILLS`]).
     spills: Vec<(u64, StoredMsg)>,
+    /// In a cluster: the link to the other nodes (`None` alone).
+    cluster: Option<Cluster>,
+    /// In a cluster: players whose session another node holds, as the
+    /// session directory last said.
+    elsewhere: HashMap<UserId, Remote>,
+}
+
+/// A player whose session is on another node.
+struct Remote {
+    node: NodeId,
+    name: String,
+    revision: u64,
+}
+
+/// A chat line the world has checked and addressed, still without its
+/// msg_id.
+struct Routed {
+    audience: Audience,
+    conversation: Conversation,
+    notify: pb::ChatMessageNotifyChat,
+    nonce: u64,
+    /// A whisper kept as an offline whisper for this target.
+    store_for: Option<UserId>,
+    /// A whisper queued live to this target on this node.
+    live_to: Option<UserId>,
+    /// A whisper to a player whose session another node holds.
+    to_node: Option<NodeId>,
 }
 
 /// Most spilled whispers the world holds while the store cannot take them;
@@ -75,8 +106,11 @@ impl World {
         history: Option<HistoryHandle>,
         first_msg_id: u64,
         services: Arc<crate::user::Services>,
+        cluster: Option<Cluster>,
     ) -> Self {
         World {
+            cluster,
+            elsewhere: HashMap::new(),
             services,
             registry: Registry::new(config.session.replay_buffer_shed()),
             config,
@@ -163,14 +197,7 @@ impl World {
             } => {
                 let _ = respond_to.send(self.history_scope(user, channel, group, peer));
             }
-            WorldMsg::Chat { line, respond_to } => {
-                let accepted = line.accepted;
-                let outcome = self.chat(line);
-                if outcome.is_ok() {
-                    self.stats.metrics.fanout(accepted.elapsed());
-                }
-                let _ = respond_to.send(outcome);
-            }
+            WorldMsg::Chat { line, respond_to } => self.chat(line, respond_to),
             WorldMsg::SetMask {
                 user,
                 mask,
@@ -253,10 +280,20 @@ impl World {
                 text,
                 to,
                 respond_to,
-            } => {
-                let id = self.announce(text, to);
-                let _ = respond_to.send(id);
+            } => self.announce(text, to, respond_to),
+            WorldMsg::Bus { line, seq } => self.bus_line(*line, seq),
+            WorldMsg::Locate { user, respond_to } => {
+                let node = match (&self.cluster, self.registry.get(user)) {
+                    (Some(cluster), Some(_)) => Some(cluster.node().clone()),
+                    _ => self.elsewhere.get(&user).map(|r| r.node.clone()),
+                };
+                let _ = respond_to.send(node);
             }
+            WorldMsg::Directory {
+                user,
+                holder,
+                revision,
+            } => self.directory(user, holder, revision),
             WorldMsg::Shutdown { respond_to } => {
                 self.shutting_down = true;
                 let entries = self.registry.drain();
@@ -306,6 +343,7 @@ impl World {
             inbound,
             seq,
             last_msg_id,
+            claim,
         } = args;
         if self.shutting_down {
             return Err(ResCode::ResInternal);
@@ -373,12 +411,14 @@ impl World {
                 actor,
                 blocks: None,
                 blocks_loaded: false,
+                claim,
             };
             self.registry.insert(user, entry);
             self.publish_gauges();
         }
         let conn_id = conn.id();
         if let Some(entry) = self.registry.get_mut(user) {
+            entry.claim = entry.claim.max(claim);
             entry.pending = Some(Box::new(PendingLogin {
                 conn,
                 inbound,
@@ -390,6 +430,21 @@ impl World {
         }
         Stats::bump(&self.stats.logins);
         self.stats.metrics.login(ResCode::ResOk);
+        // Another node claimed the session after this login did, and the
+        // directory said so before this login got here: this login is
+        // already replaced. It gets its reply, then the kick.
+        if self
+            .elsewhere
+            .get(&user)
+            .is_some_and(|r| r.revision > claim)
+        {
+            if let Some(entry) = self.registry.get_mut(user) {
+                entry.claim = 0;
+            }
+            self.end_session(user, Some(KickReason::KickLoggedInElsewhere));
+            Stats::bump(&self.stats.takeovers);
+            return Ok(());
+        }
         match &self.history {
             Some(history) => {
                 history.record_login(user.0, &identity.name);
@@ -623,6 +678,9 @@ impl World {
         let Some(mut entry) = self.registry.remove(user) else {
             return false;
         };
+        if let (Some(cluster), claim @ 1..) = (&self.cluster, entry.claim) {
+            cluster.release(user, claim);
+        }
         if let Some(reason) = kick {
             if let Some(conn) = &entry.conn {
                 conn.close(Close::Kick(reason), &self.stats);
@@ -680,7 +738,8 @@ impl World {
         MsgId(self.last_msg_id)
     }
 
-    fn chat(&mut self, line: ChatLine) -> Result<ChatOutcome, ResCode> {
+    /// Checks and addresses a chat line: who hears it, where it is kept.
+    fn route(&mut self, line: ChatLine) -> Result<Routed, ResCode> {
         let Some(sender) = self.registry.get(line.from) else {
             return Err(ResCode::ResNotLoggedIn);
         };
@@ -689,6 +748,7 @@ impl World {
         let mut store_for = None;
         let mut live_to = None;
         let mut target_name = String::new();
+        let mut to_node = None;
         let (audience, conversation, guild, team, scene) = match line.channel {
             ChatType::ChatNormal => (
                 Audience::Scene(sender.scene),
@@ -760,6 +820,18 @@ impl World {
                         store_for = Some(to);
                         Audience::User(line.from)
                     }
+                    // Another node holds the target's session: that node
+                    // queues it, tracks it and keeps it if the target has
+                    // gone by then.
+                    (None, _) if self.elsewhere.contains_key(&to) => {
+                        let remote = &self.elsewhere[&to];
+                        target_name = remote.name.clone();
+                        to_node = Some(remote.node.clone());
+                        Audience::Whisper {
+                            from: line.from,
+                            to,
+                        }
+                    }
                     (None, Some(_)) if known.is_some() => {
                         target_name = known.cloned().unwrap_or_default();
                         store_for = Some(to);
@@ -777,14 +849,13 @@ impl World {
             _ => store_for.map_or(0, |to| to.0),
         };
         let sender_name = sender.name.clone();
-        let id = self.next_msg_id();
         let notify = pb::ChatMessageNotifyChat {
             msghead: codec::head(MsgType::ChcNotifyChat, 0),
             chattype: line.channel as i32,
             senderid: line.from.0,
             strcontext: line.text,
             sendername: sender_name,
-            msg_id: id.0,
+            msg_id: 0,
             time_ms: now_ms(),
             guildid: guild,
             teamid: team,
@@ -792,36 +863,244 @@ impl World {
             targetid: target_id,
             targetname: target_name,
         };
+        Ok(Routed {
+            audience,
+            conversation,
+            notify,
+            nonce: line.nonce,
+            store_for,
+            live_to,
+            to_node,
+        })
+    }
+
+    /// A chat line: checked and addressed, then fanned out with a new
+    /// msg_id, or, in a cluster, published to the stream; the reply waits
+    /// for the stream's ack and the fan-out comes back through it.
+    fn chat(
+        &mut self,
+        line: ChatLine,
+        respond_to: tokio::sync::oneshot::Sender<Result<ChatOutcome, ResCode>>,
+    ) {
+        let accepted = line.accepted;
+        let from = line.from;
+        let routed = match self.route(line) {
+            Ok(routed) => routed,
+            Err(code) => {
+                let _ = respond_to.send(Err(code));
+                return;
+            }
+        };
+        Stats::bump(&self.stats.chats);
+        if self.cluster.is_some() {
+            let offline = routed.store_for.is_some();
+            let stats = self.stats.clone();
+            self.publish(
+                routed,
+                Some(from),
+                true,
+                Box::new(move |id| {
+                    let outcome = match id {
+                        Ok(id) => {
+                            stats.metrics.fanout(accepted.elapsed());
+                            Ok(ChatOutcome {
+                                msg_id: id,
+                                durable: None,
+                                offline: offline.then(|| {
+                                    let (tx, rx) = tokio::sync::oneshot::channel();
+                                    let _ = tx.send(Ok(()));
+                                    rx
+                                }),
+                            })
+                        }
+                        Err(()) => Err(ResCode::ResStoreFailed),
+                    };
+                    let _ = respond_to.send(outcome);
+                }),
+            );
+            return;
+        }
+        let id = self.next_msg_id();
+        let outcome = self.deliver(routed, Some(from), id, true);
+        self.stats.metrics.fanout(accepted.elapsed());
+        let _ = respond_to.send(Ok(outcome));
+    }
+
+    /// Publishes an addressed line to the cluster's stream; `reply` gets
+    /// its msg_id once JetStream has stored it.
+    fn publish(
+        &mut self,
+        routed: Routed,
+        from: Option<UserId>,
+        stored: bool,
+        reply: Box<dyn FnOnce(Result<MsgId, ()>) + Send>,
+    ) {
+        let Some(cluster) = self.cluster.clone() else {
+            return;
+        };
+        let subject = wire::subject(stored.then_some(routed.conversation), &routed.audience);
+        let mut line = BusLine {
+            notify: Some(routed.notify),
+            from: from.map_or(0, |u| u.0),
+            nonce: routed.nonce,
+            origin: cluster.node().0.to_string(),
+            to_node: routed
+                .to_node
+                .map_or_else(|| cluster.node().0.to_string(), |n| n.0.to_string()),
+            offline: routed.store_for.is_some(),
+            stored,
+            ..Default::default()
+        };
+        line.set_audience(&routed.audience);
+        let ids = cluster.clone();
+        cluster.publish(
+            subject,
+            &line,
+            Box::new(move |seq| reply(seq.map(|seq| MsgId(ids.msg_id(seq))))),
+        );
+    }
+
+    /// Encodes an addressed line with its msg_id once, fans it out to this
+    /// node's players, and hands it to the store (`stored`).
+    fn deliver(
+        &mut self,
+        routed: Routed,
+        from: Option<UserId>,
+        id: MsgId,
+        stored: bool,
+    ) -> ChatOutcome {
+        let Routed {
+            audience,
+            conversation,
+            mut notify,
+            nonce,
+            store_for,
+            live_to,
+            to_node: _,
+        } = routed;
+        notify.msg_id = id.0;
+        let channel = ChatType::try_from(notify.chattype).unwrap_or(ChatType::ChatNone);
         let frame = codec::encode(&notify);
         self.fanout.deliver(
             &mut self.registry,
             Line {
                 audience: &audience,
-                from: Some(line.from),
-                channel: line.channel,
+                from,
+                channel,
                 msg_id: id,
                 frame: &frame,
             },
             &self.stats,
         );
-        Stats::bump(&self.stats.chats);
         let mut outcome = ChatOutcome {
             msg_id: id,
             durable: None,
             offline: None,
         };
         if let Some(history) = self.history.clone() {
-            let stored = records::stored(&notify, conversation, line.nonce);
+            let record = records::stored(&notify, conversation, nonce);
             if let Some(to) = store_for {
-                outcome.offline = Some(history.store_offline(to.0, stored.clone()));
+                outcome.offline = Some(history.store_offline(to.0, record.clone()));
                 Stats::bump(&self.stats.offline_stored);
             }
-            if let Some(to) = live_to.filter(|to| *to != line.from) {
-                self.track(to, stored.clone());
+            if let Some(to) = live_to.filter(|to| Some(*to) != from) {
+                self.track(to, record.clone());
             }
-            outcome.durable = Some(records::append(&history, stored));
+            if stored {
+                outcome.durable = Some(records::append(&history, record));
+            }
         }
-        Ok(outcome)
+        outcome
+    }
+
+    /// A line from the cluster's stream: this node's share of its fan-out.
+    /// The node that published it keeps a whisper for an offline target;
+    /// the node the target was on tracks it, or keeps it if the target has
+    /// gone. Every node stores every line in its own history.
+    fn bus_line(&mut self, line: BusLine, seq: u64) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let id = MsgId(cluster.msg_id(seq));
+        let me = cluster.node().0.clone();
+        self.last_msg_id = self.last_msg_id.max(id.0);
+        let audience = line.to_audience();
+        let notify = line.notify.clone().unwrap_or_default();
+        let from = (line.from != 0).then_some(UserId(line.from));
+        let channel = ChatType::try_from(notify.chattype).unwrap_or(ChatType::ChatNone);
+        let conversation = conversation_of(&notify, channel);
+        let mine = *line.origin == *me;
+        let target = UserId(notify.targetid);
+        let mut store_for = (line.offline && mine).then_some(target);
+        let mut live_to = None;
+        if let Audience::Whisper { to, .. } = audience {
+            match self.registry.get(to) {
+                Some(e) if e.conn.is_some() || e.pending.is_some() => live_to = Some(to),
+                // Lingering here: kept for the next login, as alone.
+                Some(_) if self.history.is_some() => store_for = Some(to),
+                Some(_) => {}
+                None if *line.to_node == *me => store_for = Some(to),
+                None => {}
+            }
+        }
+        let routed = Routed {
+            audience,
+            conversation,
+            notify,
+            nonce: line.nonce,
+            store_for,
+            live_to,
+            to_node: None,
+        };
+        let outcome = self.deliver(routed, from, id, line.stored);
+        // Nobody waits: the sender was answered when the stream stored it.
+        drop(outcome);
+    }
+
+    /// The session directory changed. A session here that another node
+    /// claimed later ends with the "logged in elsewhere" kick.
+    fn directory(&mut self, user: UserId, holder: Holder, revision: u64) {
+        match holder {
+            Holder::Remote { node, name } => {
+                let stale = self
+                    .elsewhere
+                    .get(&user)
+                    .is_some_and(|r| r.revision >= revision);
+                if !stale {
+                    self.elsewhere.insert(
+                        user,
+                        Remote {
+                            node,
+                            name,
+                            revision,
+                        },
+                    );
+                }
+                let replaced = self
+                    .registry
+                    .get(user)
+                    .is_some_and(|e| e.claim != 0 && e.claim < revision);
+                if replaced {
+                    if let Some(entry) = self.registry.get_mut(user) {
+                        // The key is the other node's now: nothing to
+                        // release.
+                        entry.claim = 0;
+                    }
+                    self.end_session(user, Some(KickReason::KickLoggedInElsewhere));
+                    Stats::bump(&self.stats.takeovers);
+                    debug!(%user, "session moved to another node");
+                }
+            }
+            Holder::Here | Holder::Nobody => {
+                if self
+                    .elsewhere
+                    .get(&user)
+                    .is_some_and(|r| r.revision < revision)
+                {
+                    self.elsewhere.remove(&user);
+                }
+            }
+        }
     }
 
     /// Remembers a whisper queued towards `to` until the client confirms
@@ -960,10 +1239,15 @@ impl World {
 
     /// A system line from operators. To everyone it is kept in history
     /// (nobody waits for that write); to a group or a player it is only
-    /// delivered (and replayed on resume).
-    fn announce(&mut self, text: String, to: super::AnnounceTo) -> MsgId {
+    /// delivered (and replayed on resume). In a cluster it goes through the
+    /// stream like a chat line.
+    fn announce(
+        &mut self,
+        text: String,
+        to: super::AnnounceTo,
+        respond_to: tokio::sync::oneshot::Sender<MsgId>,
+    ) {
         use super::AnnounceTo;
-        let id = self.next_msg_id();
         let (audience, guild, team, scene, target) = match to {
             AnnounceTo::Everyone => (Audience::Everyone, 0, 0, 0, 0),
             AnnounceTo::Guild(g) => (Audience::Guild(g), g.0, 0, 0, 0),
@@ -975,7 +1259,6 @@ impl World {
             msghead: codec::head(MsgType::ChcNotifyChat, 0),
             chattype: ChatType::ChatAll as i32,
             strcontext: text,
-            msg_id: id.0,
             time_ms: now_ms(),
             guildid: guild,
             teamid: team,
@@ -983,25 +1266,35 @@ impl World {
             targetid: target,
             ..Default::default()
         };
-        let frame = codec::encode(&notify);
-        if let (Some(history), AnnounceTo::Everyone) = (&self.history, to) {
-            drop(records::append(
-                history,
-                records::stored(&notify, Conversation::System, 0),
-            ));
+        let routed = Routed {
+            audience,
+            conversation: Conversation::System,
+            notify,
+            nonce: 0,
+            store_for: None,
+            live_to: None,
+            to_node: None,
+        };
+        let stored = to == AnnounceTo::Everyone;
+        if self.cluster.is_some() {
+            // A line the stream did not take drops the reply: the caller
+            // sees the world as unable to answer.
+            self.publish(
+                routed,
+                None,
+                stored,
+                Box::new(move |id| {
+                    if let Ok(id) = id {
+                        let _ = respond_to.send(id);
+                    }
+                }),
+            );
+            return;
         }
-        self.fanout.deliver(
-            &mut self.registry,
-            Line {
-                audience: &audience,
-                from: None,
-                channel: ChatType::ChatAll,
-                msg_id: id,
-                frame: &frame,
-            },
-            &self.stats,
-        );
-        id
+        let id = self.next_msg_id();
+        // Nobody waits for the store's write.
+        drop(self.deliver(routed, None, id, stored));
+        let _ = respond_to.send(id);
     }
 
     /// Tells a removed line's audience with a session that it is gone.
@@ -1169,4 +1462,16 @@ fn login_reply(
         missed: resume.missed.min(u64::from(u32::MAX)) as u32,
         banned_ms: 0,
     })
+}
+
+/// The stored conversation a line belongs to, from its notification.
+fn conversation_of(n: &pb::ChatMessageNotifyChat, channel: ChatType) -> Conversation {
+    match channel {
+        ChatType::ChatNormal => Conversation::Scene(n.sceneid),
+        ChatType::ChatGuild => Conversation::Guild(n.guildid),
+        ChatType::ChatTeam => Conversation::Team(n.teamid),
+        ChatType::ChatPrivate => Conversation::between(n.senderid, n.targetid),
+        ChatType::ChatWorld => Conversation::World,
+        _ => Conversation::System,
+    }
 }

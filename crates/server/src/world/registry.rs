@@ -60,6 +60,10 @@ pub struct Entry {
     pub blocks: Option<Box<HashSet<UserId>>>,
     /// Whether the block list was read from the store for this session.
     pub blocks_loaded: bool,
+    /// In a cluster: the session directory revision of this session's
+    /// latest claim (0 alone). A later revision naming another node ends
+    /// the session.
+    pub claim: u64,
 }
 
 impl Entry {

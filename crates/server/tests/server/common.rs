@@ -108,7 +108,7 @@ impl TestServer {
         adjust(&mut config);
         let listener = guildchat_server::bind("127.0.0.1:0".parse().unwrap(), 128).unwrap();
         let url = format!("ws://{}", listener.local_addr().unwrap());
-        let server = Server::new(config.clone()).unwrap();
+        let server = Server::start(config.clone()).await.unwrap();
         let ring = if config.auth.insecure_dev_auth {
             KeyRing::default()
         } else {
@@ -390,4 +390,121 @@ pub async fn http(method: &str, url: &str, key: Option<&str>, body: Option<Strin
     })
     .await
     .unwrap()
+}
+
+/// A real nats-server with JetStream, on a free loopback port, storing in
+/// a temp dir; killed when dropped.
+pub struct Nats {
+    pub url: String,
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+/// The nats-server binary: `GUILDCHAT_NATS_SERVER`, else the one
+/// `scripts/nats-server` installs under the target dir, else `PATH`.
+fn nats_binary() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("GUILDCHAT_NATS_SERVER") {
+        return path.into();
+    }
+    let manifest = std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| manifest.join("../../target"));
+    let installed = target.join("venv-nats/bin/nats-server");
+    if installed.exists() {
+        return installed;
+    }
+    "nats-server".into()
+}
+
+impl Nats {
+    pub async fn start() -> Nats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut nats = Nats {
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        nats.restart().await;
+        nats
+    }
+
+    /// Starts the server again on the same port and store (after `kill`).
+    pub async fn restart(&mut self) {
+        let child = std::process::Command::new(nats_binary())
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start nats-server ({e}); run scripts/nats-server to install it")
+            });
+        self.child = Some(child);
+        // Ready once it answers a JetStream request, not merely accepts.
+        for _ in 0..500 {
+            if let Ok(client) = async_nats::connect(self.url.as_str()).await {
+                let js = async_nats::jetstream::new(client);
+                if js.query_account().await.is_ok() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("nats-server did not start");
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl TestServer {
+    /// A cluster node on `nats`; with `keys`, it verifies tokens with that
+    /// key file (another node's), as every node of a cluster must.
+    pub async fn node(nats: &Nats, id: &str, keys: Option<&TestServer>) -> TestServer {
+        let keys = keys.map(|k| k.dir.path().join("keys.toml"));
+        Self::start_with(|c| {
+            no_cooldowns(c);
+            c.cluster.url = Some(nats.url.clone());
+            c.cluster.node_id = Some(id.into());
+            c.auth.keys_file = keys;
+        })
+        .await
+    }
+
+    /// Waits until this node sees the player's session on `node`.
+    pub async fn until_located(&self, user: u64, node: &str) {
+        for _ in 0..500 {
+            let at = self.world.locate(UserId(user)).await.unwrap();
+            if at.is_some_and(|n| &*n.0 == node) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("player {user} never showed up on {node}");
+    }
 }

@@ -7,6 +7,7 @@
 mod admin;
 mod admission;
 mod channels;
+mod cluster;
 mod common;
 mod counting;
 mod history;

@@ -1,0 +1,452 @@
+//! Cluster mode: the node's link to the other nodes, through NATS with
+//! JetStream. Owns the NATS connection, the line stream, the session
+//! directory and the tasks that carry them; it never touches a player's
+//! state (the world actor does that with what these tasks hand it) and
+//! never waits on a player.
+//!
+//! - **Lines.** Every chat line and announcement is published to the
+//!   JetStream stream `GC_LINES` (subjects `gc.line.>`, one per
+//!   conversation). Its place in the stream is its msg_id (plus the
+//!   cluster's id base), so ids are unique and every node sees the lines in
+//!   one order. Each node reads the stream with one ordered consumer and
+//!   hands the lines to its world, which delivers them to its own players.
+//! - **Sessions.** The key-value bucket `gc_sessions` maps `u.<user>` to
+//!   the node holding the player's session. A login claims the key with a
+//!   compare-and-set on its revision; every node watches the bucket, and a
+//!   node whose session was claimed elsewhere ends it with the "logged in
+//!   elsewhere" kick.
+//!
+//! Queues: the publish queue ([`PUBLISH_QUEUE`]) is fed with `try_send`
+//! by the world: full, the line is refused (`RES_STORE_FAILED`), never
+//! waited for. The feeds into the world use the world's bounded inbox with
+//! `send().await`: a busy world slows the consumer, and JetStream keeps
+//! the lines meanwhile.
+
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use crate::config::ClusterConfig;
+use crate::ids::{NodeId, UserId};
+use crate::world::WorldHandle;
+
+pub use wire::BusLine;
+
+/// The stream that carries every line.
+pub const LINES_STREAM: &str = "GC_LINES";
+/// The session directory.
+pub const SESSIONS_BUCKET: &str = "gc_sessions";
+/// Cluster-wide settings (the msg_id base).
+pub const META_BUCKET: &str = "gc_meta";
+
+/// Lines waiting to be handed to NATS, and awaiting JetStream's ack.
+const PUBLISH_QUEUE: usize = 4096;
+/// Directory releases waiting to be sent; full, a release is skipped (the
+/// key then points at this node until the player's next login, which is
+/// harmless: see [`Cluster::release`]).
+const RELEASE_QUEUE: usize = 4096;
+/// How long a start-up step (connect, stream and bucket creation) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many compare-and-set rounds a login's claim tries before giving up.
+const CLAIM_TRIES: usize = 16;
+
+/// Why cluster mode could not start or a claim failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot reach NATS at {url}: {why}")]
+    Connect { url: String, why: String },
+    #[error("JetStream set-up failed ({what}): {why}")]
+    Setup { what: &'static str, why: String },
+    #[error("session directory: {0}")]
+    Directory(String),
+}
+
+/// What a publish comes back with: the line's stream sequence, or why it
+/// was not stored.
+pub type PublishReply = Box<dyn FnOnce(Result<u64, ()>) + Send>;
+
+struct Publish {
+    subject: String,
+    payload: Bytes,
+    reply: PublishReply,
+}
+
+/// The node's cluster link. Cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node: NodeId,
+    /// msg_id = base + stream sequence.
+    base: u64,
+    sessions: kv::Store,
+    publish: mpsc::Sender<Publish>,
+    release: mpsc::Sender<(UserId, u64)>,
+}
+
+/// The feeds that start once the world exists.
+pub struct Feeds {
+    lines: consumer::pull::Ordered,
+    watch: kv::Watch,
+    publish: mpsc::Receiver<Publish>,
+    release: mpsc::Receiver<(UserId, u64)>,
+    js: jetstream::Context,
+    sessions: kv::Store,
+}
+
+fn setup(what: &'static str) -> impl FnOnce(String) -> ClusterError {
+    move |why| ClusterError::Setup { what, why }
+}
+
+async fn timed<T, E: std::fmt::Display>(
+    what: &'static str,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ClusterError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(setup(what)(e.to_string())),
+        Err(_) => Err(setup(what)("timed out".into())),
+    }
+}
+
+impl Cluster {
+    /// Connects to NATS and makes sure the stream and buckets exist. The
+    /// line consumer starts here, before this node can publish anything,
+    /// so no line of its own or of another node is missed. `local_high` is
+    /// the highest msg_id in this node's own store: a new cluster's id base
+    /// starts above it.
+    pub async fn connect(
+        config: &ClusterConfig,
+        local_high: u64,
+    ) -> Result<(Cluster, Feeds), ClusterError> {
+        let url = config.url.clone().unwrap_or_default();
+        let node = NodeId(config.node_id.clone().unwrap_or_default().into());
+        let client = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            async_nats::ConnectOptions::new()
+                .name(format!("guildchat-{node}"))
+                .retry_on_initial_connect()
+                .connect(url.as_str()),
+        )
+        .await
+        .map_err(|_| ClusterError::Connect {
+            url: url.clone(),
+            why: "timed out".into(),
+        })?
+        .map_err(|e| ClusterError::Connect {
+            url: url.clone(),
+            why: e.to_string(),
+        })?;
+        let js = jetstream::new(client);
+        let lines = timed(
+            "line stream",
+            js.get_or_create_stream(stream::Config {
+                name: LINES_STREAM.into(),
+                subjects: vec![format!("{}.>", wire::LINE_PREFIX)],
+                storage: stream::StorageType::File,
+                // A day of lines; the history store keeps them for longer.
+                max_age: Duration::from_secs(86_400),
+                ..Default::default()
+            }),
+        )
+        .await?;
+        let sessions = timed(
+            "session bucket",
+            js.create_or_update_key_value(kv::Config {
+                bucket: SESSIONS_BUCKET.into(),
+                history: 1,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            }),
+        )
+        .await?;
+        let meta = timed(
+            "meta bucket",
+            js.create_or_update_key_value(kv::Config {
+                bucket: META_BUCKET.into(),
+                history: 1,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            }),
+        )
+        .await?;
+        // The first node of a new cluster sets the base; the others read
+        // it. Above every local id and the clock, so ids keep increasing
+        // from a single-node deployment's.
+        let proposed = local_high.max(crate::world::now_ms() << 10);
+        let _ = meta.create("id_base", proposed.to_string().into()).await;
+        let base = timed("id base", meta.get("id_base"))
+            .await?
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u64>().ok())
+            .ok_or_else(|| setup("id base")("missing or malformed".into()))?;
+        let consumer = timed(
+            "line consumer",
+            lines.create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: format!("{}.>", wire::LINE_PREFIX),
+                deliver_policy: consumer::DeliverPolicy::New,
+                ..Default::default()
+            }),
+        )
+        .await?;
+        let lines = timed("line consumer", consumer.messages()).await?;
+        // Every key's latest value first (who is where now), then changes.
+        let watch = timed("session watch", sessions.watch_with_history("u.>")).await?;
+        let (publish_tx, publish) = mpsc::channel(PUBLISH_QUEUE);
+        let (release_tx, release) = mpsc::channel(RELEASE_QUEUE);
+        info!(%node, base, "joined the cluster");
+        let cluster = Cluster {
+            inner: Arc::new(Inner {
+                node,
+                base,
+                sessions: sessions.clone(),
+                publish: publish_tx,
+                release: release_tx,
+            }),
+        };
+        let feeds = Feeds {
+            lines,
+            watch,
+            publish,
+            release,
+            js,
+            sessions,
+        };
+        Ok((cluster, feeds))
+    }
+
+    pub fn node(&self) -> &NodeId {
+        &self.inner.node
+    }
+
+    /// The msg_id of the line at stream sequence `seq`.
+    pub fn msg_id(&self, seq: u64) -> u64 {
+        self.inner.base.saturating_add(seq)
+    }
+
+    /// Queues a line for JetStream; `reply` gets its sequence once stored.
+    /// Never waits: with the queue full the line is refused at once.
+    pub fn publish(&self, subject: String, line: &BusLine, reply: PublishReply) {
+        let payload = Bytes::from(prost::Message::encode_to_vec(line));
+        let msg = Publish {
+            subject,
+            payload,
+            reply,
+        };
+        if let Err(e) = self.inner.publish.try_send(msg) {
+            let msg = match e {
+                mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
+            };
+            warn!("cluster publish queue full; a line is refused");
+            (msg.reply)(Err(()));
+        }
+    }
+
+    /// Claims the player's session for this node: a compare-and-set on the
+    /// directory key, retried while other nodes race for it. Returns the
+    /// revision that names this node: a later revision naming another node
+    /// ends this session.
+    pub async fn claim(&self, user: UserId, name: &str) -> Result<u64, ClusterError> {
+        let key = format!("u.{user}");
+        let value = Bytes::from(format!("{}\n{name}", self.inner.node));
+        let kv = &self.inner.sessions;
+        for _ in 0..CLAIM_TRIES {
+            let current = kv
+                .entry(key.as_str())
+                .await
+                .map_err(|e| ClusterError::Directory(e.to_string()))?;
+            let result = match current {
+                Some(e) if e.operation == kv::Operation::Put => kv
+                    .update(key.as_str(), value.clone(), e.revision)
+                    .await
+                    .map_err(|e| {
+                        (
+                            e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                            e.to_string(),
+                        )
+                    }),
+                _ => kv.create(key.as_str(), value.clone()).await.map_err(|e| {
+                    (
+                        matches!(e.kind(), kv::CreateErrorKind::AlreadyExists),
+                        e.to_string(),
+                    )
+                }),
+            };
+            match result {
+                Ok(revision) => return Ok(revision),
+                // Another node wrote in between: read again and retry.
+                Err((true, _)) => continue,
+                Err((false, why)) => return Err(ClusterError::Directory(why)),
+            }
+        }
+        Err(ClusterError::Directory(format!(
+            "{key}: still contended after {CLAIM_TRIES} tries"
+        )))
+    }
+
+    /// The session claimed at `revision` ended: its key goes, unless
+    /// another node has claimed it since. Skipped when the queue is full;
+    /// a stale key only makes other nodes route the player's whispers here,
+    /// where they are kept for the player's next login.
+    pub fn release(&self, user: UserId, revision: u64) {
+        if self.inner.release.try_send((user, revision)).is_err() {
+            debug!(%user, "release queue full; the directory key stays");
+        }
+    }
+
+    /// Starts the tasks that publish lines, release keys, and feed the
+    /// stream and the directory into the world.
+    pub fn start(&self, feeds: Feeds, world: WorldHandle) {
+        let Feeds {
+            lines,
+            watch,
+            publish,
+            release,
+            js,
+            sessions,
+        } = feeds;
+        tokio::spawn(publisher(js, publish));
+        tokio::spawn(releaser(sessions, release));
+        tokio::spawn(read_lines(lines, world.clone()));
+        tokio::spawn(watch_directory(watch, world, self.inner.node.clone()));
+    }
+}
+
+/// Most publishes awaiting JetStream's ack at once.
+const IN_FLIGHT: usize = 1024;
+
+/// Hands lines to NATS in queue order (so one node's lines keep their
+/// order in the stream) and answers each once JetStream has stored it.
+async fn publisher(js: jetstream::Context, mut rx: mpsc::Receiver<Publish>) {
+    let mut acks = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            msg = rx.recv(), if acks.len() < IN_FLIGHT => {
+                let Some(Publish { subject, payload, reply }) = msg else { break };
+                match js.publish(subject, payload).await {
+                    Ok(ack) => acks.push(async move {
+                        let result = ack.await.map(|a| a.sequence);
+                        if let Err(e) = &result {
+                            warn!(error = %e, "a line was not stored by JetStream");
+                        }
+                        reply(result.map_err(|_| ()));
+                    }),
+                    Err(e) => {
+                        warn!(error = %e, "cannot publish a line");
+                        reply(Err(()));
+                    }
+                }
+            }
+            Some(()) = acks.next(), if !acks.is_empty() => {}
+        }
+    }
+    while acks.next().await.is_some() {}
+}
+
+async fn releaser(sessions: kv::Store, mut rx: mpsc::Receiver<(UserId, u64)>) {
+    while let Some((user, revision)) = rx.recv().await {
+        let key = format!("u.{user}");
+        // Fails when another node claimed the key since: it is theirs.
+        if let Err(e) = sessions
+            .delete_expect_revision(key.as_str(), Some(revision))
+            .await
+        {
+            debug!(%user, error = %e, "directory key not released");
+        }
+    }
+}
+
+/// Feeds the stream's lines, in stream order, into the world.
+async fn read_lines(mut lines: consumer::pull::Ordered, world: WorldHandle) {
+    let mut failing = false;
+    while let Some(msg) = lines.next().await {
+        let msg = match msg {
+            Ok(msg) => msg,
+            Err(e) => {
+                // Once per outage, not per message.
+                if !failing {
+                    error!(error = %e, "reading the line stream failed; retrying");
+                    failing = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        failing = false;
+        let Ok(seq) = msg.info().map(|i| i.stream_sequence) else {
+            continue;
+        };
+        let line = match <BusLine as prost::Message>::decode(msg.payload.as_ref()) {
+            Ok(line) => line,
+            Err(e) => {
+                warn!(seq, error = %e, "a line on the bus does not decode; skipped");
+                continue;
+            }
+        };
+        if world.bus_line(line, seq).await.is_err() {
+            break;
+        }
+    }
+    debug!("line feed ended");
+}
+
+/// Feeds the session directory into the world: who holds which session.
+async fn watch_directory(mut watch: kv::Watch, world: WorldHandle, me: NodeId) {
+    while let Some(entry) = watch.next().await {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                warn!(error = %e, "session directory watch failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let Some(user) = entry
+            .key
+            .strip_prefix("u.")
+            .and_then(|u| u.parse::<u64>().ok())
+            .map(UserId)
+        else {
+            continue;
+        };
+        let holder = match entry.operation {
+            kv::Operation::Put => {
+                let value = String::from_utf8_lossy(&entry.value);
+                let (node, name) = value.split_once('\n').unwrap_or((&value, ""));
+                Some(Holder::Remote {
+                    node: NodeId(node.into()),
+                    name: name.to_owned(),
+                })
+            }
+            _ => None,
+        };
+        let holder = match holder {
+            Some(Holder::Remote { node, .. }) if node == me => Holder::Here,
+            Some(h) => h,
+            None => Holder::Nobody,
+        };
+        if world.directory(user, holder, entry.revision).await.is_err() {
+            break;
+        }
+    }
+    debug!("directory feed ended");
+}
+
+/// Who the directory says holds a player's session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// This node.
+    Here,
+    /// Another node, and the player's name there.
+    Remote { node: NodeId, name: String },
+    /// Nobody: the session ended.
+    Nobody,
+}

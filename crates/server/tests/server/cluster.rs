@@ -1,0 +1,389 @@
+//! Cluster mode: a real nats-server with JetStream and three guildchat
+//! nodes in this process, each on its own ports, with players on each,
+//! speaking the real protocol over real sockets.
+
+use guildchat_protocol::{ChatType, KickReason, ResCode, ServerMsg};
+use guildchat_server::ids::UserId;
+
+use crate::common::*;
+
+struct Cluster {
+    nats: Nats,
+    nodes: Vec<TestServer>,
+}
+
+/// nats-server and nodes n1, n2, n3; n2 and n3 verify tokens with n1's
+/// development keys.
+async fn cluster() -> Cluster {
+    let nats = Nats::start().await;
+    let n1 = TestServer::node(&nats, "n1", None).await;
+    let n2 = TestServer::node(&nats, "n2", Some(&n1)).await;
+    let n3 = TestServer::node(&nats, "n3", Some(&n1)).await;
+    Cluster {
+        nats,
+        nodes: vec![n1, n2, n3],
+    }
+}
+
+impl Cluster {
+    /// Waits until every node sees each player where it logged in.
+    async fn settled(&self, players: &[(u64, usize)]) {
+        for node in &self.nodes {
+            for &(user, at) in players {
+                node.until_located(user, &format!("n{}", at + 1)).await;
+            }
+        }
+    }
+
+    async fn stop(self) {
+        for node in self.nodes {
+            node.stop().await;
+        }
+        drop(self.nats);
+    }
+}
+
+/// Sends a line and reads until both its reply and its echo have come (in
+/// either order: the echo comes back through the stream); returns the
+/// reply.
+async fn say_seen(
+    c: &mut guildchat_client::Client,
+    channel: ChatType,
+    text: &str,
+    target: u64,
+) -> guildchat_protocol::pb::ChatMessageChatRep {
+    c.send_chat(channel, text, target, "").await.unwrap();
+    let mut echoes = Vec::new();
+    let rep = loop {
+        match next(c).await {
+            ServerMsg::ChatRep(rep) => break rep,
+            ServerMsg::Chat(n) => echoes.push(n.msg_id),
+            _ => {}
+        }
+    };
+    assert_eq!(rep.res, ResCode::ResOk as i32, "{channel:?} {text}");
+    while !echoes.contains(&rep.msg_id) {
+        echoes.push(next_chat(c).await.msg_id);
+    }
+    assert_eq!(echoes, [rep.msg_id], "one echo, and only of this line");
+    rep
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_channel_reaches_exactly_its_audience_on_every_node() {
+    let cl = cluster().await;
+    let [n1, n2, n3] = [&cl.nodes[0], &cl.nodes[1], &cl.nodes[2]];
+    // (user, node, guild, team, scene)
+    let layout = [
+        (1, 0, 10, 20, 30),
+        (2, 0, 11, 21, 31),
+        (3, 1, 10, 21, 30),
+        (4, 1, 11, 20, 31),
+        (5, 2, 10, 20, 31),
+        (6, 2, 0, 0, 30),
+    ];
+    let mut clients = Vec::new();
+    for &(user, node, guild, team, scene) in &layout {
+        let server = [n1, n2, n3][node];
+        clients.push(
+            server
+                .login(user, &format!("p{user}"), guild, team, scene)
+                .await,
+        );
+    }
+    let players: Vec<(u64, usize)> = layout.iter().map(|p| (p.0, p.1)).collect();
+    cl.settled(&players).await;
+    // Player 1 (on n1: guild 10, team 20, scene 30) speaks on each channel.
+    let expect: [(ChatType, &[u64]); 4] = [
+        (ChatType::ChatWorld, &[1, 2, 3, 4, 5, 6]),
+        (ChatType::ChatGuild, &[1, 3, 5]),
+        (ChatType::ChatTeam, &[1, 4, 5]),
+        (ChatType::ChatNormal, &[1, 3, 6]),
+    ];
+    for (channel, audience) in expect {
+        let text = format!("{channel:?} from p1");
+        let rep = say_seen(&mut clients[0], channel, &text, 0).await;
+        assert!(rep.msg_id > 0);
+        for (i, &(user, ..)) in layout.iter().enumerate() {
+            if user != 1 && audience.contains(&user) {
+                let n = next_chat(&mut clients[i]).await;
+                assert_eq!(n.strcontext, text, "player {user} on {channel:?}");
+                // One id everywhere, the one the sender was told.
+                assert_eq!(n.msg_id, rep.msg_id, "player {user} on {channel:?}");
+            }
+        }
+        for (i, &(user, ..)) in layout.iter().enumerate() {
+            if !audience.contains(&user) {
+                assert_silent(&mut clients[i]).await;
+            }
+        }
+    }
+    // An announcement to everyone from n3's admin API reaches all six.
+    let http = n3
+        .logic("POST", "/v1/announce", Some(r#"{"text":"maintenance"}"#))
+        .await;
+    assert_eq!(http.status, 200, "{}", http.text);
+    for c in &mut clients {
+        let n = next_chat(c).await;
+        assert_eq!(n.strcontext, "maintenance");
+        assert_eq!(n.chattype, ChatType::ChatAll as i32);
+    }
+    drop(clients);
+    cl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn msg_ids_increase_for_every_recipient_across_nodes() {
+    let cl = cluster().await;
+    let mut a = cl.nodes[0].login(1, "a", 0, 0, 0).await;
+    let mut b = cl.nodes[1].login(2, "b", 0, 0, 0).await;
+    let mut c = cl.nodes[2].login(3, "c", 0, 0, 0).await;
+    // a and b talk at once on world chat; c, on a third node, hears both.
+    let lines = 40;
+    let (ra, rb) = tokio::join!(
+        async {
+            for i in 0..lines {
+                a.send_chat(ChatType::ChatWorld, &format!("a{i}"), 0, "")
+                    .await
+                    .unwrap();
+            }
+        },
+        async {
+            for i in 0..lines {
+                b.send_chat(ChatType::ChatWorld, &format!("b{i}"), 0, "")
+                    .await
+                    .unwrap();
+            }
+        }
+    );
+    let ((), ()) = (ra, rb);
+    let mut last = 0;
+    for _ in 0..2 * lines {
+        let n = next_chat(&mut c).await;
+        assert!(n.msg_id > last, "{} after {last}", n.msg_id);
+        last = n.msg_id;
+    }
+    assert_silent(&mut c).await;
+    drop((a, b, c));
+    cl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whisper_reaches_its_target_on_another_node() {
+    let cl = cluster().await;
+    let mut a = cl.nodes[0].login(1, "alice", 0, 0, 0).await;
+    let mut b = cl.nodes[1].login(2, "bob", 0, 0, 0).await;
+    let mut c = cl.nodes[2].login(3, "carol", 0, 0, 0).await;
+    cl.settled(&[(1, 0), (2, 1), (3, 2)]).await;
+    let rep = say_seen(&mut a, ChatType::ChatPrivate, "psst", 2).await;
+    assert!(!rep.offline);
+    let got = next_chat(&mut b).await;
+    assert_eq!(
+        (
+            got.strcontext.as_str(),
+            got.senderid,
+            got.targetid,
+            got.msg_id
+        ),
+        ("psst", 1, 2, rep.msg_id)
+    );
+    assert_eq!(got.targetname, "bob");
+    // And back.
+    let rep = say_seen(&mut b, ChatType::ChatPrivate, "hi", 1).await;
+    let got = next_chat(&mut a).await;
+    assert_eq!((got.strcontext.as_str(), got.msg_id), ("hi", rep.msg_id));
+    assert_silent(&mut c).await;
+    drop((a, b, c));
+    cl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_on_another_node_takes_the_session_over() {
+    let cl = cluster().await;
+    let mut first = cl.nodes[0].login(7, "seven", 0, 0, 0).await;
+    let mut other = cl.nodes[2].login(8, "eight", 0, 0, 0).await;
+    cl.settled(&[(7, 0), (8, 2)]).await;
+    let mut second = cl.nodes[1].login(7, "seven", 0, 0, 0).await;
+    let (_, kick) = expect_close(&mut first).await;
+    assert_eq!(kick, Some(KickReason::KickLoggedInElsewhere as i32));
+    cl.nodes[0].until_located(7, "n2").await;
+    assert!(cl.nodes[0].world.player(UserId(7)).await.unwrap().is_none());
+    // The new session is live, and the only one: a world line reaches it
+    // once.
+    cl.nodes[2].until_located(7, "n2").await;
+    let rep = say_seen(&mut other, ChatType::ChatWorld, "still there?", 0).await;
+    assert_eq!(next_chat(&mut second).await.msg_id, rep.msg_id);
+    assert_silent(&mut second).await;
+    // A whisper from n3 finds it on n2.
+    say_seen(&mut other, ChatType::ChatPrivate, "found you", 7).await;
+    assert_eq!(next_chat(&mut second).await.strcontext, "found you");
+    drop((second, other));
+    cl.stop().await;
+}
+
+/// Two logins of one player at once on two nodes, 50 times: each time
+/// exactly one session survives, on the node the directory names, and the
+/// other connection is told it was logged in elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_simultaneous_logins_on_two_nodes_leave_one_session() {
+    let cl = cluster().await;
+    let (n1, n2) = (&cl.nodes[0], &cl.nodes[1]);
+    let js = async_nats::jetstream::new(async_nats::connect(cl.nats.url.as_str()).await.unwrap());
+    let sessions = js.get_key_value("gc_sessions").await.unwrap();
+    for round in 0..50u64 {
+        let user = 1000 + round;
+        let (mut a, mut b) = (n1.connect().await, n2.connect().await);
+        let (ta, tb) = (
+            n1.token(user, "racer", 0, 0, 0),
+            n2.token(user, "racer", 0, 0, 0),
+        );
+        let (ra, rb) = tokio::join!(a.login(&ta), b.login(&tb));
+        // Each login is answered (one of them may be replaced at once).
+        for rep in [ra, rb] {
+            assert_eq!(rep.unwrap().res, ResCode::ResOk as i32, "round {round}");
+        }
+        let holder = sessions
+            .get(format!("u.{user}"))
+            .await
+            .unwrap()
+            .expect("the directory names a node");
+        let holder = String::from_utf8(holder.to_vec()).unwrap();
+        let winner_is_n1 = holder.starts_with("n1\n");
+        let (loser, winner_node, loser_node, mut winner) = if winner_is_n1 {
+            (&mut b, n1, n2, a)
+        } else {
+            (&mut a, n2, n1, b)
+        };
+        let (_, kick) = expect_close(loser).await;
+        assert_eq!(
+            kick,
+            Some(KickReason::KickLoggedInElsewhere as i32),
+            "round {round}"
+        );
+        assert!(
+            loser_node
+                .world
+                .player(UserId(user))
+                .await
+                .unwrap()
+                .is_none(),
+            "round {round}: the losing node still has a session"
+        );
+        assert!(
+            winner_node
+                .world
+                .player(UserId(user))
+                .await
+                .unwrap()
+                .is_some(),
+            "round {round}: the winning node has no session"
+        );
+        // The survivor is live: its own world line comes back to it.
+        say_seen(&mut winner, ChatType::ChatWorld, "me", 0).await;
+    }
+    cl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_sent_on_one_node_is_in_the_history_of_every_node() {
+    let cl = cluster().await;
+    let mut a = cl.nodes[0].login(1, "a", 5, 0, 0).await;
+    let mut c = cl.nodes[2].login(3, "c", 5, 0, 0).await;
+    let rep = say_seen(&mut a, ChatType::ChatGuild, "for the record", 0).await;
+    // c heard it live, so n3's world has queued it to n3's store; the
+    // commit follows within a group commit.
+    assert_eq!(next_chat(&mut c).await.msg_id, rep.msg_id);
+    for _ in 0..500 {
+        let page = page(&mut c, ChatType::ChatGuild, 0, 0, 0, 10).await;
+        assert_eq!(page.res, ResCode::ResOk as i32);
+        if let Some(m) = page.msgs.first() {
+            assert_eq!(
+                (m.msg_id, m.strcontext.as_str()),
+                (rep.msg_id, "for the record")
+            );
+            drop((a, c));
+            cl.stop().await;
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the line never reached n3's history");
+}
+
+/// nats-server killed mid-traffic and started again on the same store: a
+/// line is never acknowledged unless stored, and once NATS is back lines
+/// cross nodes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_cross_nodes_again_after_nats_restarts() {
+    let mut cl = cluster().await;
+    let mut a = cl.nodes[0].login(1, "a", 0, 0, 0).await;
+    let mut b = cl.nodes[1].login(2, "b", 0, 0, 0).await;
+    let before = say_seen(&mut a, ChatType::ChatWorld, "before", 0).await;
+    assert_eq!(next_chat(&mut b).await.msg_id, before.msg_id);
+    cl.nats.kill();
+    // While NATS is down a line is refused, not acknowledged.
+    a.send_chat(ChatType::ChatWorld, "during", 0, "")
+        .await
+        .unwrap();
+    let rep = loop {
+        match a
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .await
+            .unwrap()
+        {
+            guildchat_client::Event::Msg(ServerMsg::ChatRep(rep)) => break rep,
+            guildchat_client::Event::Msg(_) => {}
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    };
+    assert_eq!(rep.res, ResCode::ResStoreFailed as i32);
+    cl.nats.restart().await;
+    // Sent until one is stored (the node reconnects on its own schedule);
+    // every acknowledged line then reaches b, in order, once b's consumer
+    // has noticed the restart (its heartbeat: about 15 s here). The line
+    // refused while NATS was down may arrive too: the client library had
+    // buffered it, and a refusal does not promise it was not stored.
+    let mut acked = Vec::new();
+    for i in 0..100 {
+        a.send_chat(ChatType::ChatWorld, &format!("after {i}"), 0, "")
+            .await
+            .unwrap();
+        let rep = loop {
+            match a
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .await
+                .unwrap()
+            {
+                guildchat_client::Event::Msg(ServerMsg::ChatRep(rep)) => break rep,
+                guildchat_client::Event::Msg(_) => {}
+                other => panic!("expected a reply, got {other:?}"),
+            }
+        };
+        if rep.res == ResCode::ResOk as i32 {
+            acked.push(rep.msg_id);
+            break;
+        }
+        assert_eq!(rep.res, ResCode::ResStoreFailed as i32);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(acked.len(), 1, "no line was stored after the restart");
+    let mut last = before.msg_id;
+    loop {
+        let n = match b
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .await
+            .unwrap()
+        {
+            guildchat_client::Event::Msg(ServerMsg::Chat(n)) => n,
+            guildchat_client::Event::Msg(_) => continue,
+            other => panic!("expected a line, got {other:?}"),
+        };
+        assert!(n.msg_id > last);
+        last = n.msg_id;
+        if n.msg_id == acked[0] {
+            break;
+        }
+    }
+    drop((a, b));
+    cl.stop().await;
+}
