@@ -88,6 +88,7 @@ struct Inner {
     node: NodeId,
     /// msg_id = base + stream sequence.
     base: u64,
+    js: jetstream::Context,
     sessions: kv::Store,
     publish: mpsc::Sender<Publish>,
     release: mpsc::Sender<(UserId, u64)>,
@@ -207,6 +208,7 @@ impl Cluster {
             inner: Arc::new(Inner {
                 node,
                 base,
+                js: js.clone(),
                 sessions: sessions.clone(),
                 publish: publish_tx,
                 release: release_tx,
@@ -438,6 +440,151 @@ async fn watch_directory(mut watch: kv::Watch, world: WorldHandle, me: NodeId) {
         }
     }
     debug!("directory feed ended");
+}
+
+/// What a login resuming on this node wants from the stream: the lines of
+/// its conversations after its cursor.
+pub struct Wants {
+    pub user: UserId,
+    pub guild: crate::ids::GuildId,
+    pub team: crate::ids::TeamId,
+    pub scene: crate::ids::SceneId,
+    /// The client's `last_msg_id`.
+    pub after: u64,
+    /// Most lines kept: the newest win, and a gap is reported.
+    pub cap: usize,
+}
+
+/// The lines a resume on another node gets from the stream.
+#[derive(Debug, Default)]
+pub struct Backfill {
+    /// `(msg_id, frame)`, in msg_id order.
+    pub frames: Vec<(u64, Bytes)>,
+    /// Some lines could not be had: before the stream's first, past the
+    /// cap, or the read failed or took too long.
+    pub gap: bool,
+}
+
+/// How long a resume's read of the stream may take.
+const BACKFILL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most lines a resume's read looks at, whatever it keeps.
+const BACKFILL_SCAN: u64 = 200_000;
+
+impl Cluster {
+    /// Reads a resuming player's lines after its cursor from the stream:
+    /// world and system lines, its scene's, guild's and team's (as its new
+    /// token names them), and its whispers. A cursor the stream no longer
+    /// covers reads what there is and reports a gap.
+    pub async fn backfill(&self, wants: Wants) -> Backfill {
+        match tokio::time::timeout(BACKFILL_TIMEOUT, self.read_back(&wants)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                warn!(user = %wants.user, error = %e, "cannot read a resume's lines from the stream");
+                Backfill {
+                    gap: true,
+                    ..Default::default()
+                }
+            }
+            Err(_) => {
+                warn!(user = %wants.user, "reading a resume's lines from the stream timed out");
+                Backfill {
+                    gap: true,
+                    ..Default::default()
+                }
+            }
+        }
+    }
+
+    async fn read_back(&self, wants: &Wants) -> Result<Backfill, ClusterError> {
+        let p = wire::LINE_PREFIX;
+        let u = wants.user;
+        let mut subjects = vec![
+            format!("{p}.world"),
+            format!("{p}.sys"),
+            format!("{p}.scene.{}", wants.scene),
+            format!("{p}.sys.to.scene.{}", wants.scene),
+            format!("{p}.sys.to.user.{u}"),
+            // Whispers where the player is the lower id; the higher-id
+            // half overlaps this filter, so it is read on its own.
+            format!("{p}.w.{u}.*"),
+        ];
+        if !wants.guild.is_none() {
+            subjects.push(format!("{p}.guild.{}", wants.guild));
+            subjects.push(format!("{p}.sys.to.guild.{}", wants.guild));
+        }
+        if !wants.team.is_none() {
+            subjects.push(format!("{p}.team.{}", wants.team));
+            subjects.push(format!("{p}.sys.to.team.{}", wants.team));
+        }
+        let failed = |what: &'static str| move |e: String| ClusterError::Setup { what, why: e };
+        let stream = self
+            .inner
+            .js
+            .get_stream(LINES_STREAM)
+            .await
+            .map_err(|e| failed("resume read")(e.to_string()))?;
+        let first = stream.cached_info().state.first_sequence;
+        let mut gap = false;
+        let start = match wants.after.checked_sub(self.inner.base) {
+            Some(seq) if seq.saturating_add(1) >= first => seq + 1,
+            // A cursor from before the stream's first line (or before the
+            // cluster): what came between is gone from it.
+            _ => {
+                gap = true;
+                first.max(1)
+            }
+        };
+        let mut lines: Vec<(u64, BusLine)> = Vec::new();
+        for filters in [subjects, vec![format!("{p}.w.*.{u}")]] {
+            let consumer = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subjects: filters,
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: start,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| failed("resume read")(e.to_string()))?;
+            let mut pending = consumer.cached_info().num_pending;
+            if pending == 0 {
+                continue;
+            }
+            let mut msgs = consumer
+                .messages()
+                .await
+                .map_err(|e| failed("resume read")(e.to_string()))?;
+            let mut scanned = 0;
+            while pending > 0 && scanned < BACKFILL_SCAN {
+                let Some(msg) = msgs.next().await else { break };
+                let msg = msg.map_err(|e| failed("resume read")(e.to_string()))?;
+                scanned += 1;
+                let Ok(info) = msg.info() else { continue };
+                pending = info.pending;
+                let seq = info.stream_sequence;
+                if let Ok(line) = <BusLine as prost::Message>::decode(msg.payload.as_ref()) {
+                    lines.push((seq, line));
+                }
+            }
+            gap |= pending > 0;
+        }
+        lines.sort_unstable_by_key(|(seq, _)| *seq);
+        lines.dedup_by_key(|(seq, _)| *seq);
+        if lines.len() > wants.cap {
+            gap = true;
+            lines.drain(..lines.len() - wants.cap);
+        }
+        let frames = lines
+            .into_iter()
+            .map(|(seq, line)| {
+                let id = self.msg_id(seq);
+                let mut notify = line.notify.unwrap_or_default();
+                notify.msg_id = id;
+                (id, guildchat_protocol::codec::encode(&notify))
+            })
+            .collect();
+        Ok(Backfill { frames, gap })
+    }
 }
 
 /// Who the directory says holds a player's session.

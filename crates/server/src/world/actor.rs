@@ -154,7 +154,8 @@ impl World {
                 conn,
                 offline,
                 blocks,
-            } => self.ready(user, conn, offline, blocks),
+                backfill,
+            } => self.ready(user, conn, offline, blocks, backfill),
             WorldMsg::Block {
                 user,
                 target,
@@ -445,47 +446,81 @@ impl World {
             Stats::bump(&self.stats.takeovers);
             return Ok(());
         }
-        match &self.history {
-            Some(history) => {
-                history.record_login(user.0, &identity.name);
-                // A session reads its block list once, at its first login.
-                let want_blocks = self.registry.get(user).is_some_and(|e| !e.blocks_loaded)
-                    && history.may_have_blocks(user.0);
-                let want_offline = history.may_have_offline(user.0);
-                if want_offline || want_blocks {
-                    // Read through the writer's queue, after every whisper
-                    // and block the world has already queued for this
-                    // player; the world does not wait: the answer comes
-                    // back as Ready.
-                    let offline_read = want_offline.then(|| history.pending_offline(user.0));
-                    let blocks_read = want_blocks.then(|| history.pending_blocks(user.0));
-                    let world = self.me.clone();
-                    let history = history.clone();
-                    tokio::spawn(async move {
-                        let offline = match offline_read {
-                            Some(read) => read_offline(&history, user, read).await,
-                            None => Vec::new(),
-                        };
-                        let blocks = match blocks_read {
-                            Some(read) => Some(read_blocks(&history, user, read).await),
-                            None => None,
-                        };
-                        if let Some(world) = world.upgrade() {
-                            let _ = world
-                                .tell(WorldMsg::Ready {
-                                    user,
-                                    conn: conn_id,
-                                    offline,
-                                    blocks,
-                                })
-                                .await;
-                        }
-                    });
-                } else {
-                    self.ready(user, conn_id, Vec::new(), None);
-                }
+        // What must be read before the login's reply: the offline
+        // whispers, the block list, and, for a session new to this node
+        // that comes with a cursor (a resume from another node), its lines
+        // from the cluster's stream.
+        let mut offline_read = None;
+        let mut blocks_read = None;
+        if let Some(history) = &self.history {
+            history.record_login(user.0, &identity.name);
+            // A session reads its block list once, at its first login.
+            let want_blocks = self.registry.get(user).is_some_and(|e| !e.blocks_loaded)
+                && history.may_have_blocks(user.0);
+            // Read through the writer's queue, after every whisper and
+            // block the world has already queued for this player.
+            offline_read = history
+                .may_have_offline(user.0)
+                .then(|| history.pending_offline(user.0));
+            blocks_read = want_blocks.then(|| history.pending_blocks(user.0));
+        }
+        let backfill = match &self.cluster {
+            Some(cluster) if !resumed && last_msg_id > 0 => {
+                let session = &self.config.session;
+                Some((
+                    cluster.clone(),
+                    crate::cluster::Wants {
+                        user,
+                        guild: identity.guild,
+                        team: identity.team,
+                        scene: identity.scene,
+                        after: last_msg_id,
+                        cap: session.replay_buffer + 2 * session.replay_buffer_shed(),
+                    },
+                ))
             }
-            None => self.ready(user, conn_id, Vec::new(), None),
+            _ => None,
+        };
+        if offline_read.is_none() && blocks_read.is_none() && backfill.is_none() {
+            self.ready(user, conn_id, Vec::new(), None, None);
+        } else {
+            // The world does not wait: the answers come back as Ready.
+            let world = self.me.clone();
+            let history = self.history.clone();
+            tokio::spawn(async move {
+                let stream = async {
+                    match backfill {
+                        Some((cluster, wants)) => Some(cluster.backfill(wants).await),
+                        None => None,
+                    }
+                };
+                let store = async {
+                    let Some(history) = &history else {
+                        return (Vec::new(), None);
+                    };
+                    let offline = match offline_read {
+                        Some(read) => read_offline(history, user, read).await,
+                        None => Vec::new(),
+                    };
+                    let blocks = match blocks_read {
+                        Some(read) => Some(read_blocks(history, user, read).await),
+                        None => None,
+                    };
+                    (offline, blocks)
+                };
+                let (backfill, (offline, blocks)) = tokio::join!(stream, store);
+                if let Some(world) = world.upgrade() {
+                    let _ = world
+                        .tell(WorldMsg::Ready {
+                            user,
+                            conn: conn_id,
+                            offline,
+                            blocks,
+                            backfill: backfill.map(Box::new),
+                        })
+                        .await;
+                }
+            });
         }
         debug!(%user, resumed, "login");
         Ok(())
@@ -503,6 +538,7 @@ impl World {
         conn_id: ConnId,
         offline: Vec<StoredMsg>,
         blocks: Option<Vec<u64>>,
+        backfill: Option<Box<crate::cluster::Backfill>>,
     ) {
         let current = self.last_msg_id;
         let Some((entry, world_ring)) = self.registry.get_mut_with_world(user) else {
@@ -538,9 +574,31 @@ impl World {
             .since(after, Some((world_ring, entry.began, &entry.world_masked)));
         // A cursor from before this session (it expired, the server
         // restarted, or another device started it): what came between
-        // cannot be replayed.
-        if last_msg_id > 0 && last_msg_id < entry.began {
-            resume.gap = true;
+        // cannot be replayed, unless the cluster's stream had it.
+        match backfill {
+            Some(backfill) => {
+                let cap = self.config.session.replay_buffer
+                    + 2 * self.config.session.replay_buffer_shed();
+                let have: std::collections::HashSet<u64> =
+                    resume.frames.iter().map(|(id, _)| *id).collect();
+                resume.frames.extend(
+                    backfill
+                        .frames
+                        .into_iter()
+                        .filter(|(id, _)| !have.contains(id)),
+                );
+                resume.frames.sort_unstable_by_key(|(id, _)| *id);
+                // The replay must fit the connection's queue: the newest
+                // win.
+                if resume.frames.len() > cap {
+                    let over = resume.frames.len() - cap;
+                    resume.frames.drain(..over);
+                    resume.gap = true;
+                }
+                resume.gap |= backfill.gap;
+            }
+            None if last_msg_id > 0 && last_msg_id < entry.began => resume.gap = true,
+            None => {}
         }
         // The cursor proves the client read every whisper up to it.
         if last_msg_id > 0 {

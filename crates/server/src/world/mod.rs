@@ -151,6 +151,8 @@ enum WorldMsg {
         offline: Vec<StoredMsg>,
         /// The players this one blocks, read for a new session.
         blocks: Option<Vec<u64>>,
+        /// In a cluster, a resume's lines from the stream.
+        backfill: Option<Box<crate::cluster::Backfill>>,
     },
     Block {
         user: UserId,
