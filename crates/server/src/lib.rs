@@ -134,9 +134,14 @@ impl Server {
     pub async fn start(config: Config) -> Result<Server, ServerError> {
         let parts = Parts::open(config)?;
         let joined = match parts.config.cluster.enabled() {
-            true => {
-                Some(cluster::Cluster::connect(&parts.config.cluster, parts.first_msg_id).await?)
-            }
+            true => Some(
+                cluster::Cluster::connect(
+                    &parts.config.cluster,
+                    &parts.config.history,
+                    parts.first_msg_id,
+                )
+                .await?,
+            ),
             false => None,
         };
         Ok(parts.assemble(joined))
@@ -216,6 +221,7 @@ impl Parts {
         let services = Arc::new(user::Services {
             moderation,
             filter: filter.clone(),
+            cluster: joined.as_ref().map(|(c, _)| c.clone()),
         });
         if let Some(history) = &history {
             let stats = stats.clone();

@@ -22,7 +22,10 @@
 //! `send().await`: a busy world slows the consumer, and JetStream keeps
 //! the lines meanwhile.
 
+mod inbox;
 pub mod wire;
+
+pub use inbox::INBOX_STREAM;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,9 +71,9 @@ pub enum ClusterError {
     Directory(String),
 }
 
-/// What a publish comes back with: the line's stream sequence, or why it
-/// was not stored.
-pub type PublishReply = Box<dyn FnOnce(Result<u64, ()>) + Send>;
+/// What a publish comes back with: the message's stream sequence, or why
+/// it was not stored.
+pub type PublishReply = Box<dyn FnOnce(Result<u64, String>) + Send>;
 
 struct Publish {
     subject: String,
@@ -84,11 +87,22 @@ pub struct Cluster {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.inner.node)
+            .field("base", &self.inner.base)
+            .finish_non_exhaustive()
+    }
+}
+
 struct Inner {
     node: NodeId,
     /// msg_id = base + stream sequence.
     base: u64,
     js: jetstream::Context,
+    /// The offline inbox stream.
+    inbox: stream::Stream,
     sessions: kv::Store,
     publish: mpsc::Sender<Publish>,
     release: mpsc::Sender<(UserId, u64)>,
@@ -127,6 +141,7 @@ impl Cluster {
     /// starts above it.
     pub async fn connect(
         config: &ClusterConfig,
+        config_history: &crate::history::HistoryConfig,
         local_high: u64,
     ) -> Result<(Cluster, Feeds), ClusterError> {
         let url = config.url.clone().unwrap_or_default();
@@ -158,6 +173,11 @@ impl Cluster {
                 max_age: Duration::from_secs(86_400),
                 ..Default::default()
             }),
+        )
+        .await?;
+        let inbox = timed(
+            "offline inbox stream",
+            js.get_or_create_stream(inbox::config(config_history)),
         )
         .await?;
         let sessions = timed(
@@ -209,6 +229,7 @@ impl Cluster {
                 node,
                 base,
                 js: js.clone(),
+                inbox,
                 sessions: sessions.clone(),
                 publish: publish_tx,
                 release: release_tx,
@@ -238,6 +259,10 @@ impl Cluster {
     /// Never waits: with the queue full the line is refused at once.
     pub fn publish(&self, subject: String, line: &BusLine, reply: PublishReply) {
         let payload = Bytes::from(prost::Message::encode_to_vec(line));
+        self.publish_raw(subject, payload, reply);
+    }
+
+    fn publish_raw(&self, subject: String, payload: Bytes, reply: PublishReply) {
         let msg = Publish {
             subject,
             payload,
@@ -247,8 +272,8 @@ impl Cluster {
             let msg = match e {
                 mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
             };
-            warn!("cluster publish queue full; a line is refused");
-            (msg.reply)(Err(()));
+            warn!("cluster publish queue full; a message is refused");
+            (msg.reply)(Err("publish queue full".into()));
         }
     }
 
@@ -337,13 +362,13 @@ async fn publisher(js: jetstream::Context, mut rx: mpsc::Receiver<Publish>) {
                     Ok(ack) => acks.push(async move {
                         let result = ack.await.map(|a| a.sequence);
                         if let Err(e) = &result {
-                            warn!(error = %e, "a line was not stored by JetStream");
+                            debug!(error = %e, "a message was not stored by JetStream");
                         }
-                        reply(result.map_err(|_| ()));
+                        reply(result.map_err(|e| e.to_string()));
                     }),
                     Err(e) => {
-                        warn!(error = %e, "cannot publish a line");
-                        reply(Err(()));
+                        debug!(error = %e, "cannot publish a message");
+                        reply(Err(e.to_string()));
                     }
                 }
             }

@@ -84,12 +84,13 @@ impl std::fmt::Debug for UserMsg {
     }
 }
 
-/// What every user actor shares, behind one pointer: sanctions in force
-/// and the word filter.
+/// What every user actor shares, behind one pointer: sanctions in force,
+/// the word filter, and in a cluster the link to the other nodes.
 #[derive(Debug, Default)]
 pub struct Services {
     pub moderation: Arc<Moderation>,
     pub filter: FilterHandle,
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 /// A connection's ends, handed over once its login reply, replay and

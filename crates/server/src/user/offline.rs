@@ -42,7 +42,13 @@ impl UserActor {
                 if let Some(ack) = self.offline_ack.take() {
                     let ids = ack.1;
                     let n = ids.len() as u64;
-                    match history.ack_offline(self.id.0, ids).await {
+                    // In a cluster the inbox is shared, and the ids are
+                    // its sequences.
+                    let acked = match &self.services.cluster {
+                        Some(cluster) => cluster.ack_offline(ids).await,
+                        None => history.ack_offline(self.id.0, ids).await,
+                    };
+                    match acked {
                         Ok(()) => Stats::add(&self.stats.offline_acked, n),
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot forget delivered offline whispers")

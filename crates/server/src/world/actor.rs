@@ -458,9 +458,9 @@ impl World {
             let want_blocks = self.registry.get(user).is_some_and(|e| !e.blocks_loaded)
                 && history.may_have_blocks(user.0);
             // Read through the writer's queue, after every whisper and
-            // block the world has already queued for this player.
-            offline_read = history
-                .may_have_offline(user.0)
+            // block the world has already queued for this player. In a
+            // cluster the whispers wait in the shared inbox instead.
+            offline_read = (self.cluster.is_none() && history.may_have_offline(user.0))
                 .then(|| history.pending_offline(user.0));
             blocks_read = want_blocks.then(|| history.pending_blocks(user.0));
         }
@@ -481,7 +481,9 @@ impl World {
             }
             _ => None,
         };
-        if offline_read.is_none() && blocks_read.is_none() && backfill.is_none() {
+        let inbox = self.cluster.clone().filter(|_| self.history.is_some());
+        if offline_read.is_none() && blocks_read.is_none() && backfill.is_none() && inbox.is_none()
+        {
             self.ready(user, conn_id, Vec::new(), None, None);
         } else {
             // The world does not wait: the answers come back as Ready.
@@ -489,17 +491,35 @@ impl World {
             let history = self.history.clone();
             tokio::spawn(async move {
                 let stream = async {
-                    match backfill {
+                    let backfill = match backfill {
                         Some((cluster, wants)) => Some(cluster.backfill(wants).await),
                         None => None,
-                    }
+                    };
+                    let inbox = match inbox {
+                        Some(cluster) => match cluster.pending_offline(user).await {
+                            Ok(found) => Some(found),
+                            Err(e) => {
+                                // They stay in the inbox for a later login.
+                                warn!(%user, error = %e, "cannot read the offline inbox");
+                                Some(Vec::new())
+                            }
+                        },
+                        None => None,
+                    };
+                    (backfill, inbox)
                 };
                 let store = async {
                     let Some(history) = &history else {
                         return (Vec::new(), None);
                     };
+                    // Keyed by msg_id, which deletes them from the local
+                    // store.
                     let offline = match offline_read {
-                        Some(read) => read_offline(history, user, read).await,
+                        Some(read) => read_offline(history, user, read)
+                            .await
+                            .into_iter()
+                            .map(|m| (m.msg_id, m))
+                            .collect(),
                         None => Vec::new(),
                     };
                     let blocks = match blocks_read {
@@ -508,7 +528,10 @@ impl World {
                     };
                     (offline, blocks)
                 };
-                let (backfill, (offline, blocks)) = tokio::join!(stream, store);
+                let ((backfill, inbox), (offline, blocks)) = tokio::join!(stream, store);
+                // Keyed by inbox sequence, which deletes them from the
+                // shared inbox.
+                let offline = inbox.unwrap_or(offline);
                 if let Some(world) = world.upgrade() {
                     let _ = world
                         .tell(WorldMsg::Ready {
@@ -536,7 +559,7 @@ impl World {
         &mut self,
         user: UserId,
         conn_id: ConnId,
-        offline: Vec<StoredMsg>,
+        offline: Vec<(u64, StoredMsg)>,
         blocks: Option<Vec<u64>>,
         backfill: Option<Box<crate::cluster::Backfill>>,
     ) {
@@ -624,8 +647,8 @@ impl World {
         let mut whispers = Vec::new();
         // Every offline whisper is sent (once), whatever the cursor says: it
         // is deleted only once this connection has carried it.
-        for m in &offline {
-            ack.push(m.msg_id);
+        for (key, m) in &offline {
+            ack.push(*key);
             if present.insert(m.msg_id) {
                 whispers.push((m.msg_id, codec::encode(&records::notification(m))));
             }
@@ -777,6 +800,14 @@ impl World {
             return;
         }
         let whispers = std::mem::take(&mut self.spills);
+        // In a cluster they go to the shared inbox: nobody waits, and one
+        // refused (a full inbox, NATS gone) is logged by the inbox.
+        if let Some(cluster) = &self.cluster {
+            for (to, m) in whispers {
+                drop(cluster.store_offline(UserId(to), &m));
+            }
+            return;
+        }
         if history.spill_offline(whispers.clone()).is_err() {
             self.spills = whispers;
             if self.spills.len() > MAX_SPILLS {
@@ -950,8 +981,13 @@ impl World {
             }
         };
         Stats::bump(&self.stats.chats);
-        if self.cluster.is_some() {
-            let offline = routed.store_for.is_some();
+        if let Some(cluster) = self.cluster.clone() {
+            // A whisper for a player with no session anywhere goes to the
+            // shared inbox once the stream has given it its msg_id; the
+            // reply waits for both.
+            let offline = routed
+                .store_for
+                .map(|to| (to, routed.notify.clone(), routed.conversation, routed.nonce));
             let stats = self.stats.clone();
             self.publish(
                 routed,
@@ -964,10 +1000,10 @@ impl World {
                             Ok(ChatOutcome {
                                 msg_id: id,
                                 durable: None,
-                                offline: offline.then(|| {
-                                    let (tx, rx) = tokio::sync::oneshot::channel();
-                                    let _ = tx.send(Ok(()));
-                                    rx
+                                offline: offline.map(|(to, mut notify, conversation, nonce)| {
+                                    notify.msg_id = id.0;
+                                    let record = records::stored(&notify, conversation, nonce);
+                                    cluster.store_offline(to, &record)
                                 }),
                             })
                         }
@@ -1014,7 +1050,7 @@ impl World {
         cluster.publish(
             subject,
             &line,
-            Box::new(move |seq| reply(seq.map(|seq| MsgId(ids.msg_id(seq))))),
+            Box::new(move |seq| reply(seq.map(|seq| MsgId(ids.msg_id(seq))).map_err(|_| ()))),
         );
     }
 
@@ -1058,7 +1094,10 @@ impl World {
         if let Some(history) = self.history.clone() {
             let record = records::stored(&notify, conversation, nonce);
             if let Some(to) = store_for {
-                outcome.offline = Some(history.store_offline(to.0, record.clone()));
+                outcome.offline = Some(match &self.cluster {
+                    Some(cluster) => cluster.store_offline(to, &record),
+                    None => history.store_offline(to.0, record.clone()),
+                });
                 Stats::bump(&self.stats.offline_stored);
             }
             if let Some(to) = live_to.filter(|to| Some(*to) != from) {
@@ -1087,9 +1126,10 @@ impl World {
         let from = (line.from != 0).then_some(UserId(line.from));
         let channel = ChatType::try_from(notify.chattype).unwrap_or(ChatType::ChatNone);
         let conversation = conversation_of(&notify, channel);
-        let mine = *line.origin == *me;
-        let target = UserId(notify.targetid);
-        let mut store_for = (line.offline && mine).then_some(target);
+        // An offline whisper's sender node stored it in the inbox before
+        // answering; the other nodes only deliver the sender's echo (none
+        // of them has the sender).
+        let mut store_for = None;
         let mut live_to = None;
         if let Audience::Whisper { to, .. } = audience {
             match self.registry.get(to) {
@@ -1125,6 +1165,12 @@ impl World {
                     .get(&user)
                     .is_some_and(|r| r.revision >= revision);
                 if !stale {
+                    // Every node's table of known players learns the
+                    // players of the others, so a whisper to one of them
+                    // who has gone offline is kept for them, here too.
+                    if let Some(history) = &self.history {
+                        history.record_login(user.0, &name);
+                    }
                     self.elsewhere.insert(
                         user,
                         Remote {

@@ -469,3 +469,58 @@ async fn a_resume_on_another_node_loses_nothing() {
     drop((p, guildmate, teammate, neighbour, stranger));
     cl.stop().await;
 }
+
+/// A whisper to a player with no session anywhere waits in the shared
+/// inbox, and arrives once at the player's next login, on another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_whisper_waits_for_a_login_on_any_node() {
+    let cl = cluster().await;
+    let [n1, n2, n3] = [&cl.nodes[0], &cl.nodes[1], &cl.nodes[2]];
+    // The target has logged in once, on n3, and left (no linger).
+    let target = n3.login(9, "nine", 0, 0, 0).await;
+    let mut sender = n1.login(1, "one", 0, 0, 0).await;
+    cl.settled(&[(9, 2), (1, 0)]).await;
+    n3.gm("POST", "/v1/players/9/kick", None).await;
+    drop(target);
+    // n1 knows the player is gone once the directory says so.
+    for _ in 0..500 {
+        if n1.world.locate(UserId(9)).await.unwrap().is_none() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(n1.world.locate(UserId(9)).await.unwrap().is_none());
+    let rep = say_seen(&mut sender, ChatType::ChatPrivate, "while you were out", 9).await;
+    assert!(rep.offline, "kept as an offline whisper");
+    // The next login, on n2, gets it after its reply, and only once.
+    let mut back = n2.login(9, "nine", 0, 0, 0).await;
+    let got = next_chat(&mut back).await;
+    assert_eq!(
+        (got.msg_id, got.strcontext.as_str(), got.senderid),
+        (rep.msg_id, "while you were out", 1)
+    );
+    // Nothing else comes; reading on answers the barrier ping that
+    // follows the whisper, which confirms it was read.
+    assert_silent(&mut back).await;
+    // Delivered and confirmed: gone from the inbox.
+    let js = async_nats::jetstream::new(async_nats::connect(cl.nats.url.as_str()).await.unwrap());
+    let inbox = js.get_stream("GC_INBOX").await.unwrap();
+    let mut gone = false;
+    for _ in 0..500 {
+        if inbox
+            .get_last_raw_message_by_subject("gc.inbox.9")
+            .await
+            .is_err()
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(gone, "the delivered whisper is deleted from the inbox");
+    drop(back);
+    let mut again = n3.login(9, "nine", 0, 0, 0).await;
+    assert_silent(&mut again).await;
+    drop((sender, again));
+    cl.stop().await;
+}
