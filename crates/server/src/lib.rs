@@ -239,7 +239,12 @@ impl Parts {
             joined.as_ref().map(|(c, _)| c.clone()),
         );
         let cluster = joined.map(|(cluster, feeds)| {
-            cluster.start(feeds, world.clone());
+            cluster.start(
+                feeds,
+                world.clone(),
+                services.moderation.clone(),
+                history.clone(),
+            );
             cluster
         });
         let reloader = Arc::new(reload::Reloader::new(
@@ -293,6 +298,7 @@ impl Server {
         );
         state.game_addr = self.game_addr.clone();
         state.dev_signer = dev_signer(&self.ctx.config).map(Arc::new);
+        state.cluster = self.services.cluster.clone();
         state
     }
 
@@ -356,6 +362,9 @@ impl Server {
         ctx.shutdown.cancel();
         let _ = accept.await;
         let _ = ctx.world.shutdown().await;
+        if let Some(cluster) = &ctx.cluster {
+            cluster.stop();
+        }
         tracker.close();
         let grace = ctx.config.limits.shutdown_grace();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {

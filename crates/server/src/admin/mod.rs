@@ -77,6 +77,9 @@ pub struct AdminState {
     pub(crate) dev_signer: Option<Arc<guildchat_auth::Signer>>,
     /// The game port's address once it is bound, for the demo page.
     pub(crate) game_addr: Arc<std::sync::OnceLock<SocketAddr>>,
+    /// In a cluster: where sanctions are shared and calls about another
+    /// node's players go.
+    pub(crate) cluster: Option<crate::cluster::Cluster>,
 }
 
 #[derive(Default)]
@@ -120,6 +123,7 @@ impl AdminState {
             probe: Arc::default(),
             dev_signer: None,
             game_addr: Arc::default(),
+            cluster: None,
         }
     }
 

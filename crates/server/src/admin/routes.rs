@@ -357,6 +357,33 @@ async fn metrics(axum::extract::State(state): axum::extract::State<AdminState>) 
 
 type State = axum::extract::State<AdminState>;
 
+/// In a cluster: the other node holding the player's session, as the
+/// session directory says, to forward a call about the player to.
+async fn elsewhere(
+    state: &AdminState,
+    id: UserId,
+) -> Result<Option<(crate::cluster::Cluster, crate::ids::NodeId)>, ApiError> {
+    let Some(cluster) = &state.cluster else {
+        return Ok(None);
+    };
+    match state.world.locate(id).await? {
+        Some(node) if node != *cluster.node() => Ok(Some((cluster.clone(), node))),
+        _ => Ok(None),
+    }
+}
+
+/// Makes a call about a player on another node.
+async fn forward(
+    cluster: &crate::cluster::Cluster,
+    node: &crate::ids::NodeId,
+    call: crate::cluster::calls::Call,
+) -> Result<crate::cluster::calls::Answered, ApiError> {
+    cluster
+        .call(node, &call)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))
+}
+
 // ---------------------------------------------------------------- read
 
 #[derive(Serialize, ToSchema)]
@@ -457,7 +484,16 @@ async fn player(
 ) -> Result<axum::Json<PlayerReply>, ApiError> {
     caller.need(Need::Read)?;
     let id = UserId(id);
-    let view = state.world.player(id).await?;
+    let mut view = state.world.player(id).await?;
+    if view.is_none() {
+        if let Some((cluster, node)) = elsewhere(&state, id).await? {
+            let call = crate::cluster::calls::Call::Player { user: id.0 };
+            if let crate::cluster::calls::Answered::View(v) = forward(&cluster, &node, call).await?
+            {
+                view = v;
+            }
+        }
+    }
     let name = match &view {
         Some(_) => String::new(),
         None => known_name(&state, id)
@@ -554,7 +590,7 @@ async fn groups(
 ) -> Result<axum::Json<PlayerReply>, ApiError> {
     caller.need(Need::Logic)?;
     let id = UserId(id);
-    let view = state
+    let mut view = state
         .world
         .regroup(
             id,
@@ -563,6 +599,20 @@ async fn groups(
             body.scene.map(SceneId),
         )
         .await?;
+    if view.is_none() {
+        if let Some((cluster, node)) = elsewhere(&state, id).await? {
+            let call = crate::cluster::calls::Call::Regroup {
+                user: id.0,
+                guild: body.guild,
+                team: body.team,
+                scene: body.scene,
+            };
+            if let crate::cluster::calls::Answered::View(v) = forward(&cluster, &node, call).await?
+            {
+                view = v;
+            }
+        }
+    }
     let target = format!("player:{}", id.0);
     let detail = format!(
         "guild={:?} team={:?} scene={:?}",
@@ -757,10 +807,19 @@ async fn kick(
 ) -> Result<StatusCode, ApiError> {
     caller.need(Need::Gm)?;
     let reason = reason(&body.reason)?;
-    let found = state
+    let mut found = state
         .world
         .kick(UserId(id), KickReason::KickOperator)
         .await?;
+    if !found {
+        if let Some((cluster, node)) = elsewhere(&state, UserId(id)).await? {
+            let call = crate::cluster::calls::Call::Kick { user: id };
+            found = matches!(
+                forward(&cluster, &node, call).await?,
+                crate::cluster::calls::Answered::Kicked(true)
+            );
+        }
+    }
     let result = if found { "ok" } else { "not_online" };
     state
         .audit(&caller.id, "kick", format!("player:{id}"), reason, result)
@@ -842,6 +901,15 @@ async fn sanction_now(
         reason: reason.clone(),
         set_ms: now,
     };
+    // In a cluster the shared bucket comes first: once it has the
+    // sanction every node applies it (and a node holding a banned
+    // player's session kicks it).
+    if let Some(cluster) = &state.cluster {
+        cluster
+            .put_sanction(&sanction)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("the cluster did not store it: {e}")))?;
+    }
     if let Some(history) = &state.history {
         history
             .set_sanction(id, kind, sanction.until_ms, reason.clone())
@@ -881,6 +949,13 @@ async fn lift_now(
     body: ReasonBody,
 ) -> Result<StatusCode, ApiError> {
     let reason = reason(&body.reason)?;
+    let shared = match &state.cluster {
+        Some(cluster) => cluster
+            .clear_sanction(UserId(id), kind)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("the cluster did not lift it: {e}")))?,
+        None => false,
+    };
     let stored = match &state.history {
         Some(history) => history.clear_sanction(id, kind).await?,
         None => false,
@@ -890,7 +965,7 @@ async fn lift_now(
         SanctionKind::Mute => "unmute",
         SanctionKind::Ban => "unban",
     };
-    let found = stored || cached;
+    let found = shared || stored || cached;
     state
         .audit(
             &caller.id,

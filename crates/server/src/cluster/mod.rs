@@ -22,10 +22,13 @@
 //! `send().await`: a busy world slows the consumer, and JetStream keeps
 //! the lines meanwhile.
 
+pub mod calls;
 mod inbox;
+mod sanctions;
 pub mod wire;
 
 pub use inbox::INBOX_STREAM;
+pub use sanctions::SANCTIONS_BUCKET;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,17 +104,24 @@ struct Inner {
     /// msg_id = base + stream sequence.
     base: u64,
     js: jetstream::Context,
+    client: async_nats::Client,
     /// The offline inbox stream.
     inbox: stream::Stream,
+    sanctions: kv::Store,
     sessions: kv::Store,
     publish: mpsc::Sender<Publish>,
     release: mpsc::Sender<(UserId, u64)>,
+    /// Ends the feeds at shutdown, so that the world and the store they
+    /// hold handles to can stop.
+    stop: tokio_util::sync::CancellationToken,
 }
 
 /// The feeds that start once the world exists.
 pub struct Feeds {
     lines: consumer::pull::Ordered,
     watch: kv::Watch,
+    sanctions: kv::Watch,
+    calls: async_nats::Subscriber,
     publish: mpsc::Receiver<Publish>,
     release: mpsc::Receiver<(UserId, u64)>,
     js: jetstream::Context,
@@ -162,7 +172,11 @@ impl Cluster {
             url: url.clone(),
             why: e.to_string(),
         })?;
-        let js = jetstream::new(client);
+        let calls = client
+            .subscribe(format!("gc.node.{node}.call"))
+            .await
+            .map_err(|e| setup("call subscription")(e.to_string()))?;
+        let js = jetstream::new(client.clone());
         let lines = timed(
             "line stream",
             js.get_or_create_stream(stream::Config {
@@ -190,6 +204,17 @@ impl Cluster {
             }),
         )
         .await?;
+        let sanctions = timed(
+            "sanction bucket",
+            js.create_or_update_key_value(kv::Config {
+                bucket: SANCTIONS_BUCKET.into(),
+                history: 1,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            }),
+        )
+        .await?;
+        let sanction_watch = timed("sanction watch", sanctions.watch_with_history(">")).await?;
         let meta = timed(
             "meta bucket",
             js.create_or_update_key_value(kv::Config {
@@ -229,15 +254,20 @@ impl Cluster {
                 node,
                 base,
                 js: js.clone(),
+                client,
                 inbox,
+                sanctions,
                 sessions: sessions.clone(),
                 publish: publish_tx,
                 release: release_tx,
+                stop: Default::default(),
             }),
         };
         let feeds = Feeds {
             lines,
             watch,
+            sanctions: sanction_watch,
+            calls,
             publish,
             release,
             js,
@@ -329,21 +359,62 @@ impl Cluster {
         }
     }
 
-    /// Starts the tasks that publish lines, release keys, and feed the
-    /// stream and the directory into the world.
-    pub fn start(&self, feeds: Feeds, world: WorldHandle) {
+    /// Starts the tasks that publish lines, release keys, feed the stream
+    /// and the directory into the world, and apply shared sanctions.
+    pub fn start(
+        &self,
+        feeds: Feeds,
+        world: WorldHandle,
+        moderation: Arc<crate::moderation::Moderation>,
+        history: Option<crate::history::HistoryHandle>,
+    ) {
         let Feeds {
             lines,
             watch,
+            sanctions,
+            calls,
             publish,
             release,
             js,
             sessions,
         } = feeds;
-        tokio::spawn(publisher(js, publish));
-        tokio::spawn(releaser(sessions, release));
-        tokio::spawn(read_lines(lines, world.clone()));
-        tokio::spawn(watch_directory(watch, world, self.inner.node.clone()));
+        let stop = &self.inner.stop;
+        tokio::spawn(until(stop, publisher(js, publish)));
+        tokio::spawn(until(stop, releaser(sessions, release)));
+        tokio::spawn(until(stop, read_lines(lines, world.clone())));
+        tokio::spawn(until(
+            stop,
+            calls::answer(calls, self.inner.client.clone(), world.clone()),
+        ));
+        tokio::spawn(until(
+            stop,
+            sanctions::watch(sanctions, moderation, history, world.clone()),
+        ));
+        tokio::spawn(until(
+            stop,
+            watch_directory(watch, world, self.inner.node.clone()),
+        ));
+    }
+
+    /// Ends the feeds (at shutdown, once the world has ended every
+    /// session).
+    pub fn stop(&self) {
+        self.inner.stop.cancel();
+    }
+}
+
+/// Runs `task` until `stop` is cancelled, then drops it with the handles
+/// it holds.
+fn until(
+    stop: &tokio_util::sync::CancellationToken,
+    task: impl std::future::Future<Output = ()>,
+) -> impl std::future::Future<Output = ()> {
+    let stop = stop.clone();
+    async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = task => {}
+        }
     }
 }
 

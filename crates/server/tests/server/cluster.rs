@@ -524,3 +524,81 @@ async fn an_offline_whisper_waits_for_a_login_on_any_node() {
     drop((sender, again));
     cl.stop().await;
 }
+
+/// Polls `path` on `node` until `ready` holds for its JSON (bounded).
+async fn until_json(node: &TestServer, path: &str, ready: impl Fn(&serde_json::Value) -> bool) {
+    for _ in 0..500 {
+        let http = node.gm("GET", path, None).await;
+        if http.status == 200 && ready(&http.json()) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{path} never got there on {}", node.admin);
+}
+
+/// The admin API of any node acts on a player whose session another node
+/// holds: read, regroup, mute, ban, kick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_on_any_node_reach_a_player_on_another() {
+    let cl = cluster().await;
+    let [n1, n2, n3] = [&cl.nodes[0], &cl.nodes[1], &cl.nodes[2]];
+    let mut p = n2.login(5, "five", 0, 0, 0).await;
+    let mut friend = n1.login(6, "six", 7, 0, 0).await;
+    cl.settled(&[(5, 1), (6, 0)]).await;
+    // Read, on n1.
+    let http = n1.gm("GET", "/v1/players/5", None).await;
+    assert_eq!(http.status, 200, "{}", http.text);
+    assert_eq!(http.json()["state"], "connected");
+    // The logic server moves the player into guild 7, through n3.
+    let http = n3
+        .logic("PUT", "/v1/players/5/groups", Some(r#"{"guild":7}"#))
+        .await;
+    assert_eq!(http.status, 200, "{}", http.text);
+    assert_eq!(http.json()["guild"], 7);
+    let rep = say_seen(&mut friend, ChatType::ChatGuild, "welcome to 7", 0).await;
+    assert_eq!(next_chat(&mut p).await.msg_id, rep.msg_id);
+    // Muted through n1: once n2 has it, the player cannot speak.
+    let http = n1
+        .gm("PUT", "/v1/players/5/mute", Some(r#"{"seconds":600}"#))
+        .await;
+    assert_eq!(http.status, 200, "{}", http.text);
+    until_json(n2, "/v1/players/5", |j| {
+        j["muted_until_ms"].as_u64() > Some(0)
+    })
+    .await;
+    let rep = say(&mut p, ChatType::ChatWorld, "can I?").await;
+    assert_eq!(rep.res, ResCode::ResMuted as i32);
+    // Unmuted through n3.
+    let http = n3.gm("DELETE", "/v1/players/5/mute", None).await;
+    assert_eq!(http.status, 204, "{}", http.text);
+    until_json(n2, "/v1/players/5", |j| j["muted_until_ms"] == 0).await;
+    say_seen(&mut p, ChatType::ChatWorld, "I can", 0).await;
+    // Banned through n3: n2 puts the player out, and no node lets them in.
+    let http = n3
+        .gm("PUT", "/v1/players/5/ban", Some(r#"{"seconds":600}"#))
+        .await;
+    assert_eq!(http.status, 200, "{}", http.text);
+    let (_, kick) = expect_close(&mut p).await;
+    assert_eq!(kick, Some(KickReason::KickBanned as i32));
+    until_json(n1, "/v1/players/5", |j| {
+        j["banned_until_ms"].as_u64() > Some(0)
+    })
+    .await;
+    let mut c = n1.connect().await;
+    let rep = c.login(&n1.token(5, "five", 0, 0, 0)).await.unwrap();
+    assert_eq!(rep.res, ResCode::ResBanned as i32);
+    drop(c);
+    let http = n2.gm("DELETE", "/v1/players/5/ban", None).await;
+    assert_eq!(http.status, 204, "{}", http.text);
+    until_json(n1, "/v1/players/5", |j| j["banned_until_ms"] == 0).await;
+    let mut p = n1.login(5, "five", 0, 0, 0).await;
+    // Kicked through n3, while on n1.
+    n3.until_located(5, "n1").await;
+    let http = n3.gm("POST", "/v1/players/5/kick", None).await;
+    assert_eq!(http.status, 204, "{}", http.text);
+    let (_, kick) = expect_close(&mut p).await;
+    assert_eq!(kick, Some(KickReason::KickOperator as i32));
+    drop(friend);
+    cl.stop().await;
+}
