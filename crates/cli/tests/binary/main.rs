@@ -12,4 +12,5 @@ mod common;
 
 mod admin;
 mod cli;
+mod cluster;
 mod crash;
