@@ -36,6 +36,10 @@ pub struct AdminArgs {
 enum AdminCommand {
     /// Players online, connections and every counter.
     Stats,
+    /// Drain this node for a restart: it stops accepting connections,
+    /// moves its players to other nodes a batch at a time (they reconnect
+    /// and resume), and exits when empty.
+    Drain,
     /// A player's session state, groups and sanctions.
     Who { id: u64 },
     /// Disconnect a player now (they may log in again).
@@ -115,6 +119,7 @@ impl AdminCommand {
     fn call(&self) -> Call {
         let (method, path, body) = match self {
             AdminCommand::Stats => ("GET", "/v1/stats".to_owned(), None),
+            AdminCommand::Drain => ("POST", "/v1/drain".to_owned(), None),
             AdminCommand::Who { id } => ("GET", format!("/v1/players/{id}"), None),
             AdminCommand::Kick { id, reason } => (
                 "POST",
@@ -327,6 +332,7 @@ fn render(command: &AdminCommand, v: &Value, now_ms: u64) -> String {
             ),
         ]),
         AdminCommand::Announce { .. } => table(&[("msg_id".into(), field("msg_id"))]),
+        AdminCommand::Drain => format!("draining {} players\n", field("players")),
         AdminCommand::Audit { .. } => {
             let entries = v.get("entries").and_then(Value::as_array);
             let mut rows = vec![["time", "key", "action", "target", "reason", "result"]

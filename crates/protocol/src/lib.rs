@@ -61,6 +61,7 @@ pub mod close_code {
     pub const LOGIN_FAILED: u16 = 4007;
     pub const RATE_LIMITED: u16 = 4008;
     pub const BANNED: u16 = 4009;
+    pub const RECONNECT: u16 = 4010;
 
     /// The close code that goes with a kick reason.
     pub const fn for_reason(reason: KickReason) -> u16 {
@@ -76,6 +77,7 @@ pub mod close_code {
             KickReason::KickLoginFailed => LOGIN_FAILED,
             KickReason::KickRateLimited => RATE_LIMITED,
             KickReason::KickBanned => BANNED,
+            KickReason::KickReconnect => RECONNECT,
         }
     }
 }

@@ -259,6 +259,7 @@ impl Parts {
             config,
             stats,
             shutdown: CancellationToken::new(),
+            drain: CancellationToken::new(),
             cluster,
         });
         Server {
@@ -299,6 +300,7 @@ impl Server {
         state.game_addr = self.game_addr.clone();
         state.dev_signer = dev_signer(&self.ctx.config).map(Arc::new);
         state.cluster = self.services.cluster.clone();
+        state.drain = Some(self.ctx.drain.clone());
         state
     }
 
@@ -346,9 +348,19 @@ impl Server {
         };
         // A dead store cannot acknowledge anything any more: the server
         // stops, and exits non-zero, so that an orchestrator restarts it.
+        let drain = ctx.drain.clone();
         let failed = tokio::select! {
             _ = shutdown.cancelled() => false,
             _ = store_died => true,
+            _ = drain.cancelled() => {
+                // The listener has closed; the players go a batch at a
+                // time, then the server stops as if asked to.
+                ctx.stats.ready.store(false, Ordering::Release);
+                info!("draining: moving every player off this node");
+                drain_players(&ctx.world, shutdown.clone()).await;
+                info!("drained");
+                false
+            }
         };
         ctx.stats.ready.store(false, Ordering::Release);
         if failed {
@@ -401,6 +413,26 @@ impl Server {
             Err(ServerError::HistoryDied)
         } else {
             Ok(())
+        }
+    }
+}
+
+/// Players a drain moves off at a time, and how often.
+const DRAIN_BATCH: usize = 100;
+const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Ends every session with the reconnect kick, [`DRAIN_BATCH`] at a time,
+/// so the players resume on other nodes without all reconnecting at once;
+/// returns once none is left (or the server is told to stop).
+async fn drain_players(world: &WorldHandle, shutdown: CancellationToken) {
+    loop {
+        match world.drain(DRAIN_BATCH).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(DRAIN_EVERY) => {}
         }
     }
 }

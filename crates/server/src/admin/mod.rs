@@ -80,6 +80,8 @@ pub struct AdminState {
     /// In a cluster: where sanctions are shared and calls about another
     /// node's players go.
     pub(crate) cluster: Option<crate::cluster::Cluster>,
+    /// Drains the node (`POST /v1/drain`); `None` outside a server.
+    pub(crate) drain: Option<tokio_util::sync::CancellationToken>,
 }
 
 #[derive(Default)]
@@ -124,6 +126,7 @@ impl AdminState {
             dev_signer: None,
             game_addr: Arc::default(),
             cluster: None,
+            drain: None,
         }
     }
 

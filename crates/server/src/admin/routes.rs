@@ -82,6 +82,7 @@ fn api() -> OpenApiRouter<AdminState> {
         .routes(routes!(filter_test))
         .routes(routes!(audit))
         .routes(routes!(reload))
+        .routes(routes!(drain))
 }
 
 /// The OpenAPI document, as served at `/v1/openapi.json`.
@@ -331,8 +332,20 @@ async fn readyz(axum::extract::State(state): axum::extract::State<AdminState>) -
     let listening = state.stats.ready.load(std::sync::atomic::Ordering::Acquire);
     let store = state.history.as_ref().is_none_or(|h| h.is_healthy());
     let world = state.world_answers().await;
-    let body = serde_json::json!({ "listening": listening, "store": store, "world": world });
-    let status = if listening && store && world {
+    let draining = state.drain.as_ref().is_some_and(|d| d.is_cancelled());
+    // A node cut off from NATS keeps its players connected, but cannot
+    // acknowledge a line: new connections belong on a node that can.
+    let nats = state.cluster.as_ref().is_none_or(|c| c.connected());
+    let mut body = serde_json::json!({
+        "listening": listening, "store": store, "world": world, "draining": draining,
+    });
+    if state.cluster.is_some() {
+        body["cluster"] = match nats {
+            true => serde_json::json!({ "state": "ok" }),
+            false => serde_json::json!({ "state": "degraded", "reason": "NATS unreachable" }),
+        };
+    }
+    let status = if listening && store && world && !draining && nats {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -397,6 +410,20 @@ struct StatsReply {
     lingering: u64,
     /// Every counter, by name.
     counters: std::collections::BTreeMap<&'static str, u64>,
+    /// In a cluster: the sessions of every live node, as the session
+    /// directory says (the other fields are this node's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<ClusterStats>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ClusterStats {
+    /// This node's id.
+    node: String,
+    /// Players with a session on any live node.
+    online: u64,
+    /// Players with a session, by node.
+    nodes: std::collections::BTreeMap<String, u64>,
 }
 
 /// Players online, connections and every counter.
@@ -405,12 +432,30 @@ struct StatsReply {
 async fn stats(caller: Caller, state: State) -> Result<axum::Json<StatsReply>, ApiError> {
     caller.need(Need::Read)?;
     let (online, lingering) = state.world.counts().await?;
+    let cluster = match &state.cluster {
+        Some(c) => {
+            let nodes: std::collections::BTreeMap<String, u64> = state
+                .world
+                .sessions_by_node()
+                .await?
+                .into_iter()
+                .map(|(node, n)| (node.0.to_string(), n))
+                .collect();
+            Some(ClusterStats {
+                node: c.node().0.to_string(),
+                online: nodes.values().sum(),
+                nodes,
+            })
+        }
+        None => None,
+    };
     Ok(axum::Json(StatsReply {
         online,
         max_online: state.config.max_online,
         connections: Stats::get(&state.stats.open_connections),
         lingering,
         counters: state.stats.counters().into_iter().collect(),
+        cluster,
     }))
 }
 
@@ -487,8 +532,11 @@ async fn player(
     let mut view = state.world.player(id).await?;
     if view.is_none() {
         if let Some((cluster, node)) = elsewhere(&state, id).await? {
+            // A node that cannot answer (dead, or stopped) holds no
+            // session anyone can use: the player reads as offline.
             let call = crate::cluster::calls::Call::Player { user: id.0 };
-            if let crate::cluster::calls::Answered::View(v) = forward(&cluster, &node, call).await?
+            if let Ok(crate::cluster::calls::Answered::View(v)) =
+                forward(&cluster, &node, call).await
             {
                 view = v;
             }
@@ -1432,6 +1480,43 @@ async fn filter_test(
 struct ReloadReply {
     /// What was re-read: `keys`, `tls`, `filter`.
     reloaded: Vec<&'static str>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct DrainReply {
+    draining: bool,
+    /// Sessions on this node when the drain began.
+    players: u64,
+}
+
+/// Drains this node for a restart: it stops accepting connections
+/// (`/readyz` answers 503), ends its sessions a batch at a time with
+/// `KICK_RECONNECT` (clients reconnect at once and resume on another
+/// node), and exits once none is left. Asking again changes nothing.
+#[utoipa::path(post, path = "/v1/drain", tag = "gm",
+    responses((status = 202, body = DrainReply), (status = 503, body = ErrorBody)))]
+async fn drain(
+    caller: Caller,
+    state: State,
+) -> Result<(StatusCode, axum::Json<DrainReply>), ApiError> {
+    caller.need(Need::Gm)?;
+    let Some(drain) = &state.drain else {
+        return Err(ApiError::Unavailable("no server to drain".into()));
+    };
+    let (players, _) = state.world.counts().await?;
+    if !drain.is_cancelled() {
+        state
+            .audit(&caller.id, "drain", "node".into(), "", "ok")
+            .await;
+        drain.cancel();
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(DrainReply {
+            draining: true,
+            players,
+        }),
+    ))
 }
 
 /// Re-reads the key ring, the TLS certificate and the word list, and

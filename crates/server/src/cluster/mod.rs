@@ -51,6 +51,13 @@ pub const LINES_STREAM: &str = "GC_LINES";
 pub const SESSIONS_BUCKET: &str = "gc_sessions";
 /// Cluster-wide settings (the msg_id base).
 pub const META_BUCKET: &str = "gc_meta";
+/// Which nodes are alive: each puts its key once a [`HEARTBEAT`].
+pub const NODES_BUCKET: &str = "gc_nodes";
+/// How often a node says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A node not heard from for this long is taken for dead: its players'
+/// whispers go to the shared inbox instead.
+pub const NODE_DEAD: Duration = Duration::from_secs(5);
 
 /// Lines waiting to be handed to NATS, and awaiting JetStream's ack.
 const PUBLISH_QUEUE: usize = 4096;
@@ -103,6 +110,9 @@ struct Inner {
     node: NodeId,
     /// msg_id = base + stream sequence.
     base: u64,
+    /// The stream's last sequence when this node joined: its consumer
+    /// starts after it.
+    joined_at: u64,
     js: jetstream::Context,
     client: async_nats::Client,
     /// The offline inbox stream.
@@ -122,6 +132,8 @@ pub struct Feeds {
     watch: kv::Watch,
     sanctions: kv::Watch,
     calls: async_nats::Subscriber,
+    nodes: kv::Store,
+    beats: kv::Watch,
     publish: mpsc::Receiver<Publish>,
     release: mpsc::Receiver<(UserId, u64)>,
     js: jetstream::Context,
@@ -215,6 +227,19 @@ impl Cluster {
         )
         .await?;
         let sanction_watch = timed("sanction watch", sanctions.watch_with_history(">")).await?;
+        let nodes = timed(
+            "node bucket",
+            js.create_or_update_key_value(kv::Config {
+                bucket: NODES_BUCKET.into(),
+                history: 1,
+                // Dead nodes' keys go by themselves.
+                max_age: Duration::from_secs(60),
+                storage: stream::StorageType::Memory,
+                ..Default::default()
+            }),
+        )
+        .await?;
+        let beats = timed("node watch", nodes.watch_with_history(">")).await?;
         let meta = timed(
             "meta bucket",
             js.create_or_update_key_value(kv::Config {
@@ -234,11 +259,20 @@ impl Cluster {
             .await?
             .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u64>().ok())
             .ok_or_else(|| setup("id base")("missing or malformed".into()))?;
+        // Read before the consumer is made: every line after it reaches
+        // this node's world, and its msg_ids start above it.
+        let mut lines = lines;
+        let joined_at = timed("line stream", lines.info())
+            .await?
+            .state
+            .last_sequence;
         let consumer = timed(
             "line consumer",
             lines.create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: format!("{}.>", wire::LINE_PREFIX),
-                deliver_policy: consumer::DeliverPolicy::New,
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: joined_at + 1,
+                },
                 ..Default::default()
             }),
         )
@@ -253,6 +287,7 @@ impl Cluster {
             inner: Arc::new(Inner {
                 node,
                 base,
+                joined_at,
                 js: js.clone(),
                 client,
                 inbox,
@@ -268,6 +303,8 @@ impl Cluster {
             watch,
             sanctions: sanction_watch,
             calls,
+            nodes,
+            beats,
             publish,
             release,
             js,
@@ -278,6 +315,16 @@ impl Cluster {
 
     pub fn node(&self) -> &NodeId {
         &self.inner.node
+    }
+
+    /// Whether the link to NATS is up now.
+    pub fn connected(&self) -> bool {
+        self.inner.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// The stream's last sequence when this node joined.
+    pub fn joined_at(&self) -> u64 {
+        self.inner.joined_at
     }
 
     /// The msg_id of the line at stream sequence `seq`.
@@ -373,6 +420,8 @@ impl Cluster {
             watch,
             sanctions,
             calls,
+            nodes,
+            beats,
             publish,
             release,
             js,
@@ -382,6 +431,8 @@ impl Cluster {
         tokio::spawn(until(stop, publisher(js, publish)));
         tokio::spawn(until(stop, releaser(sessions, release)));
         tokio::spawn(until(stop, read_lines(lines, world.clone())));
+        tokio::spawn(until(stop, heartbeat(nodes, self.inner.node.clone())));
+        tokio::spawn(until(stop, watch_beats(beats, world.clone())));
         tokio::spawn(until(
             stop,
             calls::answer(calls, self.inner.client.clone(), world.clone()),
@@ -460,6 +511,46 @@ async fn releaser(sessions: kv::Store, mut rx: mpsc::Receiver<(UserId, u64)>) {
             debug!(%user, error = %e, "directory key not released");
         }
     }
+}
+
+/// Says this node is alive, once a [`HEARTBEAT`].
+async fn heartbeat(nodes: kv::Store, me: NodeId) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let now = crate::world::now_ms().to_string();
+        match nodes.put(me.0.as_ref(), now.into()).await {
+            Ok(_) => failing = false,
+            Err(e) => {
+                // Once per outage.
+                if !failing {
+                    warn!(error = %e, "cannot tell the cluster this node is alive");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Feeds the other nodes' heartbeats into the world.
+async fn watch_beats(mut beats: kv::Watch, world: WorldHandle) {
+    while let Some(entry) = beats.next().await {
+        let Ok(entry) = entry else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        if entry.operation == kv::Operation::Put
+            && world
+                .node_beat(NodeId(entry.key.as_str().into()))
+                .await
+                .is_err()
+        {
+            break;
+        }
+    }
+    debug!("heartbeat feed ended");
 }
 
 /// Feeds the stream's lines, in stream order, into the world.

@@ -54,6 +54,9 @@ pub(crate) struct ConnCtx {
     pub config: Arc<Config>,
     pub stats: Arc<Stats>,
     pub shutdown: CancellationToken,
+    /// Cancelled when the node is drained: the listener closes, so the
+    /// balancer sends new connections elsewhere.
+    pub drain: CancellationToken,
     /// In a cluster: where logins claim the player's session.
     pub cluster: Option<crate::cluster::Cluster>,
 }
@@ -543,6 +546,7 @@ mod tests {
             config,
             stats,
             shutdown: CancellationToken::new(),
+            drain: CancellationToken::new(),
             cluster: None,
         });
         let (io, _peer) = tokio::io::duplex(64);

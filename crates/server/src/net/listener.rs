@@ -61,7 +61,8 @@ static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 /// full again, so its memory follows the addresses seen recently.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
-/// Accepts until `ctx.shutdown` is cancelled.
+/// Accepts until `ctx.shutdown` or `ctx.drain` is cancelled; the listener
+/// closes when it returns.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     tls: Option<crate::tls::TlsSwap>,
@@ -74,6 +75,7 @@ pub(crate) async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
+            _ = ctx.drain.cancelled() => return,
             _ = prune.tick() => {
                 admission.prune();
                 continue;

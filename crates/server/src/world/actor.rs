@@ -59,7 +59,20 @@ pub(super) struct World {
     /// In a cluster: players whose session another node holds, as the
     /// session directory last said.
     elsewhere: HashMap<UserId, Remote>,
+    /// In a cluster: when each other node last said it was alive.
+    beats: HashMap<NodeId, Instant>,
+    /// In a cluster: whispers this node sent to players on other nodes in
+    /// the last [`REMOTE_WINDOW`]. If their node is found dead meanwhile
+    /// they go to the shared inbox, since that node may have died with
+    /// them unread (at most [`MAX_REMOTE_SENT`]).
+    sent_remote: VecDeque<(Instant, NodeId, UserId, StoredMsg)>,
 }
+
+/// How long a whisper sent to another node's player is kept in case that
+/// node turns out dead: past the time it takes to be found dead.
+const REMOTE_WINDOW: Duration = Duration::from_secs(10);
+/// Most such whispers kept; past it the oldest go unguarded (counted).
+const MAX_REMOTE_SENT: usize = 100_000;
 
 /// A player whose session is on another node.
 struct Remote {
@@ -108,9 +121,20 @@ impl World {
         services: Arc<crate::user::Services>,
         cluster: Option<Cluster>,
     ) -> Self {
+        // Ids continue from the store's high-water mark, and from the
+        // clock (1024 ids per millisecond) when nothing is stored, so they
+        // keep increasing across restarts. In a cluster they are the
+        // stream's: the last one is the stream's last line when this node
+        // joined, and each line read raises it.
+        let last_msg_id = match &cluster {
+            Some(cluster) => cluster.msg_id(cluster.joined_at()),
+            None => first_msg_id.max(now_ms() << 10),
+        };
         World {
             cluster,
             elsewhere: HashMap::new(),
+            beats: HashMap::new(),
+            sent_remote: VecDeque::new(),
             services,
             registry: Registry::new(config.session.replay_buffer_shed()),
             config,
@@ -119,10 +143,7 @@ impl World {
             inbox,
             me,
             history,
-            // Ids continue from the store's high-water mark, and from the
-            // clock (1024 ids per millisecond) when nothing is stored, so
-            // they keep increasing across restarts.
-            last_msg_id: first_msg_id.max(now_ms() << 10),
+            last_msg_id,
             id_marks: VecDeque::new(),
             shutting_down: false,
             spills: Vec::new(),
@@ -283,10 +304,43 @@ impl World {
                 respond_to,
             } => self.announce(text, to, respond_to),
             WorldMsg::Bus { line, seq } => self.bus_line(*line, seq),
+            WorldMsg::SessionsByNode { respond_to } => {
+                let mut by: HashMap<NodeId, u64> = HashMap::new();
+                if let Some(cluster) = &self.cluster {
+                    by.insert(cluster.node().clone(), self.registry.len() as u64);
+                }
+                for remote in self.elsewhere.values() {
+                    if self.alive(&remote.node) {
+                        *by.entry(remote.node.clone()).or_default() += 1;
+                    }
+                }
+                let _ = respond_to.send(by.into_iter().collect());
+            }
+            WorldMsg::Drain { batch, respond_to } => {
+                let users: Vec<UserId> = self
+                    .registry
+                    .entries()
+                    .take(batch)
+                    .map(|(user, _)| *user)
+                    .collect();
+                for user in users {
+                    // Not lingering: the player resumes on another node,
+                    // and what it may not have read goes to the inbox.
+                    self.end_session(user, Some(KickReason::KickReconnect));
+                }
+                let _ = respond_to.send(self.registry.len());
+            }
+            WorldMsg::NodeBeat { node } => {
+                self.beats.insert(node, Instant::now());
+            }
             WorldMsg::Locate { user, respond_to } => {
                 let node = match (&self.cluster, self.registry.get(user)) {
                     (Some(cluster), Some(_)) => Some(cluster.node().clone()),
-                    _ => self.elsewhere.get(&user).map(|r| r.node.clone()),
+                    _ => self
+                        .elsewhere
+                        .get(&user)
+                        .filter(|r| self.alive(&r.node))
+                        .map(|r| r.node.clone()),
                 };
                 let _ = respond_to.send(node);
             }
@@ -912,7 +966,7 @@ impl World {
                     // Another node holds the target's session: that node
                     // queues it, tracks it and keeps it if the target has
                     // gone by then.
-                    (None, _) if self.elsewhere.contains_key(&to) => {
+                    (None, _) if self.elsewhere.get(&to).is_some_and(|r| self.alive(&r.node)) => {
                         let remote = &self.elsewhere[&to];
                         target_name = remote.name.clone();
                         to_node = Some(remote.node.clone());
@@ -1141,6 +1195,22 @@ impl World {
                 None => {}
             }
         }
+        // A whisper of ours to another node's player: kept a while in case
+        // that node is found dead with it unread.
+        if let (Audience::Whisper { to, .. }, true) = (&audience, *line.origin == *me) {
+            if *line.to_node != *me && self.history.is_some() {
+                let mut n = notify.clone();
+                n.msg_id = id.0;
+                let record = records::stored(&n, conversation, line.nonce);
+                let node = NodeId(line.to_node.as_str().into());
+                self.sent_remote
+                    .push_back((Instant::now(), node, *to, record));
+                if self.sent_remote.len() > MAX_REMOTE_SENT {
+                    self.sent_remote.pop_front();
+                    Stats::bump(&self.stats.offline_spill_lost);
+                }
+            }
+        }
         let routed = Routed {
             audience,
             conversation,
@@ -1153,6 +1223,38 @@ impl World {
         let outcome = self.deliver(routed, from, id, line.stored);
         // Nobody waits: the sender was answered when the stream stored it.
         drop(outcome);
+    }
+
+    /// Whether another node has said it is alive lately. This node counts
+    /// as alive.
+    fn alive(&self, node: &NodeId) -> bool {
+        if self.cluster.as_ref().is_some_and(|c| c.node() == node) {
+            return true;
+        }
+        self.beats
+            .get(node)
+            .is_some_and(|at| at.elapsed() < crate::cluster::NODE_DEAD)
+    }
+
+    /// Whispers sent to players of a node found dead go to the shared
+    /// inbox (the same msg_ids: a client that did read them de-duplicates);
+    /// those older than the window, to live nodes, are let go.
+    fn guard_remote_whispers(&mut self) {
+        let Some(cluster) = self.cluster.clone() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut keep = VecDeque::with_capacity(self.sent_remote.len());
+        for (at, node, to, record) in std::mem::take(&mut self.sent_remote) {
+            if !self.alive(&node) {
+                drop(cluster.store_offline(to, &record));
+                Stats::bump(&self.stats.offline_spilled);
+                debug!(%to, %node, "whisper to a dead node's player kept in the inbox");
+            } else if now.duration_since(at) < REMOTE_WINDOW {
+                keep.push_back((at, node, to, record));
+            }
+        }
+        self.sent_remote = keep;
     }
 
     /// The session directory changed. A session here that another node
@@ -1303,6 +1405,7 @@ impl World {
             self.detached(user, conn);
         }
         self.flush_spills();
+        self.guard_remote_whispers();
         self.publish_gauges();
     }
 

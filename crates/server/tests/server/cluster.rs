@@ -138,7 +138,20 @@ async fn msg_ids_increase_for_every_recipient_across_nodes() {
     let cl = cluster().await;
     let mut a = cl.nodes[0].login(1, "a", 0, 0, 0).await;
     let mut b = cl.nodes[1].login(2, "b", 0, 0, 0).await;
-    let mut c = cl.nodes[2].login(3, "c", 0, 0, 0).await;
+    // A login reply's cursor is in the same id space as the lines: below
+    // every line that follows it, so a resume from it misses none.
+    let mut c = cl.nodes[2].connect().await;
+    let rep = c.login(&cl.nodes[2].token(3, "c", 0, 0, 0)).await.unwrap();
+    assert_eq!(rep.res, ResCode::ResOk as i32);
+    let first = say_seen(&mut a, ChatType::ChatWorld, "first", 0).await;
+    assert!(
+        rep.last_msg_id < first.msg_id,
+        "{} vs {}",
+        rep.last_msg_id,
+        first.msg_id
+    );
+    assert_eq!(next_chat(&mut c).await.msg_id, first.msg_id);
+    assert_eq!(next_chat(&mut b).await.msg_id, first.msg_id);
     // a and b talk at once on world chat; c, on a third node, hears both.
     let lines = 40;
     let (ra, rb) = tokio::join!(
@@ -338,6 +351,10 @@ async fn lines_cross_nodes_again_after_nats_restarts() {
         }
     };
     assert_eq!(rep.res, ResCode::ResStoreFailed as i32);
+    // The node says why it is not ready.
+    let ready = http("GET", &format!("{}/readyz", cl.nodes[0].admin), None, None).await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json()["cluster"]["state"], "degraded");
     cl.nats.restart().await;
     // Sent until one is stored (the node reconnects on its own schedule);
     // every acknowledged line then reaches b, in order, once b's consumer
@@ -368,6 +385,11 @@ async fn lines_cross_nodes_again_after_nats_restarts() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert_eq!(acked.len(), 1, "no line was stored after the restart");
+    let ready = http("GET", &format!("{}/readyz", cl.nodes[0].admin), None, None).await;
+    assert_eq!(
+        (ready.status, &ready.json()["cluster"]["state"]),
+        (200, &serde_json::json!("ok"))
+    );
     let mut last = before.msg_id;
     loop {
         let n = match b
@@ -546,6 +568,16 @@ async fn admin_calls_on_any_node_reach_a_player_on_another() {
     let mut p = n2.login(5, "five", 0, 0, 0).await;
     let mut friend = n1.login(6, "six", 7, 0, 0).await;
     cl.settled(&[(5, 1), (6, 0)]).await;
+    // The online count on any node is the cluster's, by node.
+    let http = n3.gm("GET", "/v1/stats", None).await;
+    assert_eq!(http.status, 200, "{}", http.text);
+    let stats = http.json();
+    assert_eq!(stats["online"], 0, "this node's own");
+    assert_eq!(stats["cluster"]["online"], 2);
+    assert_eq!(
+        stats["cluster"]["nodes"],
+        serde_json::json!({"n1": 1, "n2": 1, "n3": 0})
+    );
     // Read, on n1.
     let http = n1.gm("GET", "/v1/players/5", None).await;
     assert_eq!(http.status, 200, "{}", http.text);
@@ -601,4 +633,99 @@ async fn admin_calls_on_any_node_reach_a_player_on_another() {
     assert_eq!(kick, Some(KickReason::KickOperator as i32));
     drop(friend);
     cl.stop().await;
+}
+
+/// Reads until the connection ends; returns the kick reason and the
+/// msg_ids of the lines that came before.
+async fn lines_until_kicked(c: &mut guildchat_client::Client) -> (Option<i32>, Vec<u64>) {
+    let (mut kick, mut lines) = (None, Vec::new());
+    loop {
+        match c
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .await
+            .unwrap()
+        {
+            guildchat_client::Event::Closed(_) => return (kick, lines),
+            guildchat_client::Event::Msg(ServerMsg::Kick(k)) => kick = Some(k.reason),
+            guildchat_client::Event::Msg(ServerMsg::Chat(n)) => lines.push(n.msg_id),
+            guildchat_client::Event::Msg(_) => {}
+        }
+    }
+}
+
+/// `POST /v1/drain` on one of three nodes while world chat flows: its
+/// readiness fails at once, its players are told to reconnect, resume on
+/// the other nodes with every line exactly once, and the node exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_hands_its_players_to_the_others_and_exits() {
+    let mut cl = cluster().await;
+    let n1 = cl.nodes.remove(0);
+    let (n2, n3) = (&cl.nodes[0], &cl.nodes[1]);
+    let mut players = Vec::new();
+    for user in 1..=4 {
+        players.push(n1.login(user, &format!("p{user}"), 0, 0, 0).await);
+    }
+    let mut talker = n2.login(9, "talker", 0, 0, 0).await;
+    // World chat all through the drain.
+    let traffic = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        for i in 0..60 {
+            ids.push(
+                say_seen(&mut talker, ChatType::ChatWorld, &format!("line {i}"), 0)
+                    .await
+                    .msg_id,
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        (talker, ids)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let http = n1.gm("POST", "/v1/drain", None).await;
+    assert_eq!(http.status, 202, "{}", http.text);
+    assert_eq!(http.json()["players"], 4);
+    let ready = http_get_status(&format!("{}/readyz", n1.admin)).await;
+    assert_eq!(ready, 503, "a draining node is not ready");
+    // Each player is told to reconnect, and resumes on n2 or n3 from the
+    // last line it saw.
+    let mut seen_by = Vec::new();
+    for (i, mut c) in players.into_iter().enumerate() {
+        let user = i as u64 + 1;
+        let (kick, lines) = lines_until_kicked(&mut c).await;
+        assert_eq!(
+            kick,
+            Some(KickReason::KickReconnect as i32),
+            "player {user}"
+        );
+        let node = if user.is_multiple_of(2) { n2 } else { n3 };
+        let mut back = node.connect().await;
+        let rep = back
+            .login_from(
+                &node.token(user, &format!("p{user}"), 0, 0, 0),
+                lines.last().copied().unwrap_or(0),
+            )
+            .await
+            .unwrap();
+        assert_eq!(rep.res, ResCode::ResOk as i32);
+        assert!(!rep.replay_gap || lines.is_empty(), "player {user}");
+        seen_by.push((user, back, lines));
+    }
+    n1.until_stopped().await;
+    let (talker, sent) = traffic.await.unwrap();
+    for (user, back, lines) in &mut seen_by {
+        // The first line a player saw, onwards: every one, once, in order.
+        let from = sent
+            .iter()
+            .position(|id| Some(id) == lines.first())
+            .unwrap_or(0);
+        while lines.last() != sent.last() {
+            lines.push(next_chat(back).await.msg_id);
+        }
+        assert_eq!(&lines[..], &sent[from..], "player {user}");
+    }
+    drop((talker, seen_by));
+    cl.stop().await;
+}
+
+async fn http_get_status(url: &str) -> u16 {
+    http("GET", url, None, None).await.status
 }

@@ -169,6 +169,14 @@ impl TestServer {
         self.stop_keep_dir().await;
     }
 
+    /// Waits for the server to stop by itself (a drain), without asking.
+    pub async fn until_stopped(self) {
+        tokio::time::timeout(Duration::from_secs(30), self.join)
+            .await
+            .expect("server did not stop by itself")
+            .unwrap();
+    }
+
     /// Stops the server and hands back its data dir, for a restart.
     pub async fn stop_keep_dir(self) -> tempfile::TempDir {
         self.shutdown.cancel();
