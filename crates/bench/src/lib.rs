@@ -124,7 +124,9 @@ pub struct RunArgs {
     /// Worker processes [default: enough for 15,000 sockets each, at least 2].
     #[arg(long)]
     pub procs: Option<u32>,
-    /// Target a running guildchat (loopback only) instead of starting one.
+    /// Target a running guildchat (loopback only) instead of starting one;
+    /// several comma-separated URLs (a cluster's nodes) share the players
+    /// out in turn.
     #[arg(long, requires = "data_dir")]
     pub url: Option<String>,
     /// With --url: the server's data dir, whose keys.toml mints tokens.

@@ -112,8 +112,10 @@ impl Settings {
         if !(0.0..0.5).contains(&a.slow_fraction) {
             bail!("--slow-fraction: need 0 <= f < 0.5");
         }
-        if let Some(url) = &a.url {
-            super::conn::loopback_addr(url).map_err(anyhow::Error::msg)?;
+        if let Some(urls) = &a.url {
+            for url in urls.split(',') {
+                super::conn::loopback_addr(url).map_err(anyhow::Error::msg)?;
+            }
         }
         let procs = a
             .procs

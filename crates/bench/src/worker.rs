@@ -89,7 +89,9 @@ enum Mode {
 /// State shared by the player tasks of this worker.
 struct Shared {
     plan: Plan,
-    addr: SocketAddr,
+    /// The server, or a cluster's nodes: player `idx` uses
+    /// `targets[idx % len]`.
+    targets: Vec<(String, SocketAddr)>,
     /// One login token per local player (empty for the reference).
     tokens: Vec<String>,
     counters: Counters,
@@ -192,7 +194,14 @@ pub async fn run() -> anyhow::Result<()> {
         bail!("first line is not a plan");
     };
     let plan = *plan;
-    let addr = loopback_addr(&plan.url).map_err(anyhow::Error::msg)?;
+    let targets = plan
+        .url
+        .split(',')
+        .map(|url| {
+            let addr = loopback_addr(url).map_err(anyhow::Error::msg)?;
+            Ok((url.to_owned(), addr))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let tokens = mint_tokens(&plan)?;
     let left = plan.deadline_unix_ms.saturating_sub(unix_ms());
     let deadline = Instant::now() + Duration::from_millis(left);
@@ -204,7 +213,7 @@ pub async fn run() -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         gate: Semaphore::new(plan.concurrency.max(1)),
         plan,
-        addr,
+        targets,
         tokens,
         counters: Counters::default(),
         steps: Steps::default(),
@@ -469,13 +478,9 @@ async fn connect(
     let handshake_done = std::sync::atomic::AtomicBool::new(false);
     let attempt = async {
         let recv_buffer = slow.then_some(plan.slow_recv_buffer);
-        let mut conn = BenchConn::connect(
-            &plan.url,
-            shared.addr,
-            Some(plan.layout.source_ip(idx)),
-            recv_buffer,
-        )
-        .await?;
+        let (url, addr) = &shared.targets[idx as usize % shared.targets.len()];
+        let mut conn =
+            BenchConn::connect(url, *addr, Some(plan.layout.source_ip(idx)), recv_buffer).await?;
         handshake_done.store(true, Ordering::Relaxed);
         tally::bump(&shared.counters.connect_ok);
         let rep = match plan.target {

@@ -375,7 +375,7 @@ impl Server {
         let _ = accept.await;
         let _ = ctx.world.shutdown().await;
         if let Some(cluster) = &ctx.cluster {
-            cluster.stop();
+            cluster.stop().await;
         }
         tracker.close();
         let grace = ctx.config.limits.shutdown_grace();

@@ -74,6 +74,7 @@ impl Cluster {
         self.publish_raw(
             subject(to),
             Bytes::from(payload),
+            None,
             Box::new(move |result| {
                 let result = result.map(|_| ()).map_err(|why| {
                     if why.contains("maximum messages per subject") {

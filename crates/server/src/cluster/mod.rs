@@ -59,14 +59,20 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// whispers go to the shared inbox instead.
 pub const NODE_DEAD: Duration = Duration::from_secs(5);
 
-/// Lines waiting to be handed to NATS, and awaiting JetStream's ack.
+/// Lines (and inbox whispers) waiting to be handed to NATS. Full, a
+/// message is refused at once: a line gets `RES_STORE_FAILED`, an inbox
+/// whisper its sender's `RES_STORE_FAILED` or, for a spill, a log line.
 const PUBLISH_QUEUE: usize = 4096;
+/// Refused publishes are logged at most once per this many ms.
+static REFUSED_LOG: crate::logs::Throttle = crate::logs::Throttle::new(5_000);
 /// Directory releases waiting to be sent; full, a release is skipped (the
 /// key then points at this node until the player's next login, which is
 /// harmless: see [`Cluster::release`]).
 const RELEASE_QUEUE: usize = 4096;
 /// How long a start-up step (connect, stream and bucket creation) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopping node waits for its queues to reach NATS.
+const STOP_FLUSH: Duration = Duration::from_secs(2);
 /// How many compare-and-set rounds a login's claim tries before giving up.
 const CLAIM_TRIES: usize = 16;
 
@@ -88,6 +94,10 @@ pub type PublishReply = Box<dyn FnOnce(Result<u64, String>) + Send>;
 struct Publish {
     subject: String,
     payload: Bytes,
+    /// JetStream's de-duplication id: a second publish with the same id
+    /// within the stream's window is not stored again, and is answered
+    /// with the first one's sequence.
+    dedup: Option<String>,
     reply: PublishReply,
 }
 
@@ -115,6 +125,8 @@ struct Inner {
     joined_at: u64,
     js: jetstream::Context,
     client: async_nats::Client,
+    /// Resumes reading the stream at once (at most [`BACKFILLS`]).
+    backfills: tokio::sync::Semaphore,
     /// The offline inbox stream.
     inbox: stream::Stream,
     sanctions: kv::Store,
@@ -266,6 +278,15 @@ impl Cluster {
             .await?
             .state
             .last_sequence;
+        // A node with a standalone past must not hand out ids below the
+        // ones it stored then: its clients' cursors would swallow lines.
+        if local_high > base.saturating_add(joined_at) {
+            return Err(setup("id base")(format!(
+                "this node's store holds msg_id {local_high}, above the cluster's next id {}: \
+                 start it with a fresh data dir, or start the cluster from it",
+                base.saturating_add(joined_at) + 1
+            )));
+        }
         let consumer = timed(
             "line consumer",
             lines.create_consumer(consumer::pull::OrderedConfig {
@@ -291,6 +312,7 @@ impl Cluster {
                 js: js.clone(),
                 client,
                 inbox,
+                backfills: tokio::sync::Semaphore::new(BACKFILLS),
                 sanctions,
                 sessions: sessions.clone(),
                 publish: publish_tx,
@@ -334,23 +356,41 @@ impl Cluster {
 
     /// Queues a line for JetStream; `reply` gets its sequence once stored.
     /// Never waits: with the queue full the line is refused at once.
+    ///
+    /// A line with a client message id is published with JetStream's
+    /// de-duplication id `<sender>:<id>`: a retry that reaches another
+    /// node before that node has the first line in its own store is still
+    /// answered with the first line's msg_id, and not delivered again.
     pub fn publish(&self, subject: String, line: &BusLine, reply: PublishReply) {
         let payload = Bytes::from(prost::Message::encode_to_vec(line));
-        self.publish_raw(subject, payload, reply);
+        let dedup =
+            (line.nonce != 0 && line.from != 0).then(|| format!("{}:{}", line.from, line.nonce));
+        self.publish_raw(subject, payload, dedup, reply);
     }
 
-    fn publish_raw(&self, subject: String, payload: Bytes, reply: PublishReply) {
+    fn publish_raw(
+        &self,
+        subject: String,
+        payload: Bytes,
+        dedup: Option<String>,
+        reply: PublishReply,
+    ) {
         let msg = Publish {
             subject,
             payload,
+            dedup,
             reply,
         };
         if let Err(e) = self.inner.publish.try_send(msg) {
-            let msg = match e {
-                mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
+            let (msg, why) = match e {
+                mpsc::error::TrySendError::Full(m) => (m, "the publish queue is full"),
+                mpsc::error::TrySendError::Closed(m) => (m, "the node is stopping"),
             };
-            warn!("cluster publish queue full; a message is refused");
-            (msg.reply)(Err("publish queue full".into()));
+            // One line a few seconds under overload, not one per message.
+            if let Some(suppressed) = REFUSED_LOG.allow() {
+                warn!(suppressed, "cluster messages refused: {why}");
+            }
+            (msg.reply)(Err(why.into()));
         }
     }
 
@@ -448,9 +488,18 @@ impl Cluster {
     }
 
     /// Ends the feeds (at shutdown, once the world has ended every
-    /// session).
-    pub fn stop(&self) {
-        self.inner.stop.cancel();
+    /// session), after what is queued for NATS has been handed to it (at
+    /// most [`STOP_FLUSH`]): the spilled whispers and the released keys.
+    pub async fn stop(&self) {
+        let inner = &self.inner;
+        let queued =
+            || inner.publish.capacity() < PUBLISH_QUEUE || inner.release.capacity() < RELEASE_QUEUE;
+        let deadline = tokio::time::Instant::now() + STOP_FLUSH;
+        while queued() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = tokio::time::timeout(STOP_FLUSH, inner.client.flush()).await;
+        inner.stop.cancel();
     }
 }
 
@@ -479,8 +528,17 @@ async fn publisher(js: jetstream::Context, mut rx: mpsc::Receiver<Publish>) {
     loop {
         tokio::select! {
             msg = rx.recv(), if acks.len() < IN_FLIGHT => {
-                let Some(Publish { subject, payload, reply }) = msg else { break };
-                match js.publish(subject, payload).await {
+                let Some(Publish { subject, payload, dedup, reply }) = msg else { break };
+                let sent = match dedup {
+                    Some(id) => {
+                        let publish = jetstream::message::PublishMessage::build()
+                            .payload(payload)
+                            .message_id(id);
+                        js.send_publish(subject, publish).await
+                    }
+                    None => js.publish(subject, payload).await,
+                };
+                match sent {
                     Ok(ack) => acks.push(async move {
                         let result = ack.await.map(|a| a.sequence);
                         if let Err(e) = &result {
@@ -515,13 +573,15 @@ async fn releaser(sessions: kv::Store, mut rx: mpsc::Receiver<(UserId, u64)>) {
 
 /// Says this node is alive, once a [`HEARTBEAT`].
 async fn heartbeat(nodes: kv::Store, me: NodeId) {
+    // The value names this run of the node: a node back under the same id
+    // is told apart from one that never went.
+    let incarnation = crate::world::now_ms().to_string();
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
         tick.tick().await;
-        let now = crate::world::now_ms().to_string();
-        match nodes.put(me.0.as_ref(), now.into()).await {
+        match nodes.put(me.0.as_ref(), incarnation.clone().into()).await {
             Ok(_) => failing = false,
             Err(e) => {
                 // Once per outage.
@@ -541,12 +601,15 @@ async fn watch_beats(mut beats: kv::Watch, world: WorldHandle) {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        if entry.operation == kv::Operation::Put
-            && world
-                .node_beat(NodeId(entry.key.as_str().into()))
-                .await
-                .is_err()
-        {
+        if entry.operation != kv::Operation::Put {
+            continue;
+        }
+        let incarnation = std::str::from_utf8(&entry.value)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let node = NodeId(entry.key.as_str().into());
+        if world.node_beat(node, incarnation).await.is_err() {
             break;
         }
     }
@@ -652,6 +715,8 @@ pub struct Backfill {
     pub gap: bool,
 }
 
+/// Resumes reading the stream at once; the others wait their turn.
+const BACKFILLS: usize = 16;
 /// How long a resume's read of the stream may take.
 const BACKFILL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most lines a resume's read looks at, whatever it keeps.
@@ -663,6 +728,14 @@ impl Cluster {
     /// token names them), and its whispers. A cursor the stream no longer
     /// covers reads what there is and reports a gap.
     pub async fn backfill(&self, wants: Wants) -> Backfill {
+        // A few at a time: a wave of resumes waits its turn instead of
+        // opening hundreds of reads of the stream at once.
+        let Ok(_turn) = self.inner.backfills.acquire().await else {
+            return Backfill {
+                gap: true,
+                ..Default::default()
+            };
+        };
         match tokio::time::timeout(BACKFILL_TIMEOUT, self.read_back(&wants)).await {
             Ok(Ok(b)) => b,
             Ok(Err(e)) => {
@@ -721,7 +794,10 @@ impl Cluster {
                 first.max(1)
             }
         };
-        let mut lines: Vec<(u64, BusLine)> = Vec::new();
+        // Only the newest `cap` are kept while reading, so a cursor far
+        // back costs reading time (bounded), not memory.
+        let mut lines: std::collections::VecDeque<(u64, BusLine)> = Default::default();
+        let mut dropped = false;
         for filters in [subjects, vec![format!("{p}.w.*.{u}")]] {
             let consumer = stream
                 .create_consumer(consumer::pull::OrderedConfig {
@@ -750,17 +826,24 @@ impl Cluster {
                 pending = info.pending;
                 let seq = info.stream_sequence;
                 if let Ok(line) = <BusLine as prost::Message>::decode(msg.payload.as_ref()) {
-                    lines.push((seq, line));
+                    lines.push_back((seq, line));
+                    if lines.len() > wants.cap.saturating_mul(2) {
+                        lines.pop_front();
+                        dropped = true;
+                    }
                 }
             }
             gap |= pending > 0;
         }
+        // The two reads' lines, merged in stream order, each once.
+        let mut lines: Vec<(u64, BusLine)> = lines.into();
         lines.sort_unstable_by_key(|(seq, _)| *seq);
         lines.dedup_by_key(|(seq, _)| *seq);
         if lines.len() > wants.cap {
             gap = true;
             lines.drain(..lines.len() - wants.cap);
         }
+        gap |= dropped;
         let frames = lines
             .into_iter()
             .map(|(seq, line)| {

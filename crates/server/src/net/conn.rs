@@ -369,7 +369,19 @@ where
                 // In a cluster the session is claimed first: the directory
                 // then names this node, and the node that held it ends its
                 // copy when it sees the claim.
+                // A full node refuses a new session before claiming it, so
+                // the player's session on another node is not ended for a
+                // login that would be refused here anyway.
+                let full = self.ctx.cluster.is_some()
+                    && self
+                        .ctx
+                        .stats
+                        .online
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        >= u64::from(self.ctx.config.max_online)
+                    && matches!(self.ctx.world.player(identity.user).await, Ok(None));
                 let claim = match &self.ctx.cluster {
+                    _ if full => Err(Refusal::Code(ResCode::ResServerFull)),
                     Some(cluster) => cluster.claim(identity.user, &identity.name).await.map_err(
                         |e| {
                             warn!(user = %identity.user, error = %e, "cannot claim the session");
@@ -390,12 +402,14 @@ where
                             last_msg_id: req.last_msg_id,
                             claim,
                         };
-                        self.ctx
-                            .world
-                            .login(args)
-                            .await
-                            .map(|()| tx)
-                            .map_err(Refusal::Code)
+                        let result = self.ctx.world.login(args).await;
+                        // A claim the world then refused (full, shutting
+                        // down) is let go, so the directory does not keep
+                        // naming this node for the player.
+                        if let (Err(_), Some(cluster), 1..) = (&result, &self.ctx.cluster, claim) {
+                            cluster.release(user.unwrap_or_default(), claim);
+                        }
+                        result.map(|()| tx).map_err(Refusal::Code)
                     }
                 }
             }

@@ -1,8 +1,7 @@
 //! The world actor's loop and its handlers. Private: everything outside
 //! talks to it through [`super::WorldHandle`].
 
-use std::collections::VecDeque;
-
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -13,8 +12,6 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use std::collections::HashMap;
-
 use super::fanout::{Audience, Fanout, Line};
 use super::registry::{Entry, PendingLogin, Registry};
 use super::replay::{MaskLog, Replay, Resume};
@@ -22,8 +19,7 @@ use super::{ChatLine, ChatOutcome, LoginArgs, Target, WeakWorld, WorldMsg};
 use crate::cluster::{wire, BusLine, Cluster, Holder};
 use crate::config::Config;
 use crate::history::{Conversation, HistoryHandle, StoredMsg};
-use crate::ids::NodeId;
-use crate::ids::{ConnId, MsgId, UserId};
+use crate::ids::{ConnId, MsgId, NodeId, UserId};
 use crate::net::outbound::Encoded;
 use crate::net::{Close, Priority};
 use crate::records;
@@ -56,11 +52,24 @@ pub(super) struct World {
     spills: Vec<(u64, StoredMsg)>,
     /// In a cluster: the link to the other nodes (`None` alone).
     cluster: Option<Cluster>,
+    /// In a cluster: what this node knows of the others (boxed: the world
+    /// actor's future stays small, see Memory layout in ARCHITECTURE.md).
+    remote: Box<Others>,
+}
+
+/// What a cluster node's world knows of the other nodes.
+#[derive(Default)]
+struct Others {
     /// In a cluster: players whose session another node holds, as the
     /// session directory last said.
     elsewhere: HashMap<UserId, Remote>,
-    /// In a cluster: when each other node last said it was alive.
-    beats: HashMap<NodeId, Instant>,
+    /// In a cluster: directory keys deleted lately, with their revision and
+    /// when: a login that claimed before such a delete was already
+    /// replaced (kept [`RELEASED_FOR`]).
+    released: HashMap<UserId, (u64, Instant)>,
+    /// In a cluster: when each node (this one too) last said it was alive,
+    /// and which run of it.
+    beats: HashMap<NodeId, (Instant, u64)>,
     /// In a cluster: whispers this node sent to players on other nodes in
     /// the last [`REMOTE_WINDOW`]. If their node is found dead meanwhile
     /// they go to the shared inbox, since that node may have died with
@@ -68,6 +77,9 @@ pub(super) struct World {
     sent_remote: VecDeque<(Instant, NodeId, UserId, StoredMsg)>,
 }
 
+/// How long a directory delete is remembered: longer than any login takes
+/// from its claim to the world.
+const RELEASED_FOR: Duration = Duration::from_secs(60);
 /// How long a whisper sent to another node's player is kept in case that
 /// node turns out dead: past the time it takes to be found dead.
 const REMOTE_WINDOW: Duration = Duration::from_secs(10);
@@ -132,9 +144,7 @@ impl World {
         };
         World {
             cluster,
-            elsewhere: HashMap::new(),
-            beats: HashMap::new(),
-            sent_remote: VecDeque::new(),
+            remote: Box::default(),
             services,
             registry: Registry::new(config.session.replay_buffer_shed()),
             config,
@@ -309,7 +319,7 @@ impl World {
                 if let Some(cluster) = &self.cluster {
                     by.insert(cluster.node().clone(), self.registry.len() as u64);
                 }
-                for remote in self.elsewhere.values() {
+                for remote in self.remote.elsewhere.values() {
                     if self.alive(&remote.node) {
                         *by.entry(remote.node.clone()).or_default() += 1;
                     }
@@ -330,13 +340,24 @@ impl World {
                 }
                 let _ = respond_to.send(self.registry.len());
             }
-            WorldMsg::NodeBeat { node } => {
-                self.beats.insert(node, Instant::now());
+            WorldMsg::NodeBeat { node, incarnation } => {
+                let restarted = self
+                    .remote
+                    .beats
+                    .insert(node.clone(), (Instant::now(), incarnation))
+                    .is_some_and(|(_, before)| before != incarnation);
+                // A node back under the same id lost what it held: the
+                // whispers sent to its players go to the inbox, as for a
+                // node found dead.
+                if restarted {
+                    self.guard_remote_whispers(Some(&node));
+                }
             }
             WorldMsg::Locate { user, respond_to } => {
                 let node = match (&self.cluster, self.registry.get(user)) {
                     (Some(cluster), Some(_)) => Some(cluster.node().clone()),
                     _ => self
+                        .remote
                         .elsewhere
                         .get(&user)
                         .filter(|r| self.alive(&r.node))
@@ -366,6 +387,10 @@ impl World {
                         }
                     }
                     self.spill(user, &mut entry);
+                    // The directory stops naming this node for the player.
+                    if let (Some(cluster), claim @ 1..) = (&self.cluster, entry.claim) {
+                        cluster.release(user, claim);
+                    }
                 }
                 self.flush_spills();
                 if !self.spills.is_empty() {
@@ -488,11 +513,9 @@ impl World {
         // Another node claimed the session after this login did, and the
         // directory said so before this login got here: this login is
         // already replaced. It gets its reply, then the kick.
-        if self
-            .elsewhere
-            .get(&user)
-            .is_some_and(|r| r.revision > claim)
-        {
+        let later = self.remote.elsewhere.get(&user).map(|r| r.revision);
+        let deleted = self.remote.released.get(&user).map(|(rev, _)| *rev);
+        if claim != 0 && later.max(deleted).is_some_and(|rev| rev > claim) {
             if let Some(entry) = self.registry.get_mut(user) {
                 entry.claim = 0;
             }
@@ -658,11 +681,14 @@ impl World {
                     + 2 * self.config.session.replay_buffer_shed();
                 let have: std::collections::HashSet<u64> =
                     resume.frames.iter().map(|(id, _)| *id).collect();
+                // The stream's read may be ahead of this node's own feed:
+                // lines past what the world has handled come live once the
+                // connection is visible, and must not come twice.
                 resume.frames.extend(
                     backfill
                         .frames
                         .into_iter()
-                        .filter(|(id, _)| !have.contains(id)),
+                        .filter(|(id, _)| *id <= current && !have.contains(id)),
                 );
                 resume.frames.sort_unstable_by_key(|(id, _)| *id);
                 // The replay must fit the connection's queue: the newest
@@ -966,8 +992,14 @@ impl World {
                     // Another node holds the target's session: that node
                     // queues it, tracks it and keeps it if the target has
                     // gone by then.
-                    (None, _) if self.elsewhere.get(&to).is_some_and(|r| self.alive(&r.node)) => {
-                        let remote = &self.elsewhere[&to];
+                    (None, _)
+                        if self
+                            .remote
+                            .elsewhere
+                            .get(&to)
+                            .is_some_and(|r| self.alive(&r.node)) =>
+                    {
+                        let remote = &self.remote.elsewhere[&to];
                         target_name = remote.name.clone();
                         to_node = Some(remote.node.clone());
                         Audience::Whisper {
@@ -1145,13 +1177,17 @@ impl World {
             durable: None,
             offline: None,
         };
+        // In a cluster the inbox is NATS's, and takes whispers until the
+        // very end, after the local store has been let go at shutdown.
+        if let (Some(to), Some(cluster)) = (store_for, &self.cluster) {
+            let record = records::stored(&notify, conversation, nonce);
+            outcome.offline = Some(cluster.store_offline(to, &record));
+            Stats::bump(&self.stats.offline_stored);
+        }
         if let Some(history) = self.history.clone() {
             let record = records::stored(&notify, conversation, nonce);
-            if let Some(to) = store_for {
-                outcome.offline = Some(match &self.cluster {
-                    Some(cluster) => cluster.store_offline(to, &record),
-                    None => history.store_offline(to.0, record.clone()),
-                });
+            if let (Some(to), None) = (store_for, &self.cluster) {
+                outcome.offline = Some(history.store_offline(to.0, record.clone()));
                 Stats::bump(&self.stats.offline_stored);
             }
             if let Some(to) = live_to.filter(|to| Some(*to) != from) {
@@ -1203,10 +1239,11 @@ impl World {
                 n.msg_id = id.0;
                 let record = records::stored(&n, conversation, line.nonce);
                 let node = NodeId(line.to_node.as_str().into());
-                self.sent_remote
+                self.remote
+                    .sent_remote
                     .push_back((Instant::now(), node, *to, record));
-                if self.sent_remote.len() > MAX_REMOTE_SENT {
-                    self.sent_remote.pop_front();
+                if self.remote.sent_remote.len() > MAX_REMOTE_SENT {
+                    self.remote.sent_remote.pop_front();
                     Stats::bump(&self.stats.offline_spill_lost);
                 }
             }
@@ -1231,22 +1268,35 @@ impl World {
         if self.cluster.as_ref().is_some_and(|c| c.node() == node) {
             return true;
         }
-        self.beats
-            .get(node)
-            .is_some_and(|at| at.elapsed() < crate::cluster::NODE_DEAD)
+        let Some((theirs, _)) = self.remote.beats.get(node) else {
+            return false;
+        };
+        // Measured against this node's own heartbeat, read through the
+        // same feed: if that feed lags, nobody is declared dead for it.
+        let mine = self
+            .cluster
+            .as_ref()
+            .and_then(|c| self.remote.beats.get(c.node()))
+            .map(|(at, _)| *at);
+        let behind = match mine {
+            Some(mine) => mine.saturating_duration_since(*theirs),
+            None => theirs.elapsed(),
+        };
+        behind < crate::cluster::NODE_DEAD
     }
 
     /// Whispers sent to players of a node found dead go to the shared
     /// inbox (the same msg_ids: a client that did read them de-duplicates);
     /// those older than the window, to live nodes, are let go.
-    fn guard_remote_whispers(&mut self) {
+    /// `restarted`: a node seen back under its id, whose whispers go too.
+    fn guard_remote_whispers(&mut self, restarted: Option<&NodeId>) {
         let Some(cluster) = self.cluster.clone() else {
             return;
         };
         let now = Instant::now();
-        let mut keep = VecDeque::with_capacity(self.sent_remote.len());
-        for (at, node, to, record) in std::mem::take(&mut self.sent_remote) {
-            if !self.alive(&node) {
+        let mut keep = VecDeque::with_capacity(self.remote.sent_remote.len());
+        for (at, node, to, record) in std::mem::take(&mut self.remote.sent_remote) {
+            if !self.alive(&node) || restarted == Some(&node) {
                 drop(cluster.store_offline(to, &record));
                 Stats::bump(&self.stats.offline_spilled);
                 debug!(%to, %node, "whisper to a dead node's player kept in the inbox");
@@ -1254,7 +1304,7 @@ impl World {
                 keep.push_back((at, node, to, record));
             }
         }
-        self.sent_remote = keep;
+        self.remote.sent_remote = keep;
     }
 
     /// The session directory changed. A session here that another node
@@ -1263,6 +1313,7 @@ impl World {
         match holder {
             Holder::Remote { node, name } => {
                 let stale = self
+                    .remote
                     .elsewhere
                     .get(&user)
                     .is_some_and(|r| r.revision >= revision);
@@ -1273,7 +1324,7 @@ impl World {
                     if let Some(history) = &self.history {
                         history.record_login(user.0, &name);
                     }
-                    self.elsewhere.insert(
+                    self.remote.elsewhere.insert(
                         user,
                         Remote {
                             node,
@@ -1299,11 +1350,30 @@ impl World {
             }
             Holder::Here | Holder::Nobody => {
                 if self
+                    .remote
                     .elsewhere
                     .get(&user)
                     .is_some_and(|r| r.revision < revision)
                 {
-                    self.elsewhere.remove(&user);
+                    self.remote.elsewhere.remove(&user);
+                }
+                if holder == Holder::Nobody {
+                    self.remote
+                        .released
+                        .insert(user, (revision, Instant::now()));
+                    // A later delete than this session's claim: another
+                    // node claimed and let go meanwhile (the bucket keeps
+                    // only the latest of the two), so this one is stale.
+                    let stale = self
+                        .registry
+                        .get(user)
+                        .is_some_and(|e| e.claim != 0 && e.claim < revision);
+                    if stale {
+                        if let Some(entry) = self.registry.get_mut(user) {
+                            entry.claim = 0;
+                        }
+                        self.end_session(user, Some(KickReason::KickLoggedInElsewhere));
+                    }
                 }
             }
         }
@@ -1405,7 +1475,10 @@ impl World {
             self.detached(user, conn);
         }
         self.flush_spills();
-        self.guard_remote_whispers();
+        self.guard_remote_whispers(None);
+        self.remote
+            .released
+            .retain(|_, (_, at)| at.elapsed() < RELEASED_FOR);
         self.publish_gauges();
     }
 

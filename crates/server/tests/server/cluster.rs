@@ -637,7 +637,9 @@ async fn admin_calls_on_any_node_reach_a_player_on_another() {
 
 /// Reads until the connection ends; returns the kick reason and the
 /// msg_ids of the lines that came before.
-async fn lines_until_kicked(c: &mut guildchat_client::Client) -> (Option<i32>, Vec<u64>) {
+async fn lines_until_kicked(
+    c: &mut guildchat_client::Client,
+) -> (Option<i32>, Option<u16>, Vec<u64>) {
     let (mut kick, mut lines) = (None, Vec::new());
     loop {
         match c
@@ -645,7 +647,7 @@ async fn lines_until_kicked(c: &mut guildchat_client::Client) -> (Option<i32>, V
             .await
             .unwrap()
         {
-            guildchat_client::Event::Closed(_) => return (kick, lines),
+            guildchat_client::Event::Closed(code) => return (kick, code, lines),
             guildchat_client::Event::Msg(ServerMsg::Kick(k)) => kick = Some(k.reason),
             guildchat_client::Event::Msg(ServerMsg::Chat(n)) => lines.push(n.msg_id),
             guildchat_client::Event::Msg(_) => {}
@@ -683,19 +685,21 @@ async fn a_drained_node_hands_its_players_to_the_others_and_exits() {
     let http = n1.gm("POST", "/v1/drain", None).await;
     assert_eq!(http.status, 202, "{}", http.text);
     assert_eq!(http.json()["players"], 4);
-    let ready = http_get_status(&format!("{}/readyz", n1.admin)).await;
-    assert_eq!(ready, 503, "a draining node is not ready");
+    let ready = crate::common::http("GET", &format!("{}/readyz", n1.admin), None, None).await;
+    assert_eq!(ready.status, 503, "a draining node is not ready");
+    assert_eq!(ready.json()["draining"], true);
     // Each player is told to reconnect, and resumes on n2 or n3 from the
     // last line it saw.
     let mut seen_by = Vec::new();
     for (i, mut c) in players.into_iter().enumerate() {
         let user = i as u64 + 1;
-        let (kick, lines) = lines_until_kicked(&mut c).await;
+        let (kick, code, lines) = lines_until_kicked(&mut c).await;
         assert_eq!(
             kick,
             Some(KickReason::KickReconnect as i32),
             "player {user}"
         );
+        assert_eq!(code, Some(guildchat_protocol::close_code::RECONNECT));
         let node = if user.is_multiple_of(2) { n2 } else { n3 };
         let mut back = node.connect().await;
         let rep = back
@@ -726,6 +730,108 @@ async fn a_drained_node_hands_its_players_to_the_others_and_exits() {
     cl.stop().await;
 }
 
-async fn http_get_status(url: &str) -> u16 {
-    http("GET", url, None, None).await.status
+/// A send retried with the same client message id on another node, which
+/// has nothing in its own store to recognise it by (no history here), is
+/// answered with the first send's msg_id and delivered once: the stream
+/// itself de-duplicates it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_on_another_node_is_delivered_once() {
+    let nats = Nats::start().await;
+    let n1 = TestServer::node(&nats, "n1", None).await;
+    let n2 = TestServer::node_with(&nats, "n2", Some(&n1), |c| c.history.enabled = false).await;
+    let mut p = n1.login(1, "p", 0, 0, 0).await;
+    let mut watcher = n1.login(2, "w", 0, 0, 0).await;
+    p.send_chat_with_id(ChatType::ChatWorld, "once", 0, "", 77)
+        .await
+        .unwrap();
+    let first = next_chat_rep(&mut p).await;
+    assert_eq!(first.res, ResCode::ResOk as i32);
+    assert_eq!(next_chat(&mut watcher).await.msg_id, first.msg_id);
+    // The reply was lost, say; the client moved to n2 and retries.
+    drop(p);
+    let mut p = n2.login(1, "p", 0, 0, 0).await;
+    p.send_chat_with_id(ChatType::ChatWorld, "once", 0, "", 77)
+        .await
+        .unwrap();
+    let again = next_chat_rep(&mut p).await;
+    assert_eq!(again.res, ResCode::ResOk as i32);
+    assert_eq!(again.msg_id, first.msg_id, "the first send's msg_id");
+    assert_silent(&mut watcher).await;
+    drop((p, watcher));
+    n1.stop().await;
+    n2.stop().await;
+}
+
+/// A login on a full node is refused before it claims the session, so the
+/// player's session on another node goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_refused_by_a_full_node_leaves_the_session_elsewhere() {
+    let nats = Nats::start().await;
+    let n1 = TestServer::node_with(&nats, "n1", None, |c| c.max_online = 1).await;
+    let n2 = TestServer::node(&nats, "n2", Some(&n1)).await;
+    let _filler = n1.login(9, "filler", 0, 0, 0).await;
+    let mut p = n2.login(1, "p", 0, 0, 0).await;
+    let mut c = n1.connect().await;
+    let rep = c.login(&n1.token(1, "p", 0, 0, 0)).await.unwrap();
+    assert_eq!(rep.res, ResCode::ResServerFull as i32);
+    drop(c);
+    // Still the session on n2, and still live.
+    let mut other = n2.login(2, "q", 0, 0, 0).await;
+    let rep = say_seen(&mut other, ChatType::ChatWorld, "still here?", 0).await;
+    assert_eq!(next_chat(&mut p).await.msg_id, rep.msg_id);
+    assert!(n2.world.player(UserId(1)).await.unwrap().is_some());
+    drop((p, other, _filler));
+    n1.stop().await;
+    n2.stop().await;
+}
+
+/// A cursor from before the stream's first line (here, before the cluster
+/// began) replays what the stream has and reports a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_from_before_the_stream_reports_a_gap() {
+    let cl = cluster().await;
+    let mut a = cl.nodes[0].login(1, "a", 0, 0, 0).await;
+    let line = say_seen(&mut a, ChatType::ChatWorld, "kept", 0).await;
+    let mut b = cl.nodes[1].connect().await;
+    let rep = b
+        .login_from(&cl.nodes[1].token(2, "b", 0, 0, 0), 1)
+        .await
+        .unwrap();
+    assert_eq!(rep.res, ResCode::ResOk as i32);
+    assert!(rep.replay_gap, "the stream does not go back that far");
+    assert_eq!(next_chat(&mut b).await.msg_id, line.msg_id);
+    drop((a, b));
+    cl.stop().await;
+}
+
+/// The shared inbox holds `max_offline_whispers` per player; past it a
+/// whisper is refused with RES_INBOX_FULL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_shared_inbox_refuses_the_next_whisper() {
+    let nats = Nats::start().await;
+    let cap = |c: &mut guildchat_server::Config| c.history.max_offline_whispers = 2;
+    let n1 = TestServer::node_with(&nats, "n1", None, cap).await;
+    let n2 = TestServer::node_with(&nats, "n2", Some(&n1), cap).await;
+    // The target has been seen once, on n2, and is gone.
+    drop(n2.login(9, "nine", 0, 0, 0).await);
+    n2.gm("POST", "/v1/players/9/kick", None).await;
+    let mut s = n1.login(1, "one", 0, 0, 0).await;
+    for _ in 0..500 {
+        if n1.world.locate(UserId(9)).await.unwrap().is_none() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    for text in ["one", "two"] {
+        let rep = say_seen(&mut s, ChatType::ChatPrivate, text, 9).await;
+        assert!(rep.offline);
+    }
+    s.send_chat(ChatType::ChatPrivate, "three", 9, "")
+        .await
+        .unwrap();
+    let rep = next_chat_rep(&mut s).await;
+    assert_eq!(rep.res, ResCode::ResInboxFull as i32);
+    drop(s);
+    n1.stop().await;
+    n2.stop().await;
 }

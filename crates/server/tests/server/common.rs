@@ -494,12 +494,23 @@ impl TestServer {
     /// A cluster node on `nats`; with `keys`, it verifies tokens with that
     /// key file (another node's), as every node of a cluster must.
     pub async fn node(nats: &Nats, id: &str, keys: Option<&TestServer>) -> TestServer {
+        Self::node_with(nats, id, keys, |_| {}).await
+    }
+
+    /// [`TestServer::node`], after letting the test adjust its config.
+    pub async fn node_with(
+        nats: &Nats,
+        id: &str,
+        keys: Option<&TestServer>,
+        adjust: impl FnOnce(&mut Config),
+    ) -> TestServer {
         let keys = keys.map(|k| k.dir.path().join("keys.toml"));
         Self::start_with(|c| {
             no_cooldowns(c);
             c.cluster.url = Some(nats.url.clone());
             c.cluster.node_id = Some(id.into());
             c.auth.keys_file = keys;
+            adjust(c);
         })
         .await
     }
