@@ -156,6 +156,24 @@ fn setup(what: &'static str) -> impl FnOnce(String) -> ClusterError {
     move |why| ClusterError::Setup { what, why }
 }
 
+/// A key-value bucket keeping each key's latest value, made if missing.
+async fn bucket(
+    js: &jetstream::Context,
+    what: &'static str,
+    name: &str,
+    storage: stream::StorageType,
+    max_age: Option<Duration>,
+) -> Result<kv::Store, ClusterError> {
+    let config = kv::Config {
+        bucket: name.into(),
+        history: 1,
+        storage,
+        max_age: max_age.unwrap_or_default(),
+        ..Default::default()
+    };
+    timed(what, js.create_or_update_key_value(config)).await
+}
+
 async fn timed<T, E: std::fmt::Display>(
     what: &'static str,
     f: impl std::future::Future<Output = Result<T, E>>,
@@ -218,48 +236,40 @@ impl Cluster {
             js.get_or_create_stream(inbox::config(config_history)),
         )
         .await?;
-        let sessions = timed(
+        let sessions = bucket(
+            &js,
             "session bucket",
-            js.create_or_update_key_value(kv::Config {
-                bucket: SESSIONS_BUCKET.into(),
-                history: 1,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            }),
+            SESSIONS_BUCKET,
+            stream::StorageType::File,
+            None,
         )
         .await?;
-        let sanctions = timed(
+        let sanctions = bucket(
+            &js,
             "sanction bucket",
-            js.create_or_update_key_value(kv::Config {
-                bucket: SANCTIONS_BUCKET.into(),
-                history: 1,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            }),
+            SANCTIONS_BUCKET,
+            stream::StorageType::File,
+            None,
         )
         .await?;
         let sanction_watch = timed("sanction watch", sanctions.watch_with_history(">")).await?;
-        let nodes = timed(
+        // Dead nodes' keys go by themselves.
+        let age = Some(Duration::from_secs(60));
+        let nodes = bucket(
+            &js,
             "node bucket",
-            js.create_or_update_key_value(kv::Config {
-                bucket: NODES_BUCKET.into(),
-                history: 1,
-                // Dead nodes' keys go by themselves.
-                max_age: Duration::from_secs(60),
-                storage: stream::StorageType::Memory,
-                ..Default::default()
-            }),
+            NODES_BUCKET,
+            stream::StorageType::Memory,
+            age,
         )
         .await?;
         let beats = timed("node watch", nodes.watch_with_history(">")).await?;
-        let meta = timed(
+        let meta = bucket(
+            &js,
             "meta bucket",
-            js.create_or_update_key_value(kv::Config {
-                bucket: META_BUCKET.into(),
-                history: 1,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            }),
+            META_BUCKET,
+            stream::StorageType::File,
+            None,
         )
         .await?;
         // The first node of a new cluster sets the base; the others read

@@ -1262,6 +1262,21 @@ impl World {
         drop(outcome);
     }
 
+    /// Ends the player's session here with the "logged in elsewhere" kick
+    /// if its claim is older than the directory's `revision`; the key is
+    /// another node's by then, so nothing is released. Whether it did.
+    fn end_if_claimed_before(&mut self, user: UserId, revision: u64) -> bool {
+        let Some(entry) = self
+            .registry
+            .get_mut(user)
+            .filter(|e| e.claim != 0 && e.claim < revision)
+        else {
+            return false;
+        };
+        entry.claim = 0;
+        self.end_session(user, Some(KickReason::KickLoggedInElsewhere))
+    }
+
     /// Whether another node has said it is alive lately. This node counts
     /// as alive.
     fn alive(&self, node: &NodeId) -> bool {
@@ -1333,17 +1348,7 @@ impl World {
                         },
                     );
                 }
-                let replaced = self
-                    .registry
-                    .get(user)
-                    .is_some_and(|e| e.claim != 0 && e.claim < revision);
-                if replaced {
-                    if let Some(entry) = self.registry.get_mut(user) {
-                        // The key is the other node's now: nothing to
-                        // release.
-                        entry.claim = 0;
-                    }
-                    self.end_session(user, Some(KickReason::KickLoggedInElsewhere));
+                if self.end_if_claimed_before(user, revision) {
                     Stats::bump(&self.stats.takeovers);
                     debug!(%user, "session moved to another node");
                 }
@@ -1364,16 +1369,7 @@ impl World {
                     // A later delete than this session's claim: another
                     // node claimed and let go meanwhile (the bucket keeps
                     // only the latest of the two), so this one is stale.
-                    let stale = self
-                        .registry
-                        .get(user)
-                        .is_some_and(|e| e.claim != 0 && e.claim < revision);
-                    if stale {
-                        if let Some(entry) = self.registry.get_mut(user) {
-                            entry.claim = 0;
-                        }
-                        self.end_session(user, Some(KickReason::KickLoggedInElsewhere));
-                    }
+                    self.end_if_claimed_before(user, revision);
                 }
             }
         }

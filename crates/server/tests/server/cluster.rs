@@ -324,6 +324,24 @@ async fn a_line_sent_on_one_node_is_in_the_history_of_every_node() {
     panic!("the line never reached n3's history");
 }
 
+/// The next chat reply, waiting longer than usual: while NATS is away a
+/// reply waits for JetStream's ack to time out.
+async fn slow_reply(
+    c: &mut guildchat_client::Client,
+) -> guildchat_protocol::pb::ChatMessageChatRep {
+    loop {
+        match c
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .await
+            .unwrap()
+        {
+            guildchat_client::Event::Msg(ServerMsg::ChatRep(rep)) => return rep,
+            guildchat_client::Event::Msg(_) => {}
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+}
+
 /// nats-server killed mid-traffic and started again on the same store: a
 /// line is never acknowledged unless stored, and once NATS is back lines
 /// cross nodes again.
@@ -339,17 +357,7 @@ async fn lines_cross_nodes_again_after_nats_restarts() {
     a.send_chat(ChatType::ChatWorld, "during", 0, "")
         .await
         .unwrap();
-    let rep = loop {
-        match a
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .await
-            .unwrap()
-        {
-            guildchat_client::Event::Msg(ServerMsg::ChatRep(rep)) => break rep,
-            guildchat_client::Event::Msg(_) => {}
-            other => panic!("expected a reply, got {other:?}"),
-        }
-    };
+    let rep = slow_reply(&mut a).await;
     assert_eq!(rep.res, ResCode::ResStoreFailed as i32);
     // The node says why it is not ready.
     let ready = http("GET", &format!("{}/readyz", cl.nodes[0].admin), None, None).await;
@@ -366,17 +374,7 @@ async fn lines_cross_nodes_again_after_nats_restarts() {
         a.send_chat(ChatType::ChatWorld, &format!("after {i}"), 0, "")
             .await
             .unwrap();
-        let rep = loop {
-            match a
-                .recv_timeout(std::time::Duration::from_secs(30))
-                .await
-                .unwrap()
-            {
-                guildchat_client::Event::Msg(ServerMsg::ChatRep(rep)) => break rep,
-                guildchat_client::Event::Msg(_) => {}
-                other => panic!("expected a reply, got {other:?}"),
-            }
-        };
+        let rep = slow_reply(&mut a).await;
         if rep.res == ResCode::ResOk as i32 {
             acked.push(rep.msg_id);
             break;
@@ -431,31 +429,16 @@ async fn a_resume_on_another_node_loses_nothing() {
     drop(p);
     until_lingering(n1, 1).await;
     let mut missed = Vec::new();
-    missed.push(
-        say_seen(&mut guildmate, ChatType::ChatGuild, "guild line", 0)
-            .await
-            .msg_id,
-    );
-    missed.push(
-        say_seen(&mut teammate, ChatType::ChatTeam, "team line", 0)
-            .await
-            .msg_id,
-    );
-    missed.push(
-        say_seen(&mut neighbour, ChatType::ChatNormal, "scene line", 0)
-            .await
-            .msg_id,
-    );
-    missed.push(
-        say_seen(&mut stranger, ChatType::ChatWorld, "world line", 0)
-            .await
-            .msg_id,
-    );
-    missed.push(
-        say_seen(&mut stranger, ChatType::ChatPrivate, "a whisper", 1)
-            .await
-            .msg_id,
-    );
+    for (c, channel, text) in [
+        (&mut guildmate, ChatType::ChatGuild, "guild line"),
+        (&mut teammate, ChatType::ChatTeam, "team line"),
+        (&mut neighbour, ChatType::ChatNormal, "scene line"),
+        (&mut stranger, ChatType::ChatWorld, "world line"),
+    ] {
+        missed.push(say_seen(c, channel, text, 0).await.msg_id);
+    }
+    let whisper = say_seen(&mut stranger, ChatType::ChatPrivate, "a whisper", 1).await;
+    missed.push(whisper.msg_id);
     let http = n3
         .logic(
             "POST",
