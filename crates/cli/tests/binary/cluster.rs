@@ -62,7 +62,11 @@ impl Node {
     /// given. Returns at once: [`Node::ready`] waits for it to listen, so
     /// several nodes can start side by side.
     fn spawn(nats: &Nats, id: &str, config: Option<String>) -> Node {
-        let dir = tempfile::tempdir().unwrap();
+        Self::spawn_in(nats, id, config, tempfile::tempdir().unwrap())
+    }
+
+    /// [`Node::spawn`] on an existing data dir (a restart).
+    fn spawn_in(nats: &Nats, id: &str, config: Option<String>, dir: tempfile::TempDir) -> Node {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_guildchat"));
         cmd.args(["serve", "--cluster", &nats.url, "--node-id", id])
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
@@ -546,4 +550,47 @@ async fn whispers_to_a_dead_nodes_player_wait_for_its_next_login() {
         Err(ClientError::Timeout) => {}
         other => panic!("expected nothing more, got {other:?}"),
     }
+}
+
+/// A node killed and started again at once under its id, before anyone
+/// could find it dead: the whispers sent to its players just before went
+/// down with it unread, and the senders' nodes, seeing it back with a new
+/// start time, keep them in the shared inbox for the players' next login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whispers_to_a_node_that_restarts_at_once_wait_for_the_next_login() {
+    let (nats, mut n1, n2, n3) = three_nodes().await;
+    let ring = n1.ring();
+    let mut p = login(&n1, &token(&ring, 2, 0, 0, 0)).await;
+    let mut r = login(&n3, &token(&ring, 3, 0, 0, 0)).await;
+    let before = whisper_once_located(&mut r, 2, "before").await;
+    assert_eq!(next_chat(&mut p).await.msg_id, before);
+    // The player stops reading; n1 dies with the next whisper unread.
+    let unread = say_seen(&mut r, ChatType::ChatPrivate, "unread", 2).await;
+    n1.kill9();
+    drop(p);
+    let dir = std::mem::replace(&mut n1.dir, tempfile::tempdir().unwrap());
+    let mut n1 = Node::spawn_in(&nats, "n1", Some(node_config(None)), dir);
+    n1.ready();
+    // Within the 5 s a dead node takes to be noticed, n3 sees n1 back
+    // with a new start time and moves the whisper to the inbox.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url.as_str()).await.unwrap());
+    let mut inbox = js.get_stream("GC_INBOX").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while inbox.info().await.unwrap().state.messages == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the unread whisper never reached the inbox"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut back = login(&n2, &token(&ring, 2, 0, 0, 0)).await;
+    let mut got = Vec::new();
+    while got.last() != Some(&unread) {
+        assert!(got.len() < 3, "{got:?}");
+        got.push(next_chat(&mut back).await.msg_id);
+    }
+    // The one read before may come again first, with its own msg_id.
+    got.retain(|id| *id != before);
+    assert_eq!(got, [unread]);
+    drop(n1);
 }

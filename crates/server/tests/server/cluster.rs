@@ -818,3 +818,31 @@ async fn a_full_shared_inbox_refuses_the_next_whisper() {
     n1.stop().await;
     n2.stop().await;
 }
+
+/// A node whose own store holds ids from a standalone past above the
+/// cluster's next id refuses to join, rather than hand out lower ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_newer_ids_of_its_own_refuses_to_join() {
+    let nats = Nats::start().await;
+    let n1 = TestServer::node(&nats, "n1", None).await;
+    // A standalone server, started after the cluster set its id base:
+    // its clock-based ids are far above the cluster's.
+    let alone = TestServer::start().await;
+    let mut a = alone.login(1, "a", 0, 0, 0).await;
+    let rep = say(&mut a, ChatType::ChatWorld, "alone").await;
+    assert_eq!(rep.res, ResCode::ResOk as i32);
+    drop(a);
+    let dir = alone.stop_keep_dir().await;
+    let mut config = guildchat_server::Config {
+        data_dir: dir.path().to_owned(),
+        ..Default::default()
+    };
+    config.cluster.url = Some(nats.url.clone());
+    config.cluster.node_id = Some("n2".into());
+    let err = match guildchat_server::Server::start(config).await {
+        Ok(_) => panic!("the node joined below its own ids"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("id base"), "{err}");
+    n1.stop().await;
+}
