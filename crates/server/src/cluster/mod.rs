@@ -22,11 +22,13 @@
 //! `send().await`: a busy world slows the consumer, and JetStream keeps
 //! the lines meanwhile.
 
+mod blocks;
 pub mod calls;
 mod inbox;
 mod sanctions;
 pub mod wire;
 
+pub use blocks::BLOCKS_BUCKET;
 pub use inbox::INBOX_STREAM;
 pub use sanctions::SANCTIONS_BUCKET;
 
@@ -130,6 +132,7 @@ struct Inner {
     /// The offline inbox stream.
     inbox: stream::Stream,
     sanctions: kv::Store,
+    blocks: kv::Store,
     sessions: kv::Store,
     publish: mpsc::Sender<Publish>,
     release: mpsc::Sender<(UserId, u64)>,
@@ -253,6 +256,14 @@ impl Cluster {
         )
         .await?;
         let sanction_watch = timed("sanction watch", sanctions.watch_with_history(">")).await?;
+        let blocks = bucket(
+            &js,
+            "block bucket",
+            BLOCKS_BUCKET,
+            stream::StorageType::File,
+            None,
+        )
+        .await?;
         // Dead nodes' keys go by themselves.
         let age = Some(Duration::from_secs(60));
         let nodes = bucket(
@@ -324,6 +335,7 @@ impl Cluster {
                 inbox,
                 backfills: tokio::sync::Semaphore::new(BACKFILLS),
                 sanctions,
+                blocks,
                 sessions: sessions.clone(),
                 publish: publish_tx,
                 release: release_tx,

@@ -199,7 +199,19 @@ impl UserActor {
                 return ResCode::ResStoreFailed;
             }
         }
-        match self.world.block(self.id, UserId(target), add).await {
+        let applied = self.world.block(self.id, UserId(target), add).await;
+        // In a cluster the whole list goes to the shared bucket, for the
+        // player's sessions on other nodes and whispers sent from them.
+        if let (Ok(_), Some(cluster)) = (&applied, &self.services.cluster) {
+            let list = match self.world.blocks(self.id).await {
+                Ok(list) => list,
+                Err(gone) => return gone.into(),
+            };
+            if cluster.put_blocks(self.id, &list).await.is_err() {
+                return ResCode::ResStoreFailed;
+            }
+        }
+        match applied {
             Ok(true) => ResCode::ResOk,
             // Without a store the world's copy is the only one, and its
             // cap refused the block.

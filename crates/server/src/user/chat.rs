@@ -299,8 +299,18 @@ impl UserActor {
                         // An offline target who blocks the sender refuses
                         // the whisper as a connected one would; a block
                         // list that cannot be read refuses it too.
-                        let blocked = if history.may_have_blocks(id) {
-                            history.blocks(id).await.map(|b| b.contains(&self.id.0))
+                        let blocked = if let Some(cluster) = &self.services.cluster {
+                            cluster
+                                .blocks(UserId(id))
+                                .await
+                                .map(|b| b.contains(&self.id.0))
+                                .map_err(|_| ())
+                        } else if history.may_have_blocks(id) {
+                            history
+                                .blocks(id)
+                                .await
+                                .map(|b| b.contains(&self.id.0))
+                                .map_err(|_| ())
                         } else {
                             Ok(false)
                         };

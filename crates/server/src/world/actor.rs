@@ -532,7 +532,8 @@ impl World {
         if let Some(history) = &self.history {
             history.record_login(user.0, &identity.name);
             // A session reads its block list once, at its first login.
-            let want_blocks = self.registry.get(user).is_some_and(|e| !e.blocks_loaded)
+            let want_blocks = self.cluster.is_none()
+                && self.registry.get(user).is_some_and(|e| !e.blocks_loaded)
                 && history.may_have_blocks(user.0);
             // Read through the writer's queue, after every whisper and
             // block the world has already queued for this player. In a
@@ -559,7 +560,16 @@ impl World {
             _ => None,
         };
         let inbox = self.cluster.clone().filter(|_| self.history.is_some());
-        if offline_read.is_none() && blocks_read.is_none() && backfill.is_none() && inbox.is_none()
+        // In a cluster the block list is the shared one.
+        let shared_blocks = self
+            .cluster
+            .clone()
+            .filter(|_| self.registry.get(user).is_some_and(|e| !e.blocks_loaded));
+        if offline_read.is_none()
+            && blocks_read.is_none()
+            && backfill.is_none()
+            && inbox.is_none()
+            && shared_blocks.is_none()
         {
             self.ready(user, conn_id, Vec::new(), None, None);
         } else {
@@ -583,7 +593,17 @@ impl World {
                         },
                         None => None,
                     };
-                    (backfill, inbox)
+                    let blocks = match shared_blocks {
+                        Some(cluster) => match cluster.blocks(user).await {
+                            Ok(blocks) => Some(blocks),
+                            Err(e) => {
+                                warn!(%user, error = %e, "cannot read the shared block list; this session starts without it");
+                                Some(Vec::new())
+                            }
+                        },
+                        None => None,
+                    };
+                    (backfill, inbox, blocks)
                 };
                 let store = async {
                     let Some(history) = &history else {
@@ -605,7 +625,8 @@ impl World {
                     };
                     (offline, blocks)
                 };
-                let ((backfill, inbox), (offline, blocks)) = tokio::join!(stream, store);
+                let ((backfill, inbox, shared), (offline, blocks)) = tokio::join!(stream, store);
+                let blocks = shared.or(blocks);
                 // Keyed by inbox sequence, which deletes them from the
                 // shared inbox.
                 let offline = inbox.unwrap_or(offline);

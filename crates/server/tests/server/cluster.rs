@@ -846,3 +846,57 @@ async fn a_node_with_newer_ids_of_its_own_refuses_to_join() {
     assert!(err.contains("id base"), "{err}");
     n1.stop().await;
 }
+
+/// A block set on one node holds on another: the blocker's session there
+/// does not hear the blocked player's lines, and a whisper to the blocker
+/// while offline is refused whatever node it is sent from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_set_on_one_node_holds_on_the_others() {
+    use guildchat_protocol::{codec, pb, ClientMsg, MsgType};
+    let cl = cluster().await;
+    let [n1, n2, n3] = [&cl.nodes[0], &cl.nodes[1], &cl.nodes[2]];
+    let mut blocker = n1.login(1, "blocker", 0, 0, 0).await;
+    let mut pest = n3.login(2, "pest", 0, 0, 0).await;
+    blocker
+        .send(&ClientMsg::Block(pb::ChatMessageBlockReq {
+            msghead: codec::head(MsgType::CchBlockReq, 1),
+            userid: 2,
+        }))
+        .await
+        .unwrap();
+    loop {
+        match next(&mut blocker).await {
+            ServerMsg::BlockRep(r) => {
+                assert_eq!(r.res, ResCode::ResOk as i32);
+                break;
+            }
+            ServerMsg::Chat(_) => {}
+            other => panic!("expected the block reply, got {other:?}"),
+        }
+    }
+    // The blocker moves to n2 (a new session there).
+    drop(blocker);
+    let mut blocker = n2.login(1, "blocker", 0, 0, 0).await;
+    let mut other = n3.login(3, "other", 0, 0, 0).await;
+    say_seen(&mut pest, ChatType::ChatWorld, "can you hear me", 0).await;
+    let heard = say_seen(&mut other, ChatType::ChatWorld, "and me", 0).await;
+    // Only the other player's line arrives.
+    assert_eq!(next_chat(&mut blocker).await.msg_id, heard.msg_id);
+    // Offline now (kicked: no linger), the blocker refuses the pest's
+    // whisper, sent from n3.
+    n2.gm("POST", "/v1/players/1/kick", None).await;
+    drop(blocker);
+    for _ in 0..500 {
+        if n3.world.locate(UserId(1)).await.unwrap().is_none() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    pest.send_chat(ChatType::ChatPrivate, "let me in", 1, "")
+        .await
+        .unwrap();
+    let rep = next_chat_rep(&mut pest).await;
+    assert_eq!(rep.res, ResCode::ResBlocked as i32);
+    drop((pest, other));
+    cl.stop().await;
+}
