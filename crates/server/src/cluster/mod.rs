@@ -25,11 +25,13 @@
 mod blocks;
 pub mod calls;
 mod inbox;
+mod masks;
 mod sanctions;
 pub mod wire;
 
 pub use blocks::BLOCKS_BUCKET;
 pub use inbox::INBOX_STREAM;
+pub use masks::MASKS_BUCKET;
 pub use sanctions::SANCTIONS_BUCKET;
 
 use std::sync::Arc;
@@ -133,6 +135,7 @@ struct Inner {
     inbox: stream::Stream,
     sanctions: kv::Store,
     blocks: kv::Store,
+    masks: kv::Store,
     sessions: kv::Store,
     publish: mpsc::Sender<Publish>,
     release: mpsc::Sender<(UserId, u64)>,
@@ -264,6 +267,14 @@ impl Cluster {
             None,
         )
         .await?;
+        let masks = bucket(
+            &js,
+            "mask bucket",
+            MASKS_BUCKET,
+            stream::StorageType::File,
+            None,
+        )
+        .await?;
         // Dead nodes' keys go by themselves.
         let age = Some(Duration::from_secs(60));
         let nodes = bucket(
@@ -336,6 +347,7 @@ impl Cluster {
                 backfills: tokio::sync::Semaphore::new(BACKFILLS),
                 sanctions,
                 blocks,
+                masks,
                 sessions: sessions.clone(),
                 publish: publish_tx,
                 release: release_tx,

@@ -141,8 +141,12 @@ impl UserActor {
             conn,
             inbound,
             offline_ack,
+            mask,
         }: Attach,
     ) {
+        if let Some(mask) = mask {
+            self.mask = mask;
+        }
         self.conn = Some(conn);
         self.inbound = Some(inbound);
         self.offline_ack = offline_ack.map(Box::new);
@@ -276,6 +280,13 @@ impl UserActor {
                     }
                     Err(gone) => gone.into(),
                 };
+                // In a cluster it follows the player to other nodes; a
+                // mask not shared still holds on this one.
+                if let (ResCode::ResOk, Some(cluster)) = (res, &self.services.cluster) {
+                    if let Err(e) = cluster.put_mask(self.id, mask).await {
+                        tracing::warn!(error = %e, "cannot share a mask with the cluster");
+                    }
+                }
                 self.reply(codec::encode(&pb::ChatMessageSetMaskRep {
                     msghead: codec::head(MsgType::ChcSetMaskRep, seq),
                     res: res as i32,

@@ -101,6 +101,9 @@ pub(crate) struct Attach {
     /// The offline-whisper barrier queued on this connection: its token and
     /// exactly the msg_ids its pong acknowledges.
     pub offline_ack: Option<(u64, Vec<u64>)>,
+    /// In a cluster, a session new to this node: the mask the player set
+    /// on another node.
+    pub mask: Option<u32>,
 }
 
 /// Where the world leaves the newest connection for the actor. A slot

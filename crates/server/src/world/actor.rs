@@ -186,7 +186,8 @@ impl World {
                 offline,
                 blocks,
                 backfill,
-            } => self.ready(user, conn, offline, blocks, backfill),
+                mask,
+            } => self.ready(user, conn, offline, blocks, backfill, mask),
             WorldMsg::Block {
                 user,
                 target,
@@ -565,13 +566,16 @@ impl World {
             .cluster
             .clone()
             .filter(|_| self.registry.get(user).is_some_and(|e| !e.blocks_loaded));
+        // So is the mask, for a session new to this node.
+        let shared_mask = self.cluster.clone().filter(|_| !resumed);
         if offline_read.is_none()
             && blocks_read.is_none()
             && backfill.is_none()
             && inbox.is_none()
             && shared_blocks.is_none()
+            && shared_mask.is_none()
         {
-            self.ready(user, conn_id, Vec::new(), None, None);
+            self.ready(user, conn_id, Vec::new(), None, None, None);
         } else {
             // The world does not wait: the answers come back as Ready.
             let world = self.me.clone();
@@ -603,7 +607,14 @@ impl World {
                         },
                         None => None,
                     };
-                    (backfill, inbox, blocks)
+                    let mask = match shared_mask {
+                        Some(cluster) => cluster.mask(user).await.unwrap_or_else(|e| {
+                            warn!(%user, error = %e, "cannot read the shared mask");
+                            None
+                        }),
+                        None => None,
+                    };
+                    (backfill, inbox, blocks, mask)
                 };
                 let store = async {
                     let Some(history) = &history else {
@@ -625,7 +636,8 @@ impl World {
                     };
                     (offline, blocks)
                 };
-                let ((backfill, inbox, shared), (offline, blocks)) = tokio::join!(stream, store);
+                let ((backfill, inbox, shared, mask), (offline, blocks)) =
+                    tokio::join!(stream, store);
                 let blocks = shared.or(blocks);
                 // Keyed by inbox sequence, which deletes them from the
                 // shared inbox.
@@ -638,6 +650,7 @@ impl World {
                             offline,
                             blocks,
                             backfill: backfill.map(Box::new),
+                            mask,
                         })
                         .await;
                 }
@@ -660,6 +673,7 @@ impl World {
         offline: Vec<(u64, StoredMsg)>,
         blocks: Option<Vec<u64>>,
         backfill: Option<Box<crate::cluster::Backfill>>,
+        mask: Option<u32>,
     ) {
         let current = self.last_msg_id;
         let Some((entry, world_ring)) = self.registry.get_mut_with_world(user) else {
@@ -675,6 +689,15 @@ impl World {
         }
         if entry.pending.as_ref().map(|p| p.conn.id()) != Some(conn_id) {
             return;
+        }
+        // The mask the player set on another node, for a session new here
+        // (its first Ready: nothing can have changed it since).
+        if let Some(mask) = mask.filter(|_| entry.pending.as_ref().is_some_and(|p| !p.resumed)) {
+            let bit = mask_bit(ChatType::ChatWorld);
+            if (entry.mask ^ mask) & bit != 0 {
+                entry.world_masked.set(mask & bit != 0, entry.began);
+            }
+            entry.mask = mask;
         }
         let Some(pending) = entry.pending.take() else {
             return;
@@ -805,6 +828,7 @@ impl World {
             conn,
             inbound,
             offline_ack,
+            mask: (!resumed).then_some(entry.mask),
         });
         if resumed {
             debug!(%user, "session resumed");

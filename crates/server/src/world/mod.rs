@@ -155,6 +155,9 @@ enum WorldMsg {
         blocks: Option<Vec<u64>>,
         /// In a cluster, a resume's lines from the stream.
         backfill: Option<Box<crate::cluster::Backfill>>,
+        /// In a cluster, for a session new to this node: the player's
+        /// mask, as set on another node.
+        mask: Option<u32>,
     },
     Block {
         user: UserId,

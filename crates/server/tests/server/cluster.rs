@@ -900,3 +900,37 @@ async fn a_block_set_on_one_node_holds_on_the_others() {
     drop((pest, other));
     cl.stop().await;
 }
+
+/// A player who turned world chat off on one node keeps it off on the
+/// node it moves to: the login reply there carries the mask, and world
+/// lines stay away while other channels arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mask_set_on_one_node_holds_on_the_next() {
+    use guildchat_protocol::{codec, mask_bit, pb, ClientMsg, MsgType};
+    let cl = cluster().await;
+    let [n1, n2, n3] = [&cl.nodes[0], &cl.nodes[1], &cl.nodes[2]];
+    let mut p = n1.login(1, "p", 4, 0, 0).await;
+    let mask = mask_bit(ChatType::ChatWorld);
+    p.send(&ClientMsg::SetMask(pb::ChatMessageSetMaskReq {
+        msghead: codec::head(MsgType::CchSetMaskReq, 1),
+        mask,
+    }))
+    .await
+    .unwrap();
+    loop {
+        if let ServerMsg::SetMaskRep(r) = next(&mut p).await {
+            assert_eq!((r.res, r.mask), (ResCode::ResOk as i32, mask));
+            break;
+        }
+    }
+    drop(p);
+    let mut c = n2.connect().await;
+    let rep = c.login(&n2.token(1, "p", 4, 0, 0)).await.unwrap();
+    assert_eq!((rep.res, rep.mask), (ResCode::ResOk as i32, mask));
+    let mut q = n3.login(2, "q", 4, 0, 0).await;
+    say_seen(&mut q, ChatType::ChatWorld, "world, masked", 0).await;
+    let guild = say_seen(&mut q, ChatType::ChatGuild, "guild, not masked", 0).await;
+    assert_eq!(next_chat(&mut c).await.msg_id, guild.msg_id);
+    drop((c, q));
+    cl.stop().await;
+}
