@@ -162,6 +162,15 @@ fn setup(what: &'static str) -> impl FnOnce(String) -> ClusterError {
     move |why| ClusterError::Setup { what, why }
 }
 
+/// A [`bucket`] on disk, without an age limit.
+async fn file(
+    js: &jetstream::Context,
+    what: &'static str,
+    name: &str,
+) -> Result<kv::Store, ClusterError> {
+    bucket(js, what, name, stream::StorageType::File, None).await
+}
+
 /// A key-value bucket keeping each key's latest value, made if missing.
 async fn bucket(
     js: &jetstream::Context,
@@ -242,39 +251,11 @@ impl Cluster {
             js.get_or_create_stream(inbox::config(config_history)),
         )
         .await?;
-        let sessions = bucket(
-            &js,
-            "session bucket",
-            SESSIONS_BUCKET,
-            stream::StorageType::File,
-            None,
-        )
-        .await?;
-        let sanctions = bucket(
-            &js,
-            "sanction bucket",
-            SANCTIONS_BUCKET,
-            stream::StorageType::File,
-            None,
-        )
-        .await?;
+        let sessions = file(&js, "session bucket", SESSIONS_BUCKET).await?;
+        let sanctions = file(&js, "sanction bucket", SANCTIONS_BUCKET).await?;
         let sanction_watch = timed("sanction watch", sanctions.watch_with_history(">")).await?;
-        let blocks = bucket(
-            &js,
-            "block bucket",
-            BLOCKS_BUCKET,
-            stream::StorageType::File,
-            None,
-        )
-        .await?;
-        let masks = bucket(
-            &js,
-            "mask bucket",
-            MASKS_BUCKET,
-            stream::StorageType::File,
-            None,
-        )
-        .await?;
+        let blocks = file(&js, "block bucket", BLOCKS_BUCKET).await?;
+        let masks = file(&js, "mask bucket", MASKS_BUCKET).await?;
         // Dead nodes' keys go by themselves.
         let age = Some(Duration::from_secs(60));
         let nodes = bucket(
@@ -286,14 +267,7 @@ impl Cluster {
         )
         .await?;
         let beats = timed("node watch", nodes.watch_with_history(">")).await?;
-        let meta = bucket(
-            &js,
-            "meta bucket",
-            META_BUCKET,
-            stream::StorageType::File,
-            None,
-        )
-        .await?;
+        let meta = file(&js, "meta bucket", META_BUCKET).await?;
         // The first node of a new cluster sets the base; the others read
         // it. Above every local id and the clock, so ids keep increasing
         // from a single-node deployment's.

@@ -581,40 +581,37 @@ impl World {
             let world = self.me.clone();
             let history = self.history.clone();
             tokio::spawn(async move {
+                // The cluster's reads, side by side.
                 let stream = async {
-                    let backfill = match backfill {
-                        Some((cluster, wants)) => Some(cluster.backfill(wants).await),
-                        None => None,
+                    let backfill = async {
+                        match backfill {
+                            Some((cluster, wants)) => Some(cluster.backfill(wants).await),
+                            None => None,
+                        }
                     };
-                    let inbox = match inbox {
-                        Some(cluster) => match cluster.pending_offline(user).await {
-                            Ok(found) => Some(found),
-                            Err(e) => {
-                                // They stay in the inbox for a later login.
-                                warn!(%user, error = %e, "cannot read the offline inbox");
-                                Some(Vec::new())
-                            }
-                        },
-                        None => None,
+                    let inbox = async {
+                        let cluster = inbox?;
+                        // Unread, they stay in the inbox for a later login.
+                        Some(cluster.pending_offline(user).await.unwrap_or_else(|e| {
+                            warn!(%user, error = %e, "cannot read the offline inbox");
+                            Vec::new()
+                        }))
                     };
-                    let blocks = match shared_blocks {
-                        Some(cluster) => match cluster.blocks(user).await {
-                            Ok(blocks) => Some(blocks),
-                            Err(e) => {
-                                warn!(%user, error = %e, "cannot read the shared block list; this session starts without it");
-                                Some(Vec::new())
-                            }
-                        },
-                        None => None,
+                    let blocks = async {
+                        let cluster = shared_blocks?;
+                        Some(cluster.blocks(user).await.unwrap_or_else(|e| {
+                            warn!(%user, error = %e, "cannot read the shared block list; this session starts without it");
+                            Vec::new()
+                        }))
                     };
-                    let mask = match shared_mask {
-                        Some(cluster) => cluster.mask(user).await.unwrap_or_else(|e| {
+                    let mask = async {
+                        let cluster = shared_mask?;
+                        cluster.mask(user).await.unwrap_or_else(|e| {
                             warn!(%user, error = %e, "cannot read the shared mask");
                             None
-                        }),
-                        None => None,
+                        })
                     };
-                    (backfill, inbox, blocks, mask)
+                    tokio::join!(backfill, inbox, blocks, mask)
                 };
                 let store = async {
                     let Some(history) = &history else {
