@@ -165,3 +165,31 @@ impl Cluster {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The inbox's cap and age limit are JetStream's own limits on the
+    /// stream, taken from the history settings.
+    #[test]
+    fn the_inbox_stream_enforces_the_cap_and_the_age_limit() {
+        let history = HistoryConfig {
+            max_offline_whispers: 7,
+            offline_ttl_days: 3,
+            ..Default::default()
+        };
+        let c = config(&history);
+        assert_eq!(c.max_messages_per_subject, 7);
+        assert_eq!(c.discard, stream::DiscardPolicy::New);
+        assert!(c.discard_new_per_subject);
+        assert_eq!(c.max_age, Duration::from_secs(3 * 86_400));
+        assert_eq!(c.subjects, ["gc.inbox.>"]);
+        // 0 days: kept until read.
+        let forever = config(&HistoryConfig {
+            offline_ttl_days: 0,
+            ..Default::default()
+        });
+        assert_eq!(forever.max_age, Duration::ZERO);
+    }
+}

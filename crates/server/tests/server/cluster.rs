@@ -179,7 +179,17 @@ async fn msg_ids_increase_for_every_recipient_across_nodes() {
     }
     assert_silent(&mut c).await;
     drop((a, b, c));
-    cl.stop().await;
+    // A node that stops lets go of its players' directory keys.
+    let Cluster { nats, nodes } = cl;
+    for node in nodes {
+        node.stop().await;
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url.as_str()).await.unwrap());
+    let sessions = js.get_key_value("gc_sessions").await.unwrap();
+    for user in 1..=3 {
+        let key = sessions.get(format!("u.{user}")).await.unwrap();
+        assert!(key.is_none(), "player {user}'s key outlived its node");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
