@@ -87,28 +87,7 @@ impl Served {
 
     /// Reads the log until a line contains `needle`, and returns it.
     fn wait_for(&mut self, needle: &str) -> String {
-        if let Some(line) = self.log.iter().find(|l| l.contains(needle)) {
-            return line.clone();
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.log.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!("no log line with `{needle}`; log:\n{}", self.log.join("\n"))
-                }
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "the server exited before logging `{needle}`; log:\n{}",
-                    self.log.join("\n")
-                ),
-            }
-        }
+        wait_for_line(&self.lines, &mut self.log, needle, "server")
     }
 
     /// `guildchat admin --url <this server> --key <key> <args>`.
@@ -314,4 +293,37 @@ fn a_public_admin_address_without_keys_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(stderr(&out).contains("admin.listen"), "{}", stderr(&out));
+}
+
+/// Reads a child's log lines (kept in `log`) until one contains `needle`,
+/// within 30 s, and returns it; panics with the log so far otherwise.
+/// `who` names the child in the message.
+pub fn wait_for_line(
+    lines: &Receiver<String>,
+    log: &mut Vec<String>,
+    needle: &str,
+    who: &str,
+) -> String {
+    if let Some(line) = log.iter().find(|l| l.contains(needle)) {
+        return line.clone();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                log.push(line.clone());
+                if line.contains(needle) {
+                    return line;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                panic!("no log line with `{needle}`; log:\n{}", log.join("\n"))
+            }
+            Err(RecvTimeoutError::Disconnected) => panic!(
+                "the {who} exited before logging `{needle}`; log:\n{}",
+                log.join("\n")
+            ),
+        }
+    }
 }

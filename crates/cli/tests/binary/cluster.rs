@@ -8,7 +8,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use guildchat_auth::{KeyRing, Signer, TokenFormat};
@@ -17,9 +17,6 @@ use guildchat_protocol::{close_code, ChatType, KickReason, ResCode, ServerMsg};
 use rustix::process::{kill_process, Pid, Signal};
 
 use crate::common::*;
-
-/// How long a node may take to start (store, keys, NATS, listeners).
-const START: Duration = Duration::from_secs(30);
 
 /// A `guildchat serve --cluster` child process, killed when dropped (a
 /// stopped one too: SIGKILL needs no SIGCONT), with its data dir.
@@ -132,28 +129,7 @@ impl Node {
 
     /// Reads the log until a line contains `needle`, and returns it.
     fn wait_for(&mut self, needle: &str) -> String {
-        if let Some(line) = self.log.iter().find(|l| l.contains(needle)) {
-            return line.clone();
-        }
-        let deadline = Instant::now() + START;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.log.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!("no log line with `{needle}`; log:\n{}", self.log.join("\n"))
-                }
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "the node exited before logging `{needle}`; log:\n{}",
-                    self.log.join("\n")
-                ),
-            }
-        }
+        crate::admin::wait_for_line(&self.lines, &mut self.log, needle, "node")
     }
 
     fn signal(&self, signal: Signal) {
