@@ -265,6 +265,21 @@ async fn whisper_once_located(c: &mut Client, to: u64, text: &str) -> u64 {
     panic!("the sender's node never located player {to}");
 }
 
+/// Waits (at most `limit`) until the shared offline inbox holds at least
+/// `n` whispers.
+async fn until_inbox_holds(nats: &Nats, n: u64, limit: Duration) {
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url.as_str()).await.unwrap());
+    let mut inbox = js.get_stream("GC_INBOX").await.unwrap();
+    let deadline = Instant::now() + limit;
+    while inbox.info().await.unwrap().state.messages < n {
+        assert!(
+            Instant::now() < deadline,
+            "the inbox never held {n} whispers"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Reads until the connection ends, whichever way: a close frame, or a
 /// reset from a process that died. Returns the close code, any kick reason
 /// seen, and the msg_ids of the chat lines that came before the end.
@@ -499,16 +514,7 @@ async fn whispers_to_a_dead_nodes_player_wait_for_its_next_login() {
     assert!(sent.len() > 1, "some were routed to the dead node first");
     // All of them reach the inbox: the offline one at once, the others on
     // n3's next tick after it found n1 dead.
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url.as_str()).await.unwrap());
-    let mut inbox = js.get_stream("GC_INBOX").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while inbox.info().await.unwrap().state.messages < sent.len() as u64 {
-        assert!(
-            Instant::now() < deadline,
-            "the routed whispers never reached the inbox"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_inbox_holds(&nats, sent.len() as u64, Duration::from_secs(10)).await;
     let mut back = login(&n2, &token(&ring, 2, 0, 0, 0)).await;
     let mut got = Vec::new();
     while got.last() != sent.last() {
@@ -549,16 +555,7 @@ async fn whispers_to_a_node_that_restarts_at_once_wait_for_the_next_login() {
     n1.ready();
     // Within the 5 s a dead node takes to be noticed, n3 sees n1 back
     // with a new start time and moves the whisper to the inbox.
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url.as_str()).await.unwrap());
-    let mut inbox = js.get_stream("GC_INBOX").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while inbox.info().await.unwrap().state.messages == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the unread whisper never reached the inbox"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_inbox_holds(&nats, 1, Duration::from_secs(20)).await;
     let mut back = login(&n2, &token(&ring, 2, 0, 0, 0)).await;
     let mut got = Vec::new();
     while got.last() != Some(&unread) {
