@@ -236,7 +236,6 @@ impl Parts {
             history.clone(),
             first_msg_id,
             services.clone(),
-            joined.as_ref().map(|(c, _)| c.clone()),
         );
         let cluster = joined.map(|(cluster, feeds)| {
             cluster.start(

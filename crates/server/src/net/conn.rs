@@ -552,7 +552,6 @@ mod tests {
             None,
             0,
             Default::default(),
-            None,
         );
         let ctx = Arc::new(ConnCtx {
             world,

@@ -214,7 +214,6 @@ mod tests {
             None,
             0,
             Default::default(),
-            None,
         );
         let (_tx, mailbox) = mpsc::channel(USER_MAILBOX);
         let handoff = Arc::new(Handoff {

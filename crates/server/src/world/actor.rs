@@ -131,8 +131,9 @@ impl World {
         history: Option<HistoryHandle>,
         first_msg_id: u64,
         services: Arc<crate::user::Services>,
-        cluster: Option<Cluster>,
     ) -> Self {
+        // The cluster link the user actors share, when there is one.
+        let cluster = services.cluster.clone();
         // Ids continue from the store's high-water mark, and from the
         // clock (1024 ids per millisecond) when nothing is stored, so they
         // keep increasing across restarts. In a cluster they are the

@@ -290,7 +290,6 @@ impl WorldHandle {
         history: Option<HistoryHandle>,
         first_msg_id: u64,
         services: Arc<crate::user::Services>,
-        cluster: Option<crate::cluster::Cluster>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(WORLD_INBOX);
         let handle = WorldHandle { tx };
@@ -303,7 +302,6 @@ impl WorldHandle {
             history,
             first_msg_id,
             services,
-            cluster,
         );
         tokio::spawn(actor.run());
         handle
@@ -616,7 +614,6 @@ mod tests {
             None,
             0,
             Default::default(),
-            None,
         );
         let run = actor.run();
         let size = std::mem::size_of_val(&run);
