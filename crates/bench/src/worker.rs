@@ -789,8 +789,14 @@ impl Player {
         if now >= m.whisper {
             m.whisper = now + self.rng.between_ms(lo, hi);
             if l.clients > 1 {
-                let other =
+                let mut other =
                     (idx + 1 + (self.rng.next() % u64::from(l.clients - 1)) as u32) % l.clients;
+                // Against a cluster (client i on node i mod n) a whisper
+                // always crosses nodes, so that its latency is the bus's.
+                let nodes = self.shared.targets.len() as u32;
+                while nodes > 1 && l.clients > nodes && other % nodes == idx % nodes {
+                    other = (other + 1) % l.clients;
+                }
                 // The target, and the echo to the sender.
                 lines.push((ChatType::ChatPrivate, l.user(other), 2));
             }

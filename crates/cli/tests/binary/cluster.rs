@@ -460,7 +460,8 @@ async fn serve_with_the_cluster_flags_alone_starts_a_working_node() {
     let mut p = login(&node, &token(&node.ring(), 1, 0, 0, 0)).await;
     let id = say_seen(&mut p, ChatType::ChatWorld, "hello cluster", 0).await;
     // The line went through the cluster's stream: its msg_id is the id
-    // base plus its place there, and the directory names this node.
+    // base plus its place there times the id step (2^16), and the
+    // directory names this node.
     let js = async_nats::jetstream::new(async_nats::connect(nats.url.as_str()).await.unwrap());
     let mut lines = js.get_stream("GC_LINES").await.unwrap();
     let state = &lines.info().await.unwrap().state;
@@ -468,7 +469,7 @@ async fn serve_with_the_cluster_flags_alone_starts_a_working_node() {
     let meta = js.get_key_value("gc_meta").await.unwrap();
     let base = meta.get("id_base").await.unwrap().unwrap();
     let base: u64 = std::str::from_utf8(&base).unwrap().parse().unwrap();
-    assert_eq!(id, base + 1);
+    assert_eq!(id, base + (1 << 16));
     let sessions = js.get_key_value("gc_sessions").await.unwrap();
     let holder = sessions.get("u.1").await.unwrap().unwrap();
     assert_eq!(std::str::from_utf8(&holder).unwrap(), "solo\np1");

@@ -6,10 +6,10 @@
 //!
 //! - **Lines.** Every chat line and announcement is published to the
 //!   JetStream stream `GC_LINES` (subjects `gc.line.>`, one per
-//!   conversation). Its place in the stream is its msg_id (plus the
-//!   cluster's id base), so ids are unique and every node sees the lines in
-//!   one order. Each node reads the stream with one ordered consumer and
-//!   hands the lines to its world, which delivers them to its own players.
+//!   conversation). Its place in the stream gives its msg_id (see
+//!   [`ID_STEP`]), so ids are unique and every node sees the lines in one
+//!   order. Each node reads the stream with one ordered consumer and hands
+//!   the lines to its world, which delivers them to its own players.
 //! - **Sessions.** The key-value bucket `gc_sessions` maps `u.<user>` to
 //!   the node holding the player's session. A login claims the key with a
 //!   compare-and-set on its revision; every node watches the bucket, and a
@@ -24,12 +24,14 @@
 
 mod blocks;
 pub mod calls;
+mod clocks;
 mod inbox;
 mod masks;
 mod sanctions;
 pub mod wire;
 
 pub use blocks::BLOCKS_BUCKET;
+pub use clocks::{CLOCKS_BUCKET, MOVING_COOLDOWN};
 pub use inbox::INBOX_STREAM;
 pub use masks::MASKS_BUCKET;
 pub use sanctions::SANCTIONS_BUCKET;
@@ -79,6 +81,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_FLUSH: Duration = Duration::from_secs(2);
 /// How many compare-and-set rounds a login's claim tries before giving up.
 const CLAIM_TRIES: usize = 16;
+/// The msg_id of stream line `seq` is `base + seq * ID_STEP`. The ids in
+/// between belong to the lines a node delivers only to its own players
+/// while it cannot reach NATS: they sort after every stream line that node
+/// has seen and before every later one, so each of its players still
+/// receives increasing ids. 65,535 such lines fit between two stream
+/// lines, and a u64 leaves room for 2^47 stream lines above the base.
+pub const ID_STEP: u64 = 1 << 16;
 
 /// Why cluster mode could not start or a claim failed.
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +131,7 @@ impl std::fmt::Debug for Cluster {
 
 struct Inner {
     node: NodeId,
-    /// msg_id = base + stream sequence.
+    /// msg_id = base + stream sequence × [`ID_STEP`].
     base: u64,
     /// The stream's last sequence when this node joined: its consumer
     /// starts after it.
@@ -136,6 +145,7 @@ struct Inner {
     sanctions: kv::Store,
     blocks: kv::Store,
     masks: kv::Store,
+    clocks: kv::Store,
     sessions: kv::Store,
     publish: mpsc::Sender<Publish>,
     release: mpsc::Sender<(UserId, u64)>,
@@ -256,6 +266,15 @@ impl Cluster {
         let sanction_watch = timed("sanction watch", sanctions.watch_with_history(">")).await?;
         let blocks = file(&js, "block bucket", BLOCKS_BUCKET).await?;
         let masks = file(&js, "mask bucket", MASKS_BUCKET).await?;
+        // Clocks are worth nothing after a day, nor after NATS restarts.
+        let clocks = bucket(
+            &js,
+            "clock bucket",
+            CLOCKS_BUCKET,
+            stream::StorageType::Memory,
+            Some(Duration::from_secs(86_400)),
+        )
+        .await?;
         // Dead nodes' keys go by themselves.
         let age = Some(Duration::from_secs(60));
         let nodes = bucket(
@@ -286,11 +305,11 @@ impl Cluster {
             .last_sequence;
         // A node with a standalone past must not hand out ids below the
         // ones it stored then: its clients' cursors would swallow lines.
-        if local_high > base.saturating_add(joined_at) {
+        let next = seq_id(base, joined_at.saturating_add(1));
+        if local_high >= next {
             return Err(setup("id base")(format!(
-                "this node's store holds msg_id {local_high}, above the cluster's next id {}: \
-                 start it with a fresh data dir, or start the cluster from it",
-                base.saturating_add(joined_at) + 1
+                "this node's store holds msg_id {local_high}, above the cluster's next id {next}: \
+                 start it with a fresh data dir, or start the cluster from it"
             )));
         }
         let consumer = timed(
@@ -322,6 +341,7 @@ impl Cluster {
                 sanctions,
                 blocks,
                 masks,
+                clocks,
                 sessions: sessions.clone(),
                 publish: publish_tx,
                 release: release_tx,
@@ -359,7 +379,15 @@ impl Cluster {
 
     /// The msg_id of the line at stream sequence `seq`.
     pub fn msg_id(&self, seq: u64) -> u64 {
-        self.inner.base.saturating_add(seq)
+        seq_id(self.inner.base, seq)
+    }
+
+    /// Whether `id` lies strictly between two stream lines' ids: free for a
+    /// line this node delivers alone while NATS is out of reach (see
+    /// [`ID_STEP`]).
+    pub fn between_lines(&self, id: u64) -> bool {
+        id.checked_sub(self.inner.base)
+            .is_some_and(|offset| offset % ID_STEP != 0)
     }
 
     /// Queues a line for JetStream; `reply` gets its sequence once stored.
@@ -509,6 +537,11 @@ impl Cluster {
         let _ = tokio::time::timeout(STOP_FLUSH, inner.client.flush()).await;
         inner.stop.cancel();
     }
+}
+
+/// The msg_id of stream line `seq` under `base`.
+fn seq_id(base: u64, seq: u64) -> u64 {
+    base.saturating_add(seq.saturating_mul(ID_STEP))
 }
 
 /// Runs `task` until `stop` is cancelled, then drops it with the handles
@@ -793,8 +826,10 @@ impl Cluster {
             .map_err(|e| failed("resume read")(e.to_string()))?;
         let first = stream.cached_info().state.first_sequence;
         let mut gap = false;
+        // The stream line at or before the cursor (a cursor between two
+        // lines is one this node's player got while cut off from NATS).
         let start = match wants.after.checked_sub(self.inner.base) {
-            Some(seq) if seq.saturating_add(1) >= first => seq + 1,
+            Some(offset) if (offset / ID_STEP).saturating_add(1) >= first => offset / ID_STEP + 1,
             // A cursor from before the stream's first line (or before the
             // cluster): what came between is gone from it.
             _ => {

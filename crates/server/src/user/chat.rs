@@ -27,6 +27,23 @@ use crate::ids::UserId;
 use crate::stats::Stats;
 use crate::world::{ChatLine, Target};
 
+/// How long a session new to a node waits for the shared cooldown clocks.
+const CLOCK_READ: Duration = Duration::from_millis(500);
+
+/// The running clocks as `(channel, unix ms when it may speak again)`.
+fn wall_clocks(ready_at: &[Option<Instant>; CHANNELS]) -> Vec<(usize, u64)> {
+    let (now, wall) = (Instant::now(), crate::world::now_ms());
+    ready_at
+        .iter()
+        .enumerate()
+        .filter_map(|(slot, at)| {
+            let left = at.as_ref()?.checked_duration_since(now)?;
+            let left = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+            Some((slot, wall.saturating_add(left)))
+        })
+        .collect()
+}
+
 /// Number of chat channels (CHATTYPE values 0..=6).
 pub(super) const CHANNELS: usize = 7;
 
@@ -222,6 +239,39 @@ impl UserActor {
         }
     }
 
+    /// In a cluster, once per session new to this node: the clocks the
+    /// player's last node left running (`cluster::clocks`). A read that
+    /// fails or takes too long (NATS away) starts them afresh rather than
+    /// hold the line up.
+    async fn load_clocks(&mut self) {
+        let Some(cluster) = self.services.cluster.clone() else {
+            return;
+        };
+        let read = async {
+            if !cluster.connected() {
+                return Vec::new();
+            }
+            match tokio::time::timeout(CLOCK_READ, cluster.clocks(self.id)).await {
+                Ok(Ok(clocks)) => clocks,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read the shared cooldown clocks");
+                    Vec::new()
+                }
+                Err(_) => Vec::new(),
+            }
+        };
+        let clocks = read.await;
+        let (now, wall) = (Instant::now(), crate::world::now_ms());
+        let ready = self
+            .ready_at
+            .get_or_insert_with(|| Box::new([None; CHANNELS]));
+        for (slot, at) in clocks {
+            if slot < CHANNELS && at > wall {
+                ready[slot] = now.checked_add(Duration::from_millis(at - wall));
+            }
+        }
+    }
+
     fn cooldown_left(&self, slot: usize) -> Duration {
         let now = Instant::now();
         self.ready_at
@@ -266,6 +316,11 @@ impl UserActor {
                 std::borrow::Cow::Owned(masked) => masked,
             },
         };
+        // A session new to this node has no clocks yet: another node may
+        // have left some running.
+        if self.ready_at.is_none() {
+            self.load_clocks().await;
+        }
         let slot = channel as usize;
         let ready_at = self.ready_at.as_ref().and_then(|r| r[slot]);
         if let Some(ready) = ready_at.filter(|t| now < *t) {
@@ -337,8 +392,15 @@ impl UserActor {
         let ready = Instant::now()
             .checked_add(rule.cooldown())
             .unwrap_or_else(far_future);
-        self.ready_at
-            .get_or_insert_with(|| Box::new([None; CHANNELS]))[slot] = Some(ready);
+        let clocks = self
+            .ready_at
+            .get_or_insert_with(|| Box::new([None; CHANNELS]));
+        clocks[slot] = Some(ready);
+        if let Some(cluster) = &self.services.cluster {
+            if rule.cooldown() >= crate::cluster::MOVING_COOLDOWN {
+                cluster.put_clocks(self.id, &wall_clocks(clocks));
+            }
+        }
         Ok(Accepted {
             msg_id: outcome.msg_id.0,
             cooldown: rule.cooldown(),

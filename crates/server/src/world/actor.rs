@@ -140,7 +140,10 @@ impl World {
         // stream's: the last one is the stream's last line when this node
         // joined, and each line read raises it.
         let last_msg_id = match &cluster {
-            Some(cluster) => cluster.msg_id(cluster.joined_at()),
+            // Above what the store holds from an earlier run too (lines
+            // delivered alone while NATS was out of reach), so that those
+            // ids are not handed out twice.
+            Some(cluster) => cluster.msg_id(cluster.joined_at()).max(first_msg_id),
             None => first_msg_id.max(now_ms() << 10),
         };
         World {
@@ -1111,6 +1114,14 @@ impl World {
         };
         Stats::bump(&self.stats.chats);
         if let Some(cluster) = self.cluster.clone() {
+            if !cluster.connected() {
+                let outcome = self.deliver_alone(routed, from);
+                if outcome.is_ok() {
+                    self.stats.metrics.fanout(accepted.elapsed());
+                }
+                let _ = respond_to.send(outcome);
+                return;
+            }
             // A whisper for a player with no session anywhere goes to the
             // shared inbox once the stream has given it its msg_id; the
             // reply waits for both.
@@ -1147,6 +1158,23 @@ impl World {
         let outcome = self.deliver(routed, Some(from), id, true);
         self.stats.metrics.fanout(accepted.elapsed());
         let _ = respond_to.send(Ok(outcome));
+    }
+
+    /// A line while NATS is out of reach: this node's players go on
+    /// hearing each other. It reaches the players on this node only, under
+    /// an id between the stream's (see [`crate::cluster::ID_STEP`]), and is
+    /// kept in this node's history; the other nodes never get it. A whisper
+    /// for a player who is not here is refused (the other nodes and the
+    /// shared inbox are out of reach), and so is every line once the ids
+    /// between two stream lines are used up.
+    fn deliver_alone(&mut self, routed: Routed, from: UserId) -> Result<ChatOutcome, ResCode> {
+        let next = self.last_msg_id.saturating_add(1);
+        let free = self.cluster.as_ref().is_some_and(|c| c.between_lines(next));
+        if !free || routed.to_node.is_some() || routed.store_for.is_some() {
+            return Err(ResCode::ResStoreFailed);
+        }
+        self.last_msg_id = next;
+        Ok(self.deliver(routed, Some(from), MsgId(next), true))
     }
 
     /// Publishes an addressed line to the cluster's stream; `reply` gets

@@ -352,55 +352,26 @@ async fn slow_reply(
     }
 }
 
-/// nats-server killed mid-traffic and started again on the same store: a
-/// line is never acknowledged unless stored, and once NATS is back lines
-/// cross nodes again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lines_cross_nodes_again_after_nats_restarts() {
-    let mut cl = cluster().await;
-    let mut a = cl.nodes[0].login(1, "a", 0, 0, 0).await;
-    let mut b = cl.nodes[1].login(2, "b", 0, 0, 0).await;
-    let before = say_seen(&mut a, ChatType::ChatWorld, "before", 0).await;
-    assert_eq!(next_chat(&mut b).await.msg_id, before.msg_id);
-    cl.nats.kill();
-    // While NATS is down a line is refused, not acknowledged.
-    a.send_chat(ChatType::ChatWorld, "during", 0, "")
-        .await
-        .unwrap();
-    let rep = slow_reply(&mut a).await;
-    assert_eq!(rep.res, ResCode::ResStoreFailed as i32);
-    // The node says why it is not ready.
-    let ready = http("GET", &format!("{}/readyz", cl.nodes[0].admin), None, None).await;
-    assert_eq!(ready.status, 503);
-    assert_eq!(ready.json()["cluster"]["state"], "degraded");
-    cl.nats.restart().await;
-    // Sent until one is stored (the node reconnects on its own schedule);
-    // every acknowledged line then reaches b, in order, once b's consumer
-    // has noticed the restart (its heartbeat: about 15 s here). The line
-    // refused while NATS was down may arrive too: the client library had
-    // buffered it, and a refusal does not promise it was not stored.
-    let mut acked = Vec::new();
-    for i in 0..100 {
-        a.send_chat(ChatType::ChatWorld, &format!("after {i}"), 0, "")
-            .await
-            .unwrap();
-        let rep = slow_reply(&mut a).await;
-        if rep.res == ResCode::ResOk as i32 {
-            acked.push(rep.msg_id);
-            break;
+/// Polls `node`'s `/readyz` until its status and cluster state are these
+/// (bounded).
+async fn until_ready_is(node: &TestServer, status: u16, state: &str) {
+    for _ in 0..1000 {
+        let ready = http("GET", &format!("{}/readyz", node.admin), None, None).await;
+        if ready.status == status && ready.json()["cluster"]["state"] == state {
+            return;
         }
-        assert_eq!(rep.res, ResCode::ResStoreFailed as i32);
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    assert_eq!(acked.len(), 1, "no line was stored after the restart");
-    let ready = http("GET", &format!("{}/readyz", cl.nodes[0].admin), None, None).await;
-    assert_eq!(
-        (ready.status, &ready.json()["cluster"]["state"]),
-        (200, &serde_json::json!("ok"))
-    );
-    let mut last = before.msg_id;
+    panic!("/readyz of {} never said {status} {state}", node.admin);
+}
+
+/// The ids of the lines `c` receives until the one with `id`, each checked
+/// to be above the one before, starting above `after`.
+async fn lines_until(c: &mut guildchat_client::Client, after: u64, id: u64) -> Vec<String> {
+    let mut last = after;
+    let mut texts = Vec::new();
     loop {
-        let n = match b
+        let n = match c
             .recv_timeout(std::time::Duration::from_secs(60))
             .await
             .unwrap()
@@ -409,13 +380,95 @@ async fn lines_cross_nodes_again_after_nats_restarts() {
             guildchat_client::Event::Msg(_) => continue,
             other => panic!("expected a line, got {other:?}"),
         };
-        assert!(n.msg_id > last);
+        assert!(n.msg_id > last, "ids increase: {} after {last}", n.msg_id);
         last = n.msg_id;
-        if n.msg_id == acked[0] {
-            break;
+        texts.push(n.strcontext);
+        if n.msg_id == id {
+            return texts;
         }
     }
-    drop((a, b));
+}
+
+/// nats-server killed mid-traffic and started again on the same store.
+/// While it is away a node's players go on hearing each other: a line is
+/// acknowledged once it is in the node's own history and reaches only that
+/// node's players, and a whisper to another node's player is refused. Once
+/// NATS is back lines cross nodes again, every acknowledged line has
+/// reached its audience, and every player's ids still increase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_chat_goes_on_while_nats_is_away_and_lines_cross_again_after() {
+    let mut cl = cluster().await;
+    let mut a = cl.nodes[0].login(1, "a", 0, 0, 0).await;
+    let mut c = cl.nodes[0].login(3, "c", 0, 0, 0).await;
+    let mut b = cl.nodes[1].login(2, "b", 0, 0, 0).await;
+    cl.settled(&[(1, 0), (2, 1), (3, 0)]).await;
+    let before = say_seen(&mut a, ChatType::ChatWorld, "before", 0).await;
+    assert_eq!(next_chat(&mut b).await.msg_id, before.msg_id);
+    assert_eq!(next_chat(&mut c).await.msg_id, before.msg_id);
+    cl.nats.kill();
+    // The node says why it is not ready.
+    until_ready_is(&cl.nodes[0], 503, "degraded").await;
+    // Its own players still hear each other, in order.
+    let during = say_seen(&mut a, ChatType::ChatWorld, "during", 0).await;
+    assert!(during.msg_id > before.msg_id);
+    let n = next_chat(&mut c).await;
+    assert_eq!((n.msg_id, n.strcontext.as_str()), (during.msg_id, "during"));
+    let psst = say_seen(&mut a, ChatType::ChatPrivate, "psst", 3).await;
+    assert!(psst.msg_id > during.msg_id);
+    assert_eq!(next_chat(&mut c).await.msg_id, psst.msg_id);
+    // Another node's player is out of reach: refused, not acknowledged.
+    a.send_chat(ChatType::ChatPrivate, "far", 2, "")
+        .await
+        .unwrap();
+    assert_eq!(slow_reply(&mut a).await.res, ResCode::ResStoreFailed as i32);
+    // The acknowledged line is in the node's history.
+    let mut kept = false;
+    for _ in 0..500 {
+        let page = page(&mut c, ChatType::ChatWorld, 0, 0, 0, 10).await;
+        if page
+            .msgs
+            .iter()
+            .any(|m| m.msg_id == during.msg_id && m.strcontext == "during")
+        {
+            kept = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(
+        kept,
+        "the line sent while NATS was away is not in n1's history"
+    );
+    cl.nats.restart().await;
+    until_ready_is(&cl.nodes[0], 200, "ok").await;
+    // Sent until one is stored (JetStream may still be starting). A line
+    // refused now may arrive too: the client library may have buffered it,
+    // and a refusal does not promise it was not stored.
+    let mut acked = None;
+    for i in 0..100 {
+        a.send_chat(ChatType::ChatWorld, &format!("after {i}"), 0, "")
+            .await
+            .unwrap();
+        let rep = slow_reply(&mut a).await;
+        if rep.res == ResCode::ResOk as i32 {
+            acked = Some(rep.msg_id);
+            break;
+        }
+        assert_eq!(rep.res, ResCode::ResStoreFailed as i32);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let acked = acked.expect("no line was stored after the restart");
+    // Every player gets it, once its consumer has noticed the restart (its
+    // heartbeat: about 15 s here), above every id it had; the other node's
+    // player never gets what n1 said alone.
+    let on_b = lines_until(&mut b, before.msg_id, acked).await;
+    assert!(
+        !on_b.iter().any(|t| t == "during" || t == "psst"),
+        "{on_b:?}"
+    );
+    lines_until(&mut c, psst.msg_id, acked).await;
+    lines_until(&mut a, psst.msg_id, acked).await;
+    drop((a, b, c));
     cl.stop().await;
 }
 
@@ -835,8 +888,23 @@ async fn a_full_shared_inbox_refuses_the_next_whisper() {
 async fn a_node_with_newer_ids_of_its_own_refuses_to_join() {
     let nats = Nats::start().await;
     let n1 = TestServer::node(&nats, "n1", None).await;
-    // A standalone server, started after the cluster set its id base:
-    // its clock-based ids are far above the cluster's.
+    let mut p = n1.login(2, "p", 0, 0, 0).await;
+    let cluster_id = say(&mut p, ChatType::ChatWorld, "in the cluster")
+        .await
+        .msg_id;
+    // A standalone server started once the clock (1024 ids a millisecond)
+    // has passed the cluster's next ids: its clock-based ids are above.
+    let step = guildchat_server::cluster::ID_STEP;
+    for _ in 0..1000 {
+        let clock = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        if clock << 10 > cluster_id + 2 * step {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
     let alone = TestServer::start().await;
     let mut a = alone.login(1, "a", 0, 0, 0).await;
     let rep = say(&mut a, ChatType::ChatWorld, "alone").await;
@@ -854,6 +922,7 @@ async fn a_node_with_newer_ids_of_its_own_refuses_to_join() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("id base"), "{err}");
+    drop(p);
     n1.stop().await;
 }
 
@@ -943,4 +1012,34 @@ async fn a_mask_set_on_one_node_holds_on_the_next() {
     assert_eq!(next_chat(&mut c).await.msg_id, guild.msg_id);
     drop((c, q));
     cl.stop().await;
+}
+
+/// A long cooldown moves with the player: after a world line on n1 and a
+/// login on n2 (the session moves), a world line on n2 is refused for the
+/// rest of the clock. Another player on n2 is not held by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_cooldown_moves_with_the_player_to_another_node() {
+    let nats = Nats::start().await;
+    let slow_world = |c: &mut guildchat_server::Config| c.chat.world.cooldown_ms = 60_000;
+    let n1 = TestServer::node_with(&nats, "n1", None, slow_world).await;
+    let n2 = TestServer::node_with(&nats, "n2", Some(&n1), slow_world).await;
+    let mut p = n1.login(1, "p", 0, 0, 0).await;
+    say_seen(&mut p, ChatType::ChatWorld, "first", 0).await;
+    let mut q = n2.login(1, "p", 0, 0, 0).await;
+    n1.until_located(1, "n2").await;
+    q.send_chat(ChatType::ChatWorld, "again", 0, "")
+        .await
+        .unwrap();
+    let rep = next_chat_rep(&mut q).await;
+    assert_eq!(rep.res, ResCode::ResOnCooldown as i32);
+    assert!(
+        (50_000..=60_000).contains(&rep.cooldown_ms),
+        "{} ms left",
+        rep.cooldown_ms
+    );
+    let mut other = n2.login(2, "o", 0, 0, 0).await;
+    say_seen(&mut other, ChatType::ChatWorld, "mine", 0).await;
+    drop((p, q, other));
+    n1.stop().await;
+    n2.stop().await;
 }
