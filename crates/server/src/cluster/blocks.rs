@@ -5,11 +5,19 @@
 //!
 //! A player's node writes the whole list after each change; a node where
 //! the player starts a session reads it, so blocks hold on whichever node
-//! the player is, and a whisper to an offline player who blocks the sender
-//! is refused on any node.
+//! the player is, and a whisper to a player who blocks the sender is
+//! refused (`RES_BLOCKED`) on any node, offline or connected elsewhere:
+//! every node watches the bucket and hands each list to its world.
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use futures_util::StreamExt;
+use tracing::{debug, warn};
 
 use super::{Cluster, ClusterError};
 use crate::ids::UserId;
+use crate::world::WorldHandle;
 
 pub const BLOCKS_BUCKET: &str = "gc_blocks";
 
@@ -37,13 +45,61 @@ impl Cluster {
             .get(key(user))
             .await
             .map_err(|e| ClusterError::Directory(e.to_string()))?;
-        Ok(value
-            .map(|v| {
-                String::from_utf8_lossy(&v)
-                    .split(' ')
-                    .filter_map(|id| id.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default())
+        Ok(value.map(|v| parse(&v)).unwrap_or_default())
+    }
+}
+
+/// Most ids read from one value: far above any `max_blocks`, so a value
+/// written by something else cannot make a node hold a huge list.
+const MAX_READ: usize = 10_000;
+
+fn parse(value: &[u8]) -> Vec<u64> {
+    String::from_utf8_lossy(value)
+        .split(' ')
+        .filter_map(|id| id.parse().ok())
+        .take(MAX_READ)
+        .collect()
+}
+
+/// Feeds the bucket into the world: every list first, then each change.
+/// A list changed on another node reaches this one a moment later; a
+/// whisper sent in between is still dropped by the blocker's node.
+pub(super) async fn watch(mut watch: kv::Watch, world: WorldHandle) {
+    while let Some(entry) = watch.next().await {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                warn!(error = %e, "block list watch failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let Some(user) = entry
+            .key
+            .strip_prefix("u.")
+            .and_then(|u| u.parse::<u64>().ok())
+            .map(UserId)
+        else {
+            continue;
+        };
+        let blocked: Box<[UserId]> = match entry.operation {
+            kv::Operation::Put => parse(&entry.value).into_iter().map(UserId).collect(),
+            _ => Box::default(),
+        };
+        if world.blocks_of(user, blocked).await.is_err() {
+            break;
+        }
+    }
+    debug!("block list feed ended");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_block_list_value_reads_back_and_skips_what_is_not_an_id() {
+        assert_eq!(super::parse(b"3 17 x 42"), vec![3, 17, 42]);
+        assert!(super::parse(b"").is_empty());
+        let long = vec!["1"; 20_000].join(" ");
+        assert_eq!(super::parse(long.as_bytes()).len(), super::MAX_READ);
     }
 }

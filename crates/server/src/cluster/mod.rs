@@ -159,6 +159,7 @@ pub struct Feeds {
     lines: consumer::pull::Ordered,
     watch: kv::Watch,
     sanctions: kv::Watch,
+    blocks: kv::Watch,
     calls: async_nats::Subscriber,
     nodes: kv::Store,
     beats: kv::Watch,
@@ -265,6 +266,7 @@ impl Cluster {
         let sanctions = file(&js, "sanction bucket", SANCTIONS_BUCKET).await?;
         let sanction_watch = timed("sanction watch", sanctions.watch_with_history(">")).await?;
         let blocks = file(&js, "block bucket", BLOCKS_BUCKET).await?;
+        let block_watch = timed("block watch", blocks.watch_with_history("u.>")).await?;
         let masks = file(&js, "mask bucket", MASKS_BUCKET).await?;
         // Clocks are worth nothing after a day, nor after NATS restarts.
         let clocks = bucket(
@@ -352,6 +354,7 @@ impl Cluster {
             lines,
             watch,
             sanctions: sanction_watch,
+            blocks: block_watch,
             calls,
             nodes,
             beats,
@@ -495,6 +498,7 @@ impl Cluster {
             lines,
             watch,
             sanctions,
+            blocks,
             calls,
             nodes,
             beats,
@@ -517,6 +521,7 @@ impl Cluster {
             stop,
             sanctions::watch(sanctions, moderation, history, world.clone()),
         ));
+        tokio::spawn(until(stop, blocks::watch(blocks, world.clone())));
         tokio::spawn(until(
             stop,
             watch_directory(watch, world, self.inner.node.clone()),

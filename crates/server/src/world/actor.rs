@@ -75,6 +75,10 @@ struct Others {
     /// they go to the shared inbox, since that node may have died with
     /// them unread (at most [`MAX_REMOTE_SENT`]).
     sent_remote: VecDeque<(Instant, NodeId, UserId, StoredMsg)>,
+    /// In a cluster: every player's block list, from the shared bucket
+    /// (non-empty lists only, each within `max_blocks`), so a whisper to
+    /// a blocker on another node is refused here with `RES_BLOCKED`.
+    blocks: HashMap<UserId, Box<[UserId]>>,
 }
 
 /// How long a directory delete is remembered: longer than any login takes
@@ -375,6 +379,13 @@ impl World {
                 holder,
                 revision,
             } => self.directory(user, holder, revision),
+            WorldMsg::Blocks { user, blocked } => {
+                if blocked.is_empty() {
+                    self.remote.blocks.remove(&user);
+                } else {
+                    self.remote.blocks.insert(user, blocked);
+                }
+            }
             WorldMsg::Shutdown { respond_to } => {
                 self.shutting_down = true;
                 let entries = self.registry.drain();
@@ -1045,6 +1056,15 @@ impl World {
                             .get(&to)
                             .is_some_and(|r| self.alive(&r.node)) =>
                     {
+                        // The target's node would drop it: say so here.
+                        if self
+                            .remote
+                            .blocks
+                            .get(&to)
+                            .is_some_and(|b| b.contains(&line.from))
+                        {
+                            return Err(ResCode::ResBlocked);
+                        }
                         let remote = &self.remote.elsewhere[&to];
                         target_name = remote.name.clone();
                         to_node = Some(remote.node.clone());

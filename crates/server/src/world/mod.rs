@@ -259,6 +259,11 @@ enum WorldMsg {
         user: UserId,
         respond_to: oneshot::Sender<Option<crate::ids::NodeId>>,
     },
+    /// The shared block lists changed: `user` now blocks `blocked`.
+    Blocks {
+        user: UserId,
+        blocked: Box<[UserId]>,
+    },
     /// A line from the cluster's stream, at sequence `seq`.
     Bus {
         line: Box<crate::cluster::BusLine>,
@@ -543,6 +548,16 @@ impl WorldHandle {
         incarnation: u64,
     ) -> Result<(), WorldGone> {
         self.tell(WorldMsg::NodeBeat { node, incarnation }).await
+    }
+
+    /// `user`'s block list as the shared bucket now has it. Waits while
+    /// the world's inbox is full: the bucket's watch keeps the changes.
+    pub(crate) async fn blocks_of(
+        &self,
+        user: UserId,
+        blocked: Box<[UserId]>,
+    ) -> Result<(), WorldGone> {
+        self.tell(WorldMsg::Blocks { user, blocked }).await
     }
 
     /// A line from the cluster's stream. Waits while the world's inbox is

@@ -927,8 +927,9 @@ async fn a_node_with_newer_ids_of_its_own_refuses_to_join() {
 }
 
 /// A block set on one node holds on another: the blocker's session there
-/// does not hear the blocked player's lines, and a whisper to the blocker
-/// while offline is refused whatever node it is sent from.
+/// does not hear the blocked player's lines, and a whisper to the blocker,
+/// connected on another node or offline, is refused whatever node it is
+/// sent from.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_set_on_one_node_holds_on_the_others() {
     use guildchat_protocol::{codec, pb, ClientMsg, MsgType};
@@ -961,6 +962,17 @@ async fn a_block_set_on_one_node_holds_on_the_others() {
     let heard = say_seen(&mut other, ChatType::ChatWorld, "and me", 0).await;
     // Only the other player's line arrives.
     assert_eq!(next_chat(&mut blocker).await.msg_id, heard.msg_id);
+    // Connected on n2, the blocker refuses the pest's whisper from n3 too:
+    // n3 has the shared list (written before the blocker moved) and says
+    // so, where n2 would drop the whisper unseen.
+    n3.until_located(1, "n2").await;
+    pest.send_chat(ChatType::ChatPrivate, "psst", 1, "")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_chat_rep(&mut pest).await.res,
+        ResCode::ResBlocked as i32
+    );
     // Offline now (kicked: no linger), the blocker refuses the pest's
     // whisper, sent from n3.
     n2.gm("POST", "/v1/players/1/kick", None).await;
