@@ -243,6 +243,7 @@ impl Parts {
                 world.clone(),
                 services.moderation.clone(),
                 history.clone(),
+                stats.clone(),
             );
             cluster
         });

@@ -410,8 +410,8 @@ struct StatsReply {
     lingering: u64,
     /// Every counter, by name.
     counters: std::collections::BTreeMap<&'static str, u64>,
-    /// In a cluster: the sessions of every live node, as the session
-    /// directory says (the other fields are this node's).
+    /// In a cluster: the sums over every live node, and each node's own
+    /// figures (the fields above are this node's).
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster: Option<ClusterStats>,
 }
@@ -420,10 +420,30 @@ struct StatsReply {
 struct ClusterStats {
     /// This node's id.
     node: String,
-    /// Players with a session on any live node.
+    /// Players with a session on any live node, as the session directory
+    /// says.
     online: u64,
-    /// Players with a session, by node.
+    /// Players with a session, by node, as the session directory says.
     nodes: std::collections::BTreeMap<String, u64>,
+    /// Sums over the nodes that answered: sessions without a connection.
+    lingering: u64,
+    /// Sums over the nodes that answered: open connections.
+    connections: u64,
+    /// Sums over the nodes that answered: every counter, by name.
+    counters: std::collections::BTreeMap<String, u64>,
+    /// Each node's own figures, for the nodes that answered.
+    by_node: std::collections::BTreeMap<String, NodeFigures>,
+    /// Live nodes that did not answer within the call timeout: their
+    /// figures are not in the sums.
+    unanswered: Vec<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct NodeFigures {
+    online: u64,
+    lingering: u64,
+    connections: u64,
+    counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// Players online, connections and every counter.
@@ -433,20 +453,7 @@ async fn stats(caller: Caller, state: State) -> Result<axum::Json<StatsReply>, A
     caller.need(Need::Read)?;
     let (online, lingering) = state.world.counts().await?;
     let cluster = match &state.cluster {
-        Some(c) => {
-            let nodes: std::collections::BTreeMap<String, u64> = state
-                .world
-                .sessions_by_node()
-                .await?
-                .into_iter()
-                .map(|(node, n)| (node.0.to_string(), n))
-                .collect();
-            Some(ClusterStats {
-                node: c.node().0.to_string(),
-                online: nodes.values().sum(),
-                nodes,
-            })
-        }
+        Some(c) => Some(cluster_stats(&state, c).await?),
         None => None,
     };
     Ok(axum::Json(StatsReply {
@@ -457,6 +464,93 @@ async fn stats(caller: Caller, state: State) -> Result<axum::Json<StatsReply>, A
         counters: state.stats.counters().into_iter().collect(),
         cluster,
     }))
+}
+
+/// Every live node's figures, this one's read here, the others' asked.
+async fn cluster_stats(
+    state: &AdminState,
+    cluster: &crate::cluster::Cluster,
+) -> Result<ClusterStats, ApiError> {
+    use crate::cluster::calls::{Answered, Call, NodeStats};
+    let live = state.world.sessions_by_node().await?;
+    let nodes: std::collections::BTreeMap<String, u64> = live
+        .iter()
+        .map(|(node, n)| (node.0.to_string(), *n))
+        .collect();
+    let ids: Vec<crate::ids::NodeId> = live.into_iter().map(|(node, _)| node).collect();
+    let mut answers = vec![(
+        cluster.node().clone(),
+        NodeStats::of(&state.world, &state.stats).await?,
+    )];
+    let mut unanswered = Vec::new();
+    for (node, answer) in cluster.call_others(&ids, &Call::Stats).await {
+        match answer {
+            Ok(Answered::Stats(s)) => answers.push((node, s)),
+            _ => unanswered.push(node.0.to_string()),
+        }
+    }
+    let mut out = ClusterStats {
+        node: cluster.node().0.to_string(),
+        online: nodes.values().sum(),
+        nodes,
+        lingering: 0,
+        connections: 0,
+        counters: Default::default(),
+        by_node: Default::default(),
+        unanswered,
+    };
+    for (node, s) in answers {
+        out.lingering += s.lingering;
+        out.connections += s.connections;
+        for (name, n) in &s.counters {
+            *out.counters.entry(name.clone()).or_default() += n;
+        }
+        out.by_node.insert(
+            node.0.to_string(),
+            NodeFigures {
+                online: s.online,
+                lingering: s.lingering,
+                connections: s.connections,
+                counters: s.counters,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// In a cluster: asks every other live node and hands back their answers;
+/// one that does not answer makes the whole call a 503 that names it.
+/// Alone: nothing to ask.
+async fn ask_every_node(
+    state: &AdminState,
+    call: crate::cluster::calls::Call,
+) -> Result<Vec<crate::cluster::calls::Answered>, ApiError> {
+    let Some(cluster) = &state.cluster else {
+        return Ok(Vec::new());
+    };
+    let ids: Vec<crate::ids::NodeId> = state
+        .world
+        .sessions_by_node()
+        .await?
+        .into_iter()
+        .map(|(node, _)| node)
+        .collect();
+    let mut answers = Vec::new();
+    let mut silent = Vec::new();
+    for (node, answer) in cluster.call_others(&ids, &call).await {
+        match answer {
+            Ok(a) => answers.push(a),
+            Err(_) => silent.push(node.0.to_string()),
+        }
+    }
+    if silent.is_empty() {
+        Ok(answers)
+    } else {
+        Err(ApiError::Unavailable(format!(
+            "node {} did not answer",
+            silent.join(", ")
+        )))
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -607,10 +701,23 @@ async fn guild_online(
     Path(gid): Path<u64>,
 ) -> Result<axum::Json<PlayersReply>, ApiError> {
     caller.need(Need::Read)?;
-    let players = state.world.guild_online(GuildId(gid)).await?;
-    Ok(axum::Json(PlayersReply {
-        players: players.into_iter().map(|u| u.0).collect(),
-    }))
+    let mut players: Vec<u64> = state
+        .world
+        .guild_online(GuildId(gid))
+        .await?
+        .into_iter()
+        .map(|u| u.0)
+        .collect();
+    // In a cluster, the members online on every node.
+    let call = crate::cluster::calls::Call::GuildOnline { guild: gid };
+    for answer in ask_every_node(&state, call).await? {
+        if let crate::cluster::calls::Answered::Players(more) = answer {
+            players.extend(more);
+        }
+    }
+    players.sort_unstable();
+    players.dedup();
+    Ok(axum::Json(PlayersReply { players }))
 }
 
 // ---------------------------------------------------------------- logic
@@ -719,7 +826,15 @@ async fn disband(
     if gid == 0 {
         return Err(ApiError::BadRequest("guild 0 means no guild".into()));
     }
-    let players = state.world.disband(GuildId(gid)).await?;
+    let mut players = state.world.disband(GuildId(gid)).await?;
+    // In a cluster, on every node; one that does not answer is a 503
+    // (the others have acted: a retry is harmless).
+    let call = crate::cluster::calls::Call::Disband { guild: gid };
+    for answer in ask_every_node(&state, call).await? {
+        if let crate::cluster::calls::Answered::Count(n) = answer {
+            players += n;
+        }
+    }
     state
         .audit(
             &caller.id,
@@ -1185,9 +1300,27 @@ async fn recall(
     };
     let removed = history.remove_message(msg_id).await?;
     let target = format!("message:{msg_id}");
-    match removed {
-        Some(msg) => {
-            let reached = state.world.recall(msg).await?;
+    let mut reached = match removed {
+        Some(msg) => Some(state.world.recall(msg).await?),
+        None => None,
+    };
+    // In a cluster every node keeps its own copy of every line, and its own
+    // players to tell: each removes it, and the stream forgets it so that
+    // no resume replays it. A node that does not answer is a 503 (a retry
+    // finishes the job).
+    if let Some(cluster) = &state.cluster {
+        let call = crate::cluster::calls::Call::Recall { msg_id };
+        for answer in ask_every_node(&state, call).await? {
+            if let crate::cluster::calls::Answered::Recalled(true, told) = answer {
+                reached = Some(reached.unwrap_or(0) + told);
+            }
+        }
+        cluster.forget_line(msg_id).await.map_err(|e| {
+            ApiError::Unavailable(format!("the line stream did not forget it: {e}"))
+        })?;
+    }
+    match reached {
+        Some(reached) => {
             state
                 .audit(
                     &caller.id,

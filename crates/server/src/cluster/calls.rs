@@ -1,13 +1,17 @@
-//! Admin calls about a player whose session another node holds: a NATS
-//! request to that node's subject `gc.node.<node>.call`, answered by its
-//! world. Owns the calls' JSON format and the task that answers them; it
-//! never decides which node to ask (the admin API does, from the session
-//! directory).
+//! Admin calls to another node: a NATS request to that node's subject
+//! `gc.node.<node>.call`, answered by its world and its store. About one
+//! player whose session that node holds (read, regroup, kick), or asked of
+//! every live node and summed (stats, a guild's online members, disband,
+//! recall). Owns the calls' JSON format and the task that answers them;
+//! it never decides which nodes to ask (the admin API does, from the
+//! session directory and the heartbeats).
 //!
 //! The answering task handles one call at a time; the NATS client's
 //! bounded subscription buffer holds the rest, and a caller whose request
 //! is not answered within [`CALL_TIMEOUT`] gets a 503.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -16,7 +20,9 @@ use serde::{Deserialize, Serialize};
 use tracing::debug;
 
 use super::{Cluster, ClusterError};
+use crate::history::HistoryHandle;
 use crate::ids::{GuildId, NodeId, SceneId, TeamId, UserId};
+use crate::stats::Stats;
 use crate::world::{PlayerView, SessionState, WorldHandle};
 
 /// How long a call to another node may take.
@@ -38,6 +44,46 @@ pub enum Call {
     Kick {
         user: u64,
     },
+    /// The node's own counts and counters.
+    Stats,
+    /// The node's players with a session in the guild.
+    GuildOnline {
+        guild: u64,
+    },
+    /// The node's players in the guild leave it.
+    Disband {
+        guild: u64,
+    },
+    /// The node drops the line from its store and tells its players.
+    Recall {
+        msg_id: u64,
+    },
+}
+
+/// One node's own figures, as `/v1/stats` reports them for it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeStats {
+    pub online: u64,
+    pub lingering: u64,
+    pub connections: u64,
+    pub counters: BTreeMap<String, u64>,
+}
+
+impl NodeStats {
+    /// This node's figures.
+    pub async fn of(world: &WorldHandle, stats: &Stats) -> Result<Self, crate::world::WorldGone> {
+        let (online, lingering) = world.counts().await?;
+        Ok(NodeStats {
+            online,
+            lingering,
+            connections: Stats::get(&stats.open_connections),
+            counters: stats
+                .counters()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+        })
+    }
 }
 
 /// A player's session as the other node sees it.
@@ -56,6 +102,12 @@ struct View {
 enum Answer {
     View(Option<View>),
     Kicked(bool),
+    Stats(NodeStats),
+    Players(Vec<u64>),
+    Count(usize),
+    /// A recall: whether the line was in the node's store, and how many
+    /// of its players were told.
+    Recalled(bool, usize),
     Failed,
 }
 
@@ -64,6 +116,10 @@ enum Answer {
 pub enum Answered {
     View(Option<PlayerView>),
     Kicked(bool),
+    Stats(NodeStats),
+    Players(Vec<u64>),
+    Count(usize),
+    Recalled(bool, usize),
 }
 
 fn subject(node: &NodeId) -> String {
@@ -114,9 +170,25 @@ impl Cluster {
         match serde_json::from_slice(&reply.payload) {
             Ok(Answer::View(v)) => Ok(Answered::View(from_view(v))),
             Ok(Answer::Kicked(k)) => Ok(Answered::Kicked(k)),
+            Ok(Answer::Stats(s)) => Ok(Answered::Stats(s)),
+            Ok(Answer::Players(p)) => Ok(Answered::Players(p)),
+            Ok(Answer::Count(n)) => Ok(Answered::Count(n)),
+            Ok(Answer::Recalled(found, told)) => Ok(Answered::Recalled(found, told)),
             Ok(Answer::Failed) => Err(failed(format!("{node} could not do it"))),
             Err(e) => Err(failed(e.to_string())),
         }
+    }
+
+    /// Asks every node in `nodes` but this one at once; the answers come
+    /// back in the same order, each within [`CALL_TIMEOUT`].
+    pub async fn call_others(
+        &self,
+        nodes: &[NodeId],
+        call: &Call,
+    ) -> Vec<(NodeId, Result<Answered, ClusterError>)> {
+        let others = nodes.iter().filter(|n| *n != self.node());
+        let asks = others.map(|node| async move { (node.clone(), self.call(node, call).await) });
+        futures_util::future::join_all(asks).await
     }
 }
 
@@ -125,6 +197,8 @@ pub(super) async fn answer(
     mut calls: async_nats::Subscriber,
     client: async_nats::Client,
     world: WorldHandle,
+    stats: Arc<Stats>,
+    history: Option<HistoryHandle>,
 ) {
     while let Some(msg) = calls.next().await {
         let Some(reply_to) = msg.reply.clone() else {
@@ -153,6 +227,13 @@ pub(super) async fn answer(
                 .kick(UserId(user), KickReason::KickOperator)
                 .await
                 .map(Answer::Kicked),
+            Ok(Call::Stats) => NodeStats::of(&world, &stats).await.map(Answer::Stats),
+            Ok(Call::GuildOnline { guild }) => world
+                .guild_online(GuildId(guild))
+                .await
+                .map(|p| Answer::Players(p.into_iter().map(|u| u.0).collect())),
+            Ok(Call::Disband { guild }) => world.disband(GuildId(guild)).await.map(Answer::Count),
+            Ok(Call::Recall { msg_id }) => Ok(recall_here(&world, history.as_ref(), msg_id).await),
             Err(e) => {
                 debug!(error = %e, "a call from another node does not parse");
                 Ok(Answer::Failed)
@@ -165,4 +246,22 @@ pub(super) async fn answer(
         let _ = client.publish(reply_to, payload.into()).await;
     }
     debug!("call feed ended");
+}
+
+/// Drops a line from this node's store and tells its players who had it.
+async fn recall_here(world: &WorldHandle, history: Option<&HistoryHandle>, msg_id: u64) -> Answer {
+    let Some(history) = history else {
+        return Answer::Recalled(false, 0);
+    };
+    match history.remove_message(msg_id).await {
+        Ok(Some(msg)) => match world.recall(msg).await {
+            Ok(told) => Answer::Recalled(true, told),
+            Err(_) => Answer::Failed,
+        },
+        Ok(None) => Answer::Recalled(false, 0),
+        Err(e) => {
+            debug!(msg_id, error = %e, "cannot recall a line from this node's store");
+            Answer::Failed
+        }
+    }
 }

@@ -393,6 +393,23 @@ impl Cluster {
             .is_some_and(|offset| offset % ID_STEP != 0)
     }
 
+    /// Deletes a recalled line from the line stream, so that no resume on
+    /// any node replays it. A line no longer there (aged out, or never
+    /// in it: delivered alone during an outage) is not an error.
+    pub async fn forget_line(&self, msg_id: u64) -> Result<(), ClusterError> {
+        let Some(offset) = msg_id.checked_sub(self.inner.base) else {
+            return Ok(());
+        };
+        if offset % ID_STEP != 0 {
+            return Ok(());
+        }
+        let stream = timed("line stream", self.inner.js.get_stream(LINES_STREAM)).await?;
+        match timed("line delete", stream.delete_message(offset / ID_STEP)).await {
+            Err(ClusterError::Setup { why, .. }) if why.contains("no message found") => Ok(()),
+            done => done.map(|_| ()),
+        }
+    }
+
     /// Queues a line for JetStream; `reply` gets its sequence once stored.
     /// Never waits: with the queue full the line is refused at once.
     ///
@@ -493,6 +510,7 @@ impl Cluster {
         world: WorldHandle,
         moderation: Arc<crate::moderation::Moderation>,
         history: Option<crate::history::HistoryHandle>,
+        stats: Arc<crate::stats::Stats>,
     ) {
         let Feeds {
             lines,
@@ -515,7 +533,13 @@ impl Cluster {
         tokio::spawn(until(stop, watch_beats(beats, world.clone())));
         tokio::spawn(until(
             stop,
-            calls::answer(calls, self.inner.client.clone(), world.clone()),
+            calls::answer(
+                calls,
+                self.inner.client.clone(),
+                world.clone(),
+                stats,
+                history.clone(),
+            ),
         ));
         tokio::spawn(until(
             stop,

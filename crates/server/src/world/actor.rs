@@ -328,6 +328,13 @@ impl World {
                 if let Some(cluster) = &self.cluster {
                     by.insert(cluster.node().clone(), self.registry.len() as u64);
                 }
+                // Every live node, those holding no session too: the
+                // admin API asks each of them for its figures.
+                for node in self.remote.beats.keys() {
+                    if self.alive(node) {
+                        by.entry(node.clone()).or_default();
+                    }
+                }
                 for remote in self.remote.elsewhere.values() {
                     if self.alive(&remote.node) {
                         *by.entry(remote.node.clone()).or_default() += 1;

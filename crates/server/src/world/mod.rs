@@ -528,7 +528,8 @@ impl WorldHandle {
     }
 
     /// In a cluster: how many sessions each live node holds (this one
-    /// from its registry, the others from the session directory).
+    /// from its registry, the others from the session directory), every
+    /// live node listed, with 0 if it holds none.
     pub async fn sessions_by_node(&self) -> Result<Vec<(crate::ids::NodeId, u64)>, WorldGone> {
         self.ask(|respond_to| WorldMsg::SessionsByNode { respond_to })
             .await

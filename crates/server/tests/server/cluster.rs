@@ -1055,3 +1055,89 @@ async fn a_long_cooldown_moves_with_the_player_to_another_node() {
     n1.stop().await;
     n2.stop().await;
 }
+
+/// The admin API of any node counts, reads and acts on every node: the
+/// stats are sums with each node's own figures, a guild's online members
+/// are those of every node, a recall reaches the line's audience on every
+/// node and leaves no copy to replay, and a disband empties the guild
+/// everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guild_reads_stats_recall_and_disband_span_every_node() {
+    let cl = cluster().await;
+    let [n1, n2, n3] = [&cl.nodes[0], &cl.nodes[1], &cl.nodes[2]];
+    let mut a = n1.login(1, "ann", 7, 0, 0).await;
+    let mut b = n2.login(2, "bob", 7, 0, 0).await;
+    let c = n3.login(3, "cid", 0, 0, 0).await;
+    cl.settled(&[(1, 0), (2, 1), (3, 2)]).await;
+    // Stats on n3: the sums, and each node's own figures.
+    let http = n3.gm("GET", "/v1/stats", None).await;
+    assert_eq!(http.status, 200, "{}", http.text);
+    let stats = &http.json()["cluster"];
+    assert_eq!(stats["unanswered"], serde_json::json!([]));
+    let by_node = stats["by_node"].as_object().unwrap();
+    assert_eq!(
+        by_node.keys().collect::<Vec<_>>(),
+        ["n1", "n2", "n3"],
+        "{stats}"
+    );
+    for figures in by_node.values() {
+        assert_eq!(figures["online"], 1, "{stats}");
+    }
+    let logins: u64 = by_node
+        .values()
+        .map(|f| f["counters"]["logins"].as_u64().unwrap())
+        .sum();
+    assert_eq!(stats["counters"]["logins"], logins);
+    assert!(logins >= 3, "{stats}");
+    // Guild 7's members online, asked of n3 where neither is.
+    let http = n3.gm("GET", "/v1/guilds/7/online", None).await;
+    assert_eq!(http.status, 200, "{}", http.text);
+    assert_eq!(http.json()["players"], serde_json::json!([1, 2]));
+    // A guild line from n1, recalled through n3: both members are told.
+    let line = say_seen(&mut a, ChatType::ChatGuild, "something rude", 0).await;
+    assert_eq!(next_chat(&mut b).await.msg_id, line.msg_id);
+    let http = n3
+        .gm("DELETE", &format!("/v1/messages/{}", line.msg_id), None)
+        .await;
+    assert_eq!(http.status, 204, "{}", http.text);
+    for p in [&mut a, &mut b] {
+        loop {
+            match next(p).await {
+                ServerMsg::Recall(r) => {
+                    assert_eq!(r.msg_id, line.msg_id);
+                    break;
+                }
+                ServerMsg::Chat(_) => {}
+                other => panic!("expected a recall, got {other:?}"),
+            }
+        }
+    }
+    // No node keeps it: n2's store has forgotten it, and a resume on n3
+    // (from the stream) does not bring it back.
+    let http = n2.gm("GET", "/v1/players/1/messages", None).await;
+    assert_eq!(http.status, 200, "{}", http.text);
+    assert_eq!(http.json()["messages"], serde_json::json!([]));
+    let after = say_seen(&mut a, ChatType::ChatGuild, "sorry", 0).await;
+    assert_eq!(next_chat(&mut b).await.msg_id, after.msg_id);
+    drop(b);
+    let mut b = n3.connect().await;
+    let rep = b
+        .login_from(&n3.token(2, "bob", 7, 0, 0), line.msg_id - 1)
+        .await
+        .unwrap();
+    assert_eq!(rep.res, ResCode::ResOk as i32);
+    assert_eq!(next_chat(&mut b).await.msg_id, after.msg_id);
+    n1.until_located(2, "n3").await;
+    // Disbanded through n1: the members on n1 and n3 both leave.
+    let http = n1.logic("POST", "/v1/guilds/7/disband", None).await;
+    assert_eq!(http.status, 200, "{}", http.text);
+    assert_eq!(http.json()["players"], 2);
+    for (node, user) in [(n1, 1), (n3, 2)] {
+        let http = node.gm("GET", &format!("/v1/players/{user}"), None).await;
+        assert_eq!(http.json()["guild"], 0, "{}", http.text);
+    }
+    let http = n2.gm("GET", "/v1/guilds/7/online", None).await;
+    assert_eq!(http.json()["players"], serde_json::json!([]));
+    drop((a, b, c));
+    cl.stop().await;
+}
