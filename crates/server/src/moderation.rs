@@ -132,6 +132,11 @@ impl Moderation {
         *slot = (*slot).max(before_s);
     }
 
+    /// The Unix second before which `user`'s tokens are refused, if any.
+    pub fn revoked_before(&self, user: UserId) -> Option<u64> {
+        self.read().revoked_before_s.get(&user).copied()
+    }
+
     /// Whether a token of `user` issued at `iat` (seconds; `None` when the
     /// token does not say) has been revoked. A token that does not say when
     /// it was issued cannot prove it is newer than a revocation.

@@ -567,6 +567,9 @@ struct PlayerReply {
     muted_until_ms: u64,
     /// Unix ms when the ban ends; 0 if not banned.
     banned_until_ms: u64,
+    /// Tokens issued (`iat`) before this Unix second are refused; 0 if
+    /// the player's tokens were never revoked.
+    tokens_revoked_before_s: u64,
 }
 
 fn player_reply(
@@ -601,6 +604,7 @@ fn player_reply(
         mask,
         muted_until_ms: muted.map_or(0, |s| s.until_ms),
         banned_until_ms: banned.map_or(0, |s| s.until_ms),
+        tokens_revoked_before_s: state.moderation.revoked_before(id).unwrap_or(0),
     }
 }
 
@@ -1256,7 +1260,15 @@ async fn revoke(
     }
     // `iat` has second precision, so the revocation covers every token
     // issued up to the end of this second, this second's included.
-    let before_s = now_ms() / 1000 + 1;
+    let mut before_s = now_ms() / 1000 + 1;
+    // In a cluster the shared bucket comes first: once it has the
+    // revocation every node applies it.
+    if let Some(cluster) = &state.cluster {
+        before_s = cluster
+            .put_revocation(UserId(id), before_s)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("the cluster did not store it: {e}")))?;
+    }
     let reason = reason.to_owned();
     let state = state.0.clone();
     let s = state.clone();

@@ -1,8 +1,8 @@
-//! Mutes and bans shared by every node: the key-value bucket
-//! `gc_sanctions`, key `mute.<user>` or `ban.<user>`, value
-//! `<until_ms> <set_ms> <reason>`. Owns that format and the watch that
-//! applies the bucket to this node; it never decides a sanction (the admin
-//! API does).
+//! Mutes, bans and token revocations shared by every node: the key-value
+//! bucket `gc_sanctions`, key `mute.<user>` or `ban.<user>` with value
+//! `<until_ms> <set_ms> <reason>`, and key `revoke.<user>` with value
+//! `<before_s>`. Owns that format and the watch that applies the bucket to
+//! this node; it never decides a sanction (the admin API does).
 //!
 //! The admin API on any node writes the bucket first and answers once it
 //! is stored; every node, that one included, applies what the watch
@@ -25,6 +25,22 @@ use crate::moderation::Moderation;
 use crate::world::WorldHandle;
 
 pub const SANCTIONS_BUCKET: &str = "gc_sanctions";
+
+/// Compare-and-set tries for a revocation before giving up (another GM
+/// revoking the same player's tokens at the same moment).
+const REVOKE_TRIES: usize = 8;
+
+fn revoke_key(user: u64) -> String {
+    format!("revoke.{user}")
+}
+
+/// A revocation's key and value: the player and the Unix second before
+/// which their tokens are refused.
+fn parse_revocation(key: &str, value: &[u8]) -> Option<(u64, u64)> {
+    let user = key.strip_prefix("revoke.")?.parse().ok()?;
+    let before_s = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
+    Some((user, before_s))
+}
 
 fn key(user: u64, kind: SanctionKind) -> String {
     match kind {
@@ -89,8 +105,46 @@ impl Cluster {
     }
 }
 
-/// Applies the bucket to this node: every sanction in force first, then
-/// each change.
+impl Cluster {
+    /// Refuses, on every node, the player's tokens issued before
+    /// `before_s`; done once the bucket has it. A revocation is never
+    /// narrowed: against a later one already stored (another node's clock
+    /// may run ahead), the stored one stands and is returned.
+    pub async fn put_revocation(&self, user: UserId, before_s: u64) -> Result<u64, ClusterError> {
+        let key = revoke_key(user.0);
+        let value = bytes::Bytes::from(before_s.to_string());
+        let kv = &self.inner.sanctions;
+        let dir = |e: &dyn std::fmt::Display| ClusterError::Directory(e.to_string());
+        for _ in 0..REVOKE_TRIES {
+            let current = kv.entry(key.as_str()).await.map_err(|e| dir(&e))?;
+            let stored = current
+                .as_ref()
+                .filter(|e| e.operation == kv::Operation::Put)
+                .and_then(|e| parse_revocation(&e.key, &e.value).map(|(_, b)| (e.revision, b)));
+            // Another node wrote in between: read again and retry.
+            match stored {
+                Some((_, b)) if b >= before_s => return Ok(b),
+                Some((revision, _)) => match kv.update(key.as_str(), value.clone(), revision).await
+                {
+                    Ok(_) => return Ok(before_s),
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                    Err(e) => return Err(dir(&e)),
+                },
+                None => match kv.create(key.as_str(), value.clone()).await {
+                    Ok(_) => return Ok(before_s),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(dir(&e)),
+                },
+            }
+        }
+        Err(ClusterError::Directory(format!(
+            "{key}: still contended after {REVOKE_TRIES} tries"
+        )))
+    }
+}
+
+/// Applies the bucket to this node: every sanction and revocation in
+/// force first, then each change.
 pub(super) async fn watch(
     mut watch: kv::Watch,
     moderation: Arc<Moderation>,
@@ -106,6 +160,22 @@ pub(super) async fn watch(
                 continue;
             }
         };
+        if entry.key.starts_with("revoke.") {
+            // Revocations are only ever put (and never narrowed), so a
+            // delete or a purge of one is an operator's hand: ignored.
+            let parsed = (entry.operation == kv::Operation::Put)
+                .then(|| parse_revocation(&entry.key, &entry.value))
+                .flatten();
+            if let Some((user, before_s)) = parsed {
+                if let Some(history) = &history {
+                    if let Err(e) = history.revoke_tokens(user, before_s).await {
+                        warn!(user, error = %e, "cannot keep a revocation in the local store");
+                    }
+                }
+                moderation.revoke(UserId(user), before_s);
+            }
+            continue;
+        }
         match entry.operation {
             kv::Operation::Put => {
                 let Some(s) = parse(&entry.key, &entry.value) else {
@@ -175,5 +245,16 @@ mod tests {
         assert!(parse("mute.x", b"1 2 r").is_none());
         assert!(parse("other.1", b"1 2 r").is_none());
         assert!(parse("mute.1", b"soon").is_none());
+    }
+
+    #[test]
+    fn a_revocation_round_trips_through_its_key_and_value() {
+        assert_eq!(
+            parse_revocation(&revoke_key(42), b"1800000000"),
+            Some((42, 1_800_000_000))
+        );
+        assert_eq!(parse_revocation("revoke.x", b"1"), None);
+        assert_eq!(parse_revocation("revoke.1", b"soon"), None);
+        assert_eq!(parse_revocation("ban.1", b"1"), None);
     }
 }

@@ -1141,3 +1141,42 @@ async fn guild_reads_stats_recall_and_disband_span_every_node() {
     drop((a, b, c));
     cl.stop().await;
 }
+
+/// A revocation made on one node refuses the player's older tokens on
+/// every node, a node that joins later included; a token minted after it
+/// logs in anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_node_refuses_old_tokens_on_every_node() {
+    let cl = cluster().await;
+    let [n1, n2, n3] = [&cl.nodes[0], &cl.nodes[1], &cl.nodes[2]];
+    // Online on n2, so that every node can read the player; the session
+    // already logged in stays.
+    let mut online = n2.login(4, "dee", 0, 0, 0).await;
+    cl.settled(&[(4, 1)]).await;
+    let mut old = claims(4, "dee", 0, 0, 0);
+    old.iat = Some(unix_now() - 60);
+    let old = n1.mint(&old, guildchat_auth::TokenFormat::Jws);
+    let r = n1.gm("POST", "/v1/players/4/revoke-tokens", None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let before_s = r.json()["before_s"].as_u64().unwrap();
+    let n4 = TestServer::node(&cl.nats, "n4", Some(n1)).await;
+    n4.until_located(4, "n2").await;
+    for node in [n1, n2, n3, &n4] {
+        until_json(node, "/v1/players/4", |j| {
+            j["tokens_revoked_before_s"] == before_s
+        })
+        .await;
+        let mut c = node.connect().await;
+        let rep = c.login(&old).await.unwrap();
+        assert_eq!(rep.res, ResCode::ResTokenRevoked as i32, "{}", node.admin);
+    }
+    say_seen(&mut online, ChatType::ChatWorld, "still here", 0).await;
+    let mut fresh = claims(4, "dee", 0, 0, 0);
+    fresh.iat = Some(before_s as i64);
+    let fresh = n1.mint(&fresh, guildchat_auth::TokenFormat::Jws);
+    let mut c = n3.connect().await;
+    assert_eq!(c.login(&fresh).await.unwrap().res, ResCode::ResOk as i32);
+    drop((c, online));
+    n4.stop().await;
+    cl.stop().await;
+}
