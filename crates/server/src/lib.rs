@@ -241,9 +241,10 @@ impl Parts {
             cluster.start(
                 feeds,
                 world.clone(),
-                services.moderation.clone(),
+                &services,
                 history.clone(),
                 stats.clone(),
+                config.data_dir.clone(),
             );
             cluster
         });

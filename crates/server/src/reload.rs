@@ -64,8 +64,14 @@ impl Reloader {
             (Some(_), Some(tls)) => Some(crate::tls::acceptor(tls)?),
             _ => None,
         };
-        let words = filter::load(&filter::path_in(&self.config.data_dir))?;
-        let built = Filter::new(words)?;
+        // In a cluster the shared list is the list, and the file only its
+        // copy: a reload leaves the filter alone.
+        let built = match self.config.cluster.enabled() {
+            true => None,
+            false => Some(Filter::new(filter::load(&filter::path_in(
+                &self.config.data_dir,
+            ))?)?),
+        };
         let mut done = Vec::new();
         if let Some(verifier) = verifier {
             self.auth.install(verifier);
@@ -75,8 +81,10 @@ impl Reloader {
             swap.install(acceptor);
             done.push("tls");
         }
-        self.filter.replace(Arc::new(built));
-        done.push("filter");
+        if let Some(built) = built {
+            self.filter.replace(Arc::new(built));
+            done.push("filter");
+        }
         Ok(done)
     }
 }

@@ -1516,15 +1516,32 @@ async fn change_words(
     caller.need(Need::Gm)?;
     let dir = state.config.data_dir.clone();
     let filter = state.filter.clone();
-    let (count, words) = tokio::task::spawn_blocking(move || filter.change(&dir, change))
-        .await
-        .map_err(|_| ApiError::Unavailable("the filter update stopped".into()))?
-        .map_err(|e| match e {
-            crate::filter::FilterError::Read { .. } | crate::filter::FilterError::Write { .. } => {
-                ApiError::Unavailable(e.to_string())
-            }
-            _ => ApiError::Unprocessable(e.to_string()),
-        })?;
+    let refused = |e: crate::filter::FilterError| match e {
+        crate::filter::FilterError::Read { .. } | crate::filter::FilterError::Write { .. } => {
+            ApiError::Unavailable(e.to_string())
+        }
+        _ => ApiError::Unprocessable(e.to_string()),
+    };
+    let (count, words) = match &state.cluster {
+        // In a cluster the shared list is the list: the edit goes there,
+        // and this node's watch puts it in force (and in its file).
+        Some(cluster) => {
+            edit_shared_words(cluster, &state.filter, &dir, change)
+                .await
+                .map_err(|e| match e {
+                    SharedEdit::Refused(e) => refused(e),
+                    SharedEdit::Cluster(e) => {
+                        ApiError::Unavailable(format!("the shared word list did not take it: {e}"))
+                    }
+                })?;
+            let words = state.filter.words();
+            (words.len(), words)
+        }
+        None => tokio::task::spawn_blocking(move || filter.change(&dir, change))
+            .await
+            .map_err(|_| ApiError::Unavailable("the filter update stopped".into()))?
+            .map_err(refused)?,
+    };
     state
         .audit(
             &caller.id,
@@ -1535,6 +1552,62 @@ async fn change_words(
         )
         .await;
     Ok(axum::Json(WordsReply { words }))
+}
+
+enum SharedEdit {
+    Refused(crate::filter::FilterError),
+    Cluster(crate::cluster::ClusterError),
+}
+
+/// Writes an edit to the cluster's shared list as the words it adds and
+/// the keys it deletes. An add only adds and a remove only removes, so an
+/// edit made on another node a moment ago and not yet seen here is kept.
+async fn edit_shared_words(
+    cluster: &crate::cluster::Cluster,
+    filter: &crate::filter::FilterHandle,
+    dir: &std::path::Path,
+    change: crate::filter::Change,
+) -> Result<(), SharedEdit> {
+    use crate::cluster::word_key;
+    use crate::filter::{normalize_word, Change};
+    let shared = cluster.word_keys().await.map_err(SharedEdit::Cluster)?;
+    // The keys an add or a remove names (a replace names the whole list).
+    let named: Option<std::collections::BTreeSet<String>> = match &change {
+        Change::Add(words) | Change::Remove(words) => {
+            Some(words.iter().map(|w| word_key(&normalize_word(w))).collect())
+        }
+        Change::Replace(_) => None,
+    };
+    let removing = matches!(change, Change::Remove(_));
+    let list = filter.preview(dir, change).map_err(SharedEdit::Refused)?;
+    let listed: std::collections::BTreeMap<String, &str> = list
+        .normalized()
+        .zip(list.words())
+        .map(|(n, w)| (word_key(n), w))
+        .collect();
+    let new_words = |keep: &dyn Fn(&str) -> bool| -> Vec<(String, String)> {
+        listed
+            .iter()
+            .filter(|(k, _)| !shared.contains(*k) && keep(k))
+            .map(|(k, w)| (k.clone(), (*w).to_owned()))
+            .collect()
+    };
+    let (puts, deletes) = match named {
+        Some(named) if removing => (Vec::new(), shared.intersection(&named).cloned().collect()),
+        Some(named) => (new_words(&|k| named.contains(k)), Vec::new()),
+        None => (
+            new_words(&|_| true),
+            shared
+                .iter()
+                .filter(|k| !listed.contains_key(*k))
+                .cloned()
+                .collect(),
+        ),
+    };
+    cluster
+        .edit_words(puts, deletes)
+        .await
+        .map_err(SharedEdit::Cluster)
 }
 
 /// Replaces the whole list; applies at once and is kept in the data dir.

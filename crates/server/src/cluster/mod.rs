@@ -29,12 +29,14 @@ mod inbox;
 mod masks;
 mod sanctions;
 pub mod wire;
+mod words;
 
 pub use blocks::BLOCKS_BUCKET;
 pub use clocks::{CLOCKS_BUCKET, MOVING_COOLDOWN};
 pub use inbox::INBOX_STREAM;
 pub use masks::MASKS_BUCKET;
 pub use sanctions::SANCTIONS_BUCKET;
+pub use words::{key as word_key, WORDS_BUCKET};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,6 +149,9 @@ struct Inner {
     masks: kv::Store,
     clocks: kv::Store,
     sessions: kv::Store,
+    words: kv::Store,
+    /// The bucket revision this node's filter has caught up with.
+    words_applied: tokio::sync::watch::Receiver<u64>,
     publish: mpsc::Sender<Publish>,
     release: mpsc::Sender<(UserId, u64)>,
     /// Ends the feeds at shutdown, so that the world and the store they
@@ -167,6 +172,8 @@ pub struct Feeds {
     release: mpsc::Receiver<(UserId, u64)>,
     js: jetstream::Context,
     sessions: kv::Store,
+    words: kv::Watch,
+    words_applied: tokio::sync::watch::Sender<u64>,
 }
 
 fn setup(what: &'static str) -> impl FnOnce(String) -> ClusterError {
@@ -268,6 +275,9 @@ impl Cluster {
         let blocks = file(&js, "block bucket", BLOCKS_BUCKET).await?;
         let block_watch = timed("block watch", blocks.watch_with_history("u.>")).await?;
         let masks = file(&js, "mask bucket", MASKS_BUCKET).await?;
+        let words = file(&js, "word bucket", WORDS_BUCKET).await?;
+        let word_watch = timed("word watch", words.watch_with_history(">")).await?;
+        let (applied_tx, words_applied) = tokio::sync::watch::channel(0);
         // Clocks are worth nothing after a day, nor after NATS restarts.
         let clocks = bucket(
             &js,
@@ -345,6 +355,8 @@ impl Cluster {
                 masks,
                 clocks,
                 sessions: sessions.clone(),
+                words,
+                words_applied,
                 publish: publish_tx,
                 release: release_tx,
                 stop: Default::default(),
@@ -362,6 +374,8 @@ impl Cluster {
             release,
             js,
             sessions,
+            words: word_watch,
+            words_applied: applied_tx,
         };
         Ok((cluster, feeds))
     }
@@ -503,14 +517,16 @@ impl Cluster {
     }
 
     /// Starts the tasks that publish lines, release keys, feed the stream
-    /// and the directory into the world, and apply shared sanctions.
+    /// and the directory into the world, and apply shared sanctions and
+    /// the shared word list (kept in `data_dir`'s word file too).
     pub fn start(
         &self,
         feeds: Feeds,
         world: WorldHandle,
-        moderation: Arc<crate::moderation::Moderation>,
+        services: &crate::user::Services,
         history: Option<crate::history::HistoryHandle>,
         stats: Arc<crate::stats::Stats>,
+        data_dir: std::path::PathBuf,
     ) {
         let Feeds {
             lines,
@@ -524,7 +540,10 @@ impl Cluster {
             release,
             js,
             sessions,
+            words,
+            words_applied,
         } = feeds;
+        let moderation = services.moderation.clone();
         let stop = &self.inner.stop;
         tokio::spawn(until(stop, publisher(js, publish)));
         tokio::spawn(until(stop, releaser(sessions, release)));
@@ -546,6 +565,17 @@ impl Cluster {
             sanctions::watch(sanctions, moderation, history, world.clone()),
         ));
         tokio::spawn(until(stop, blocks::watch(blocks, world.clone())));
+        tokio::spawn(until(
+            stop,
+            words::seed_then_watch(
+                self.inner.words.clone(),
+                self.inner.node.clone(),
+                words,
+                services.filter.clone(),
+                data_dir,
+                words_applied,
+            ),
+        ));
         tokio::spawn(until(
             stop,
             watch_directory(watch, world, self.inner.node.clone()),

@@ -199,11 +199,31 @@ impl FilterHandle {
     ) -> Result<(usize, Vec<String>), FilterError> {
         let _one_at_a_time = self.editing.lock().unwrap_or_else(PoisonError::into_inner);
         let path = path_in(data_dir);
+        let words = self.edited(&path, change)?;
+        let filter = Filter::new(words.clone())?;
+        save(&path, &words)?;
+        let listed = words.words().map(str::to_owned).collect::<Vec<_>>();
+        self.replace(Arc::new(filter));
+        Ok((listed.len(), listed))
+    }
+
+    /// The list an edit would make from the one in force, refused as
+    /// [`FilterHandle::change`] refuses it, without putting it in force
+    /// (a cluster node writes it to the shared list instead).
+    pub fn preview(
+        &self,
+        data_dir: &std::path::Path,
+        change: Change,
+    ) -> Result<WordList, FilterError> {
+        self.edited(&path_in(data_dir), change)
+    }
+
+    fn edited(&self, path: &std::path::Path, change: Change) -> Result<WordList, FilterError> {
         let list_error = |source| FilterError::List {
-            path: path.clone(),
+            path: path.into(),
             source,
         };
-        let words = match change {
+        Ok(match change {
             Change::Replace(words) => WordList::from_words(words).map_err(list_error)?,
             Change::Add(words) => {
                 let mut list = self.load().words().clone();
@@ -219,12 +239,7 @@ impl FilterHandle {
                 }
                 list
             }
-        };
-        let filter = Filter::new(words.clone())?;
-        save(&path, &words)?;
-        let listed = words.words().map(str::to_owned).collect::<Vec<_>>();
-        self.replace(Arc::new(filter));
-        Ok((listed.len(), listed))
+        })
     }
 }
 

@@ -439,6 +439,14 @@ async fn local_chat_goes_on_while_nats_is_away_and_lines_cross_again_after() {
         kept,
         "the line sent while NATS was away is not in n1's history"
     );
+    // Shared state cannot change meanwhile: a word list edit is refused
+    // and changes nothing.
+    let r = cl.nodes[0]
+        .gm("POST", "/v1/filter/words", Some(r#"{"words": ["away"]}"#))
+        .await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    let r = cl.nodes[0].gm("GET", "/v1/filter/words", None).await;
+    assert_eq!(r.json()["words"], serde_json::json!([]));
     cl.nats.restart().await;
     until_ready_is(&cl.nodes[0], 200, "ok").await;
     // Sent until one is stored (JetStream may still be starting). A line
@@ -1179,4 +1187,111 @@ async fn a_revocation_on_one_node_refuses_old_tokens_on_every_node() {
     drop((c, online));
     n4.stop().await;
     cl.stop().await;
+}
+
+/// The word list edited through any node is the list of every node: an
+/// add on n1 masks a line sent on n3, a remove on n2 lets it through on
+/// every node again, and a replace on n3 leaves every node with exactly
+/// the new list. A reload on a node leaves the shared list in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_word_list_edited_on_one_node_filters_on_every_node() {
+    let cl = cluster().await;
+    let [n1, n2, n3] = [&cl.nodes[0], &cl.nodes[1], &cl.nodes[2]];
+    let mut a = n3.login(1, "ann", 7, 0, 0).await;
+    let mut b = n1.login(2, "bob", 7, 0, 0).await;
+    cl.settled(&[(1, 2), (2, 0)]).await;
+    let listed = |words: serde_json::Value| move |j: &serde_json::Value| j["words"] == words;
+    let r = n1
+        .gm("POST", "/v1/filter/words", Some(r#"{"words": ["durian"]}"#))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["words"], serde_json::json!(["durian"]));
+    for node in [n2, n3] {
+        until_json(
+            node,
+            "/v1/filter/words",
+            listed(serde_json::json!(["durian"])),
+        )
+        .await;
+    }
+    let line = say_seen(&mut a, ChatType::ChatGuild, "a D.U.R.I.A.N here", 0).await;
+    let got = next_chat(&mut b).await;
+    assert_eq!(
+        (got.msg_id, got.strcontext.as_str()),
+        (line.msg_id, "a *********** here")
+    );
+    // A reload on n3 does not bring back its file's list of old.
+    let r = n3.gm("POST", "/v1/reload", None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        n3.gm("GET", "/v1/filter/words", None).await.json()["words"],
+        serde_json::json!(["durian"])
+    );
+    // Removed through n2: gone everywhere.
+    let r = n2
+        .gm(
+            "DELETE",
+            "/v1/filter/words",
+            Some(r#"{"words": ["durian"]}"#),
+        )
+        .await;
+    assert_eq!(r.json()["words"], serde_json::json!([]), "{}", r.text);
+    for node in [n1, n3] {
+        until_json(node, "/v1/filter/words", listed(serde_json::json!([]))).await;
+    }
+    say_seen(&mut a, ChatType::ChatGuild, "durian again", 0).await;
+    assert_eq!(next_chat(&mut b).await.strcontext, "durian again");
+    // Replaced through n3: every node holds exactly the new list.
+    n1.gm(
+        "POST",
+        "/v1/filter/words",
+        Some(r#"{"words": ["kiwi", "lime"]}"#),
+    )
+    .await;
+    let r = n3
+        .gm(
+            "PUT",
+            "/v1/filter/words",
+            Some(r#"{"words": ["mango", "kiwi"]}"#),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    for node in [n1, n2, n3] {
+        until_json(
+            node,
+            "/v1/filter/words",
+            listed(serde_json::json!(["kiwi", "mango"])),
+        )
+        .await;
+    }
+    // Each node keeps its copy in its own word file.
+    let file = std::fs::read_to_string(n2.dir.path().join("filter_words.txt")).unwrap();
+    assert!(file.contains("mango") && !file.contains("lime"), "{file}");
+    drop((a, b));
+    cl.stop().await;
+}
+
+/// A new cluster's list comes from the first node's word file; a node
+/// that joins later takes the shared list, whatever its own file says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_nodes_word_file_seeds_the_shared_list() {
+    let nats = Nats::start().await;
+    let with_file = |words: &'static str| {
+        move |c: &mut guildchat_server::Config| {
+            std::fs::write(c.data_dir.join("filter_words.txt"), words).unwrap();
+        }
+    };
+    let n1 = TestServer::node_with(&nats, "n1", None, with_file("papaya\nquince\n")).await;
+    let n2 = TestServer::node_with(&nats, "n2", Some(&n1), with_file("rhubarb\n")).await;
+    let both = |j: &serde_json::Value| j["words"] == serde_json::json!(["papaya", "quince"]);
+    until_json(&n1, "/v1/filter/words", both).await;
+    until_json(&n2, "/v1/filter/words", both).await;
+    let file = std::fs::read_to_string(n2.dir.path().join("filter_words.txt")).unwrap();
+    assert!(
+        file.contains("papaya") && !file.contains("rhubarb"),
+        "{file}"
+    );
+    n2.stop().await;
+    n1.stop().await;
+    drop(nats);
 }
