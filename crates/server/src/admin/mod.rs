@@ -193,6 +193,12 @@ impl AdminState {
             reason: reason.to_owned(),
             result: result.to_owned(),
         };
+        // In a cluster, also in the shared log every node reads.
+        if let Some(cluster) = &self.cluster {
+            if let Err(e) = cluster.audit(&entry).await {
+                warn!(error = %e, action, "could not record an admin action in the shared audit log; it is in this node's own");
+            }
+        }
         match &self.history {
             Some(history) => {
                 if let Err(e) = history.audit(entry).await {
@@ -212,14 +218,38 @@ impl AdminState {
         }
     }
 
-    /// The audit log, newest first, below `before` (0: from the newest).
+    /// The audit log, newest first, below `before` (0: from the newest),
+    /// with the node that took each action in a cluster (whose shared log
+    /// it reads).
     pub(crate) async fn audit_page(
         &self,
         before: u64,
         limit: u32,
-    ) -> Result<Vec<AuditEntry>, error::ApiError> {
+    ) -> Result<Vec<(AuditEntry, Option<String>)>, error::ApiError> {
+        if let Some(cluster) = &self.cluster {
+            let page = cluster
+                .audit_page(before, limit)
+                .await
+                .map_err(|e| error::ApiError::Unavailable(format!("the shared audit log: {e}")))?;
+            return Ok(page
+                .into_iter()
+                .map(|(id, e)| {
+                    let entry = AuditEntry {
+                        id,
+                        time_ms: e.time_ms,
+                        key_id: e.key_id,
+                        action: e.action,
+                        target: e.target,
+                        reason: e.reason,
+                        result: e.result,
+                    };
+                    (entry, Some(e.node))
+                })
+                .collect());
+        }
+        let alone = |entries: Vec<AuditEntry>| entries.into_iter().map(|e| (e, None)).collect();
         match &self.history {
-            Some(history) => Ok(history.audit_page(before, limit).await?),
+            Some(history) => Ok(alone(history.audit_page(before, limit).await?)),
             None => {
                 let memory = self.memory();
                 Ok(memory
@@ -228,7 +258,7 @@ impl AdminState {
                     .rev()
                     .filter(|e| before == 0 || e.id < before)
                     .take(limit.clamp(1, 1000) as usize)
-                    .cloned()
+                    .map(|e| (e.clone(), None))
                     .collect())
             }
         }

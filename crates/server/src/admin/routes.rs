@@ -1451,11 +1451,15 @@ struct AuditItem {
     target: String,
     reason: String,
     result: String,
+    /// In a cluster: the node whose admin API took the action.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
 }
 
-impl From<AuditEntry> for AuditItem {
-    fn from(e: AuditEntry) -> Self {
+impl From<(AuditEntry, Option<String>)> for AuditItem {
+    fn from((e, node): (AuditEntry, Option<String>)) -> Self {
         AuditItem {
+            node,
             id: e.id,
             time_ms: e.time_ms,
             key_id: e.key_id,

@@ -22,6 +22,7 @@
 //! `send().await`: a busy world slows the consumer, and JetStream keeps
 //! the lines meanwhile.
 
+mod audit;
 mod blocks;
 pub mod calls;
 mod clocks;
@@ -31,6 +32,7 @@ mod sanctions;
 pub mod wire;
 mod words;
 
+pub use audit::{SharedEntry, AUDIT_STREAM};
 pub use blocks::BLOCKS_BUCKET;
 pub use clocks::{CLOCKS_BUCKET, MOVING_COOLDOWN};
 pub use inbox::INBOX_STREAM;
@@ -144,6 +146,8 @@ struct Inner {
     backfills: tokio::sync::Semaphore,
     /// The offline inbox stream.
     inbox: stream::Stream,
+    /// The shared audit log.
+    audit: stream::Stream,
     sanctions: kv::Store,
     blocks: kv::Store,
     masks: kv::Store,
@@ -269,6 +273,7 @@ impl Cluster {
             js.get_or_create_stream(inbox::config(config_history)),
         )
         .await?;
+        let audit = timed("audit stream", js.get_or_create_stream(audit::config())).await?;
         let sessions = file(&js, "session bucket", SESSIONS_BUCKET).await?;
         let sanctions = file(&js, "sanction bucket", SANCTIONS_BUCKET).await?;
         let sanction_watch = timed("sanction watch", sanctions.watch_with_history(">")).await?;
@@ -349,6 +354,7 @@ impl Cluster {
                 js: js.clone(),
                 client,
                 inbox,
+                audit,
                 backfills: tokio::sync::Semaphore::new(BACKFILLS),
                 sanctions,
                 blocks,

@@ -447,6 +447,9 @@ async fn local_chat_goes_on_while_nats_is_away_and_lines_cross_again_after() {
     assert_eq!(r.status, 503, "{}", r.text);
     let r = cl.nodes[0].gm("GET", "/v1/filter/words", None).await;
     assert_eq!(r.json()["words"], serde_json::json!([]));
+    // Nor can the shared audit log be read.
+    let r = cl.nodes[0].gm("GET", "/v1/audit", None).await;
+    assert_eq!(r.status, 503, "{}", r.text);
     cl.nats.restart().await;
     until_ready_is(&cl.nodes[0], 200, "ok").await;
     // Sent until one is stored (JetStream may still be starting). A line
@@ -1294,4 +1297,50 @@ async fn the_first_nodes_word_file_seeds_the_shared_list() {
     n2.stop().await;
     n1.stop().await;
     drop(nats);
+}
+
+/// Every node's admin actions are in one audit log that any node reads:
+/// newest first, each naming the node that took it, paged by id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_nodes_admin_actions_are_in_one_audit_log() {
+    let cl = cluster().await;
+    let [n1, n2, n3] = [&cl.nodes[0], &cl.nodes[1], &cl.nodes[2]];
+    let eve = n2.login(5, "eve", 0, 0, 0).await;
+    cl.settled(&[(5, 1)]).await;
+    let r = n1
+        .gm(
+            "PUT",
+            "/v1/players/5/mute",
+            Some(r#"{"seconds": 60, "reason": "spam"}"#),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = n2
+        .gm("POST", "/v1/filter/words", Some(r#"{"words": ["yuzu"]}"#))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = n3.gm("POST", "/v1/players/5/kick", None).await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    for node in [n1, n2, n3] {
+        let page = node.gm("GET", "/v1/audit", None).await;
+        assert_eq!(page.status, 200, "{}", page.text);
+        let page = page.json();
+        let entries = page["entries"].as_array().unwrap();
+        let seen: Vec<(&str, &str)> = entries
+            .iter()
+            .map(|e| (e["node"].as_str().unwrap(), e["action"].as_str().unwrap()))
+            .collect();
+        assert_eq!(seen, [("n3", "kick"), ("n2", "filter-add"), ("n1", "mute")]);
+        assert_eq!(entries[2]["reason"], "spam");
+        let ids: Vec<u64> = entries.iter().map(|e| e["id"].as_u64().unwrap()).collect();
+        assert!(ids.windows(2).all(|w| w[0] > w[1]), "{ids:?}");
+        let next = node
+            .gm("GET", &format!("/v1/audit?limit=1&before={}", ids[0]), None)
+            .await
+            .json();
+        assert_eq!(next["entries"].as_array().unwrap().len(), 1, "{next}");
+        assert_eq!(next["entries"][0]["id"], ids[1]);
+    }
+    drop(eve);
+    cl.stop().await;
 }
