@@ -139,6 +139,7 @@ impl Server {
                     &parts.config.cluster,
                     &parts.config.history,
                     parts.first_msg_id,
+                    parts.filter.load().words(),
                 )
                 .await?,
             ),

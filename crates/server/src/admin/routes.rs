@@ -486,6 +486,7 @@ async fn cluster_stats(
     for (node, answer) in cluster.call_others(&ids, &Call::Stats).await {
         match answer {
             Ok(Answered::Stats(s)) => answers.push((node, s)),
+            Err(crate::cluster::ClusterError::Stopped(_)) => {}
             _ => unanswered.push(node.0.to_string()),
         }
     }
@@ -540,6 +541,8 @@ async fn ask_every_node(
     for (node, answer) in cluster.call_others(&ids, &call).await {
         match answer {
             Ok(a) => answers.push(a),
+            // Stopped (a drain, a rolling restart): it holds nobody.
+            Err(crate::cluster::ClusterError::Stopped(_)) => {}
             Err(_) => silent.push(node.0.to_string()),
         }
     }
@@ -1320,7 +1323,13 @@ async fn recall(
     // players to tell: each removes it, and the stream forgets it so that
     // no resume replays it. A node that does not answer is a 503 (a retry
     // finishes the job).
-    if let Some(cluster) = &state.cluster {
+    //
+    // A line a node sent alone while NATS was away has an id between the
+    // stream's, which another node cut off at the same time may have
+    // given a line of its own: such a line is recalled on the node that
+    // sent it, and only there.
+    let shared = state.cluster.as_ref().filter(|c| !c.between_lines(msg_id));
+    if let Some(cluster) = shared {
         let call = crate::cluster::calls::Call::Recall { msg_id };
         for answer in ask_every_node(&state, call).await? {
             if let crate::cluster::calls::Answered::Recalled(true, told) = answer {

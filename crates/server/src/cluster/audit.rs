@@ -113,8 +113,14 @@ impl Cluster {
                 .map(|seq| async move { (seq, self.inner.audit.get_raw_message(seq).await) });
             let mut out = Vec::new();
             for (seq, got) in futures_util::future::join_all(reads).await {
-                // A gap (an entry aged out as the page was read) is skipped.
-                let Ok(msg) = got else { continue };
+                let msg = match got {
+                    Ok(msg) => msg,
+                    // A gap (an entry aged out as the page was read).
+                    Err(e) if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                        continue
+                    }
+                    Err(e) => return Err(failed(e)),
+                };
                 match serde_json::from_slice::<SharedEntry>(&msg.payload) {
                     Ok(entry) => out.push((seq, entry)),
                     Err(e) => debug!(seq, error = %e, "an audit entry does not parse; skipped"),

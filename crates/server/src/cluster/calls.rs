@@ -7,8 +7,10 @@
 //! session directory and the heartbeats).
 //!
 //! The answering task handles one call at a time; the NATS client's
-//! bounded subscription buffer holds the rest, and a caller whose request
-//! is not answered within [`CALL_TIMEOUT`] gets a 503.
+//! bounded subscription buffer holds the rest. A call not answered within
+//! [`CALL_TIMEOUT`] is an error for the caller to report (a 503, or a
+//! node named as unanswered in the stats); a node that has stopped, whose
+//! subject nobody listens on, is told apart so that callers can skip it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -166,7 +168,10 @@ impl Cluster {
         )
         .await
         .map_err(|_| failed(format!("{node} did not answer")))?
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => ClusterError::Stopped(node.to_string()),
+            _ => failed(e.to_string()),
+        })?;
         match serde_json::from_slice(&reply.payload) {
             Ok(Answer::View(v)) => Ok(Answered::View(from_view(v))),
             Ok(Answer::Kicked(k)) => Ok(Answered::Kicked(k)),
@@ -192,7 +197,8 @@ impl Cluster {
     }
 }
 
-/// Answers other nodes' calls about this node's players.
+/// Answers other nodes' calls: about this node's players, and its part of
+/// the calls asked of every node.
 pub(super) async fn answer(
     mut calls: async_nats::Subscriber,
     client: async_nats::Client,

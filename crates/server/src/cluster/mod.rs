@@ -1,8 +1,11 @@
 //! Cluster mode: the node's link to the other nodes, through NATS with
 //! JetStream. Owns the NATS connection, the line stream, the session
-//! directory and the tasks that carry them; it never touches a player's
-//! state (the world actor does that with what these tasks hand it) and
-//! never waits on a player.
+//! directory, the shared buckets and streams (sanctions, blocks, masks,
+//! clocks, the word list, the audit log, the inbox) and the tasks that
+//! carry them, the one that rebuilds the node's filter and its word file
+//! from the shared list included; it never touches a player's state (the
+//! world actor does that with what these tasks hand it) and never waits
+//! on a player.
 //!
 //! - **Lines.** Every chat line and announcement is published to the
 //!   JetStream stream `GC_LINES` (subjects `gc.line.>`, one per
@@ -102,6 +105,10 @@ pub enum ClusterError {
     Setup { what: &'static str, why: String },
     #[error("session directory: {0}")]
     Directory(String),
+    /// A call found nobody listening on the node's subject: the node has
+    /// stopped (its heartbeat has not aged out yet).
+    #[error("node {0} has stopped")]
+    Stopped(String),
 }
 
 /// What a publish comes back with: the message's stream sequence, or why
@@ -223,8 +230,9 @@ async fn timed<T, E: std::fmt::Display>(
 }
 
 impl Cluster {
-    /// Connects to NATS and makes sure the stream and buckets exist. The
-    /// line consumer starts here, before this node can publish anything,
+    /// Connects to NATS and makes sure the stream and buckets exist, and
+    /// seeds a new cluster's word list with `seed_words`. The line
+    /// consumer starts here, before this node can publish anything,
     /// so no line of its own or of another node is missed. `local_high` is
     /// the highest msg_id in this node's own store: a new cluster's id base
     /// starts above it.
@@ -232,6 +240,7 @@ impl Cluster {
         config: &ClusterConfig,
         config_history: &crate::history::HistoryConfig,
         local_high: u64,
+        seed_words: &crate::filter::WordList,
     ) -> Result<(Cluster, Feeds), ClusterError> {
         let url = config.url.clone().unwrap_or_default();
         let node = NodeId(config.node_id.clone().unwrap_or_default().into());
@@ -281,6 +290,9 @@ impl Cluster {
         let block_watch = timed("block watch", blocks.watch_with_history("u.>")).await?;
         let masks = file(&js, "mask bucket", MASKS_BUCKET).await?;
         let words = file(&js, "word bucket", WORDS_BUCKET).await?;
+        words::seed(&words, &node, seed_words)
+            .await
+            .map_err(|e| setup("word list seeding")(e.to_string()))?;
         let word_watch = timed("word watch", words.watch_with_history(">")).await?;
         let (applied_tx, words_applied) = tokio::sync::watch::channel(0);
         // Clocks are worth nothing after a day, nor after NATS restarts.
@@ -573,14 +585,7 @@ impl Cluster {
         tokio::spawn(until(stop, blocks::watch(blocks, world.clone())));
         tokio::spawn(until(
             stop,
-            words::seed_then_watch(
-                self.inner.words.clone(),
-                self.inner.node.clone(),
-                words,
-                services.filter.clone(),
-                data_dir,
-                words_applied,
-            ),
+            words::watch(words, services.filter.clone(), data_dir, words_applied),
         ));
         tokio::spawn(until(
             stop,

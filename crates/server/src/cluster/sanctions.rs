@@ -117,10 +117,15 @@ impl Cluster {
         let dir = |e: &dyn std::fmt::Display| ClusterError::Directory(e.to_string());
         for _ in 0..REVOKE_TRIES {
             let current = kv.entry(key.as_str()).await.map_err(|e| dir(&e))?;
+            // A value that does not parse (written by hand) counts as no
+            // revocation, and is overwritten at its revision.
             let stored = current
                 .as_ref()
                 .filter(|e| e.operation == kv::Operation::Put)
-                .and_then(|e| parse_revocation(&e.key, &e.value).map(|(_, b)| (e.revision, b)));
+                .map(|e| {
+                    let b = parse_revocation(&e.key, &e.value).map_or(0, |(_, b)| b);
+                    (e.revision, b)
+                });
             // Another node wrote in between: read again and retry.
             match stored {
                 Some((_, b)) if b >= before_s => return Ok(b),

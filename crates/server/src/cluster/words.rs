@@ -126,41 +126,52 @@ async fn write_words(kv: &kv::Store, puts: Vec<(String, String)>) -> Result<(), 
         .map(|_| ())
 }
 
-/// The first node to find the bucket unseeded puts its own list in it;
-/// every node then keeps its filter equal to the bucket. A node's own
-/// word file only seeds a new cluster: after that, the bucket is the list.
-pub(super) async fn seed_then_watch(
-    kv: kv::Store,
-    node: crate::ids::NodeId,
+/// Seeds a new cluster's list from this node's own (its word file), at
+/// start-up, before the node serves anyone: while `seeded` is missing, the
+/// node puts its words and then makes `seeded`. A node that stops half-way
+/// leaves `seeded` missing, so the next node to start finishes the job
+/// with its own file; nodes that start into a new cluster at the same
+/// moment seed it with the union of their files.
+pub(super) async fn seed(
+    kv: &kv::Store,
+    node: &crate::ids::NodeId,
+    list: &WordList,
+) -> Result<(), ClusterError> {
+    if kv.get(SEEDED).await.map_err(dir)?.is_some() {
+        return Ok(());
+    }
+    let puts: Vec<(String, String)> = list
+        .normalized()
+        .zip(list.words())
+        .map(|(n, w)| (key(n), w.to_owned()))
+        .collect();
+    let n = puts.len();
+    write_words(kv, puts).await?;
+    match kv.create(SEEDED, node.0.to_string().into()).await {
+        Ok(_) => info!(
+            words = n,
+            "seeded the shared word list from this node's file"
+        ),
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+        Err(e) => return Err(dir(e)),
+    }
+    Ok(())
+}
+
+/// Keeps this node's filter equal to the bucket: every word first, then
+/// each change. A node's own word file only seeds a new cluster ([`seed`]);
+/// after that, the bucket is the list.
+pub(super) async fn watch(
     mut watch: kv::Watch,
     filter: FilterHandle,
     data_dir: PathBuf,
     applied: watch::Sender<u64>,
 ) {
-    match kv.create(SEEDED, node.0.to_string().into()).await {
-        Ok(_) => {
-            let list = filter.load();
-            let puts: Vec<(String, String)> = list
-                .words()
-                .normalized()
-                .zip(list.words().words())
-                .map(|(n, w)| (key(n), w.to_owned()))
-                .collect();
-            let n = puts.len();
-            match write_words(&kv, puts).await {
-                Ok(()) => info!(
-                    words = n,
-                    "seeded the shared word list from this node's file"
-                ),
-                Err(e) => warn!(error = %e, "seeding the shared word list failed"),
-            }
-        }
-        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-        Err(e) => warn!(error = %e, "cannot tell whether the shared word list is seeded"),
-    }
     let mut words: BTreeMap<String, String> = BTreeMap::new();
     let mut caught_up = false;
-    let mut changed = false;
+    // The first pass installs the bucket whatever it holds, an empty list
+    // included: the node's file list must not outlive the join.
+    let mut changed = true;
     let mut last = 0;
     loop {
         let Some(first) = watch.next().await else {
@@ -201,13 +212,15 @@ pub(super) async fn seed_then_watch(
             continue;
         }
         if changed {
-            changed = false;
             let list: Vec<String> = words.values().cloned().collect();
             let (filter, path) = (filter.clone(), crate::filter::path_in(&data_dir));
             let built = tokio::task::spawn_blocking(move || install(&filter, &path, list)).await;
+            // Not in force: tried again with the next batch, and edits
+            // waiting for it are not told it is.
             if !matches!(built, Ok(true)) {
                 continue;
             }
+            changed = false;
         }
         applied.send_replace(last);
     }
@@ -215,8 +228,8 @@ pub(super) async fn seed_then_watch(
 }
 
 /// Builds the filter from the bucket's words, puts it in force and keeps
-/// it in the node's word file (read only by a restart that finds NATS
-/// away). Whether it is in force.
+/// it in the node's word file (a copy: a restart loads it and uses it
+/// until its watch has caught up with the bucket). Whether it is in force.
 fn install(filter: &FilterHandle, path: &std::path::Path, mut words: Vec<String>) -> bool {
     // Concurrent adds on several nodes can pass the limit together.
     if words.len() > MAX_WORDS {
