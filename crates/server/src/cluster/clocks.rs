@@ -55,6 +55,12 @@ impl Cluster {
     /// through the publish queue, and when that is full it is skipped (the
     /// next node then starts the clocks afresh).
     pub fn put_clocks(&self, user: UserId, clocks: &[(usize, u64)]) {
+        // Skipped while NATS is away (a write buffered until it is back
+        // could overwrite a newer one from another node), and when the
+        // publish queue is half full: chat lines come first.
+        if !self.connected() || self.inner.publish.capacity() < super::PUBLISH_QUEUE / 2 {
+            return;
+        }
         let subject = format!("$KV.{CLOCKS_BUCKET}.{}", key(user));
         let value = Bytes::from(format(clocks));
         self.publish_raw(subject, value, None, Box::new(|_| {}));

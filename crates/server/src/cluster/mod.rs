@@ -72,9 +72,10 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// whispers go to the shared inbox instead.
 pub const NODE_DEAD: Duration = Duration::from_secs(5);
 
-/// Lines (and inbox whispers) waiting to be handed to NATS. Full, a
-/// message is refused at once: a line gets `RES_STORE_FAILED`, an inbox
-/// whisper its sender's `RES_STORE_FAILED` or, for a spill, a log line.
+/// Lines (and inbox whispers, and cooldown clocks) waiting to be handed to
+/// NATS. Full, a message is refused at once: a line gets
+/// `RES_STORE_FAILED`, an inbox whisper its sender's `RES_STORE_FAILED` or,
+/// for a spill, a log line. Clocks are not queued once it is half full.
 const PUBLISH_QUEUE: usize = 4096;
 /// Refused publishes are logged at most once per this many ms.
 static REFUSED_LOG: crate::logs::Throttle = crate::logs::Throttle::new(5_000);

@@ -1071,6 +1071,51 @@ async fn a_long_cooldown_moves_with_the_player_to_another_node() {
     n2.stop().await;
 }
 
+/// Sends guild lines on `c` until one is stored (JetStream may still be
+/// starting after a restart), bounded.
+async fn until_stored(c: &mut guildchat_client::Client) {
+    for i in 0..100 {
+        c.send_chat(ChatType::ChatGuild, &format!("probe {i}"), 0, "")
+            .await
+            .unwrap();
+        let rep = slow_reply(c).await;
+        if rep.res == ResCode::ResOk as i32 {
+            return;
+        }
+        assert_eq!(rep.res, ResCode::ResStoreFailed as i32);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("no line was stored");
+}
+
+/// A cooldown that starts while NATS is away does not follow the player:
+/// the next session, on another node after the outage, starts it afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cooldown_started_while_nats_is_away_starts_afresh_elsewhere() {
+    let mut nats = Nats::start().await;
+    let slow_world = |c: &mut guildchat_server::Config| c.chat.world.cooldown_ms = 60_000;
+    let n1 = TestServer::node_with(&nats, "n1", None, slow_world).await;
+    let n2 = TestServer::node_with(&nats, "n2", Some(&n1), slow_world).await;
+    let mut p = n1.login(1, "p", 0, 0, 0).await;
+    let mut o = n2.login(2, "o", 9, 0, 0).await;
+    nats.kill();
+    until_ready_is(&n1, 503, "degraded").await;
+    say_seen(&mut p, ChatType::ChatWorld, "alone", 0).await;
+    nats.restart().await;
+    until_ready_is(&n1, 200, "ok").await;
+    until_ready_is(&n2, 200, "ok").await;
+    // The stream and the buckets are back once a line is stored again.
+    until_stored(&mut o).await;
+    let mut q = n2.login(1, "p", 0, 0, 0).await;
+    q.send_chat(ChatType::ChatWorld, "fresh", 0, "")
+        .await
+        .unwrap();
+    assert_eq!(slow_reply(&mut q).await.res, ResCode::ResOk as i32);
+    drop((p, q, o));
+    n1.stop().await;
+    n2.stop().await;
+}
+
 /// The admin API of any node counts, reads and acts on every node: the
 /// stats are sums with each node's own figures, a guild's online members
 /// are those of every node, a recall reaches the line's audience on every
