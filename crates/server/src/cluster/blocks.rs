@@ -9,11 +9,8 @@
 //! refused (`RES_BLOCKED`) on any node, offline or connected elsewhere:
 //! every node watches the bucket and hands each list to its world.
 
-use std::time::Duration;
-
 use async_nats::jetstream::kv;
-use futures_util::StreamExt;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{Cluster, ClusterError};
 use crate::ids::UserId;
@@ -65,23 +62,7 @@ fn parse(value: &[u8]) -> Vec<u64> {
 /// A list changed on another node reaches this one a moment later; a
 /// whisper sent in between is still dropped by the blocker's node.
 pub(super) async fn watch(mut watch: kv::Watch, world: WorldHandle) {
-    while let Some(entry) = watch.next().await {
-        let entry = match entry {
-            Ok(entry) => entry,
-            Err(e) => {
-                warn!(error = %e, "block list watch failed");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        let Some(user) = entry
-            .key
-            .strip_prefix("u.")
-            .and_then(|u| u.parse::<u64>().ok())
-            .map(UserId)
-        else {
-            continue;
-        };
+    while let Some((user, entry)) = super::next_user_entry(&mut watch, "block list").await {
         let blocked: Box<[UserId]> = match entry.operation {
             kv::Operation::Put => parse(&entry.value).into_iter().map(UserId).collect(),
             _ => Box::default(),

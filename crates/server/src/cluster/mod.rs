@@ -762,25 +762,32 @@ async fn read_lines(mut lines: consumer::pull::Ordered, world: WorldHandle) {
     debug!("line feed ended");
 }
 
-/// Feeds the session directory into the world: who holds which session.
-async fn watch_directory(mut watch: kv::Watch, world: WorldHandle, me: NodeId) {
-    while let Some(entry) = watch.next().await {
-        let entry = match entry {
+/// The next entry of a watch over `u.<user>` keys, with its user. A failed
+/// read is logged and retried after 200 ms; other keys are skipped. `None`
+/// once the watch has ended.
+async fn next_user_entry(watch: &mut kv::Watch, what: &str) -> Option<(UserId, kv::Entry)> {
+    loop {
+        let entry = match watch.next().await? {
             Ok(entry) => entry,
             Err(e) => {
-                warn!(error = %e, "session directory watch failed");
+                warn!(error = %e, "{what} watch failed");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
         };
-        let Some(user) = entry
+        let user = entry
             .key
             .strip_prefix("u.")
-            .and_then(|u| u.parse::<u64>().ok())
-            .map(UserId)
-        else {
-            continue;
-        };
+            .and_then(|u| u.parse::<u64>().ok());
+        if let Some(user) = user {
+            return Some((UserId(user), entry));
+        }
+    }
+}
+
+/// Feeds the session directory into the world: who holds which session.
+async fn watch_directory(mut watch: kv::Watch, world: WorldHandle, me: NodeId) {
+    while let Some((user, entry)) = next_user_entry(&mut watch, "session directory").await {
         let holder = match entry.operation {
             kv::Operation::Put => {
                 let value = String::from_utf8_lossy(&entry.value);
