@@ -837,7 +837,19 @@ async fn disband(
     // In a cluster, on every node; one that does not answer is a 503
     // (the others have acted: a retry is harmless).
     let call = crate::cluster::calls::Call::Disband { guild: gid };
-    for answer in ask_every_node(&state, call).await? {
+    let answers = match ask_every_node(&state, call).await {
+        Ok(answers) => answers,
+        Err(e) => {
+            // What was done is audited even so.
+            let result = format!("partial: players={players} here, {e}");
+            let target = format!("guild:{gid}");
+            state
+                .audit(&caller.id, "disband", target, reason, &result)
+                .await;
+            return Err(e);
+        }
+    };
+    for answer in answers {
         if let crate::cluster::calls::Answered::Count(n) = answer {
             players += n;
         }
@@ -1331,7 +1343,18 @@ async fn recall(
     let shared = state.cluster.as_ref().filter(|c| !c.between_lines(msg_id));
     if let Some(cluster) = shared {
         let call = crate::cluster::calls::Call::Recall { msg_id };
-        for answer in ask_every_node(&state, call).await? {
+        let answers = match ask_every_node(&state, call).await {
+            Ok(answers) => answers,
+            Err(e) => {
+                // What was done is audited even so.
+                let result = format!("partial: {e}");
+                state
+                    .audit(&caller.id, "recall", target.clone(), reason, &result)
+                    .await;
+                return Err(e);
+            }
+        };
+        for answer in answers {
             if let crate::cluster::calls::Answered::Recalled(true, told) = answer {
                 reached = Some(reached.unwrap_or(0) + told);
             }
