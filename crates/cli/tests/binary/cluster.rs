@@ -328,6 +328,25 @@ async fn a_node_killed_with_sigkill_loses_only_its_connections() {
     // The player's connection drops with the process: no close frame.
     let (code, kick, _) = until_ended(&mut p).await;
     assert_eq!((code, kick), (None, None), "a killed process says nothing");
+    // While n1 is still live to n2 (its heartbeat ages out in 5 s), the
+    // directory gives it a session: its silence is reported, not passed
+    // over as a stopped node's.
+    let stats = http(
+        "GET",
+        &format!("{}/v1/stats", n2.admin),
+        Some(READ_KEY),
+        None,
+    )
+    .await;
+    let cluster = &stats.json()["cluster"];
+    if cluster["nodes"].get("n1").is_some() {
+        assert_eq!(
+            cluster["unanswered"],
+            serde_json::json!(["n1"]),
+            "{}",
+            stats.text
+        );
+    }
     // n2 and n3 go on: every line of the player's conversations sent
     // meanwhile, from either node, is stored. The whispers are routed to
     // n1, where the directory still places the player.

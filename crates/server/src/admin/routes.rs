@@ -477,7 +477,7 @@ async fn cluster_stats(
         .iter()
         .map(|(node, n)| (node.0.to_string(), *n))
         .collect();
-    let ids: Vec<crate::ids::NodeId> = live.into_iter().map(|(node, _)| node).collect();
+    let ids: Vec<crate::ids::NodeId> = live.iter().map(|(node, _)| node.clone()).collect();
     let mut answers = vec![(
         cluster.node().clone(),
         NodeStats::of(&state.world, &state.stats).await?,
@@ -486,7 +486,9 @@ async fn cluster_stats(
     for (node, answer) in cluster.call_others(&ids, &Call::Stats).await {
         match answer {
             Ok(Answered::Stats(s)) => answers.push((node, s)),
-            Err(crate::cluster::ClusterError::Stopped(_)) => {}
+            // Nobody on its call subject and nobody in the directory: a
+            // drained or restarting node, which has nothing to add.
+            Err(crate::cluster::ClusterError::Stopped(_)) if holds_nobody(&live, &node) => {}
             _ => unanswered.push(node.0.to_string()),
         }
     }
@@ -519,30 +521,43 @@ async fn cluster_stats(
     Ok(out)
 }
 
+/// Whether the session directory gives `node` no session.
+fn holds_nobody(live: &[(crate::ids::NodeId, u64)], node: &crate::ids::NodeId) -> bool {
+    live.iter().all(|(n, count)| n != node || *count == 0)
+}
+
+/// Whether a call to every node may pass over a stopped node that holds
+/// no session.
+#[derive(Clone, Copy, PartialEq)]
+enum Stopped {
+    /// The call is about sessions: a node without any has no part in it.
+    Skip,
+    /// The call is about what a node stores, which outlives its sessions.
+    Wait,
+}
+
 /// In a cluster: asks every other live node and hands back their answers;
 /// one that does not answer makes the whole call a 503 that names it.
 /// Alone: nothing to ask.
 async fn ask_every_node(
     state: &AdminState,
     call: crate::cluster::calls::Call,
+    stopped: Stopped,
 ) -> Result<Vec<crate::cluster::calls::Answered>, ApiError> {
     let Some(cluster) = &state.cluster else {
         return Ok(Vec::new());
     };
-    let ids: Vec<crate::ids::NodeId> = state
-        .world
-        .sessions_by_node()
-        .await?
-        .into_iter()
-        .map(|(node, _)| node)
-        .collect();
+    let live = state.world.sessions_by_node().await?;
+    let ids: Vec<crate::ids::NodeId> = live.iter().map(|(node, _)| node.clone()).collect();
     let mut answers = Vec::new();
     let mut silent = Vec::new();
     for (node, answer) in cluster.call_others(&ids, &call).await {
         match answer {
             Ok(a) => answers.push(a),
-            // Stopped (a drain, a rolling restart): it holds nobody.
-            Err(crate::cluster::ClusterError::Stopped(_)) => {}
+            // Nobody on its call subject (a drain, a rolling restart) and
+            // nobody in the directory.
+            Err(crate::cluster::ClusterError::Stopped(_))
+                if stopped == Stopped::Skip && holds_nobody(&live, &node) => {}
             Err(_) => silent.push(node.0.to_string()),
         }
     }
@@ -717,7 +732,7 @@ async fn guild_online(
         .collect();
     // In a cluster, the members online on every node.
     let call = crate::cluster::calls::Call::GuildOnline { guild: gid };
-    for answer in ask_every_node(&state, call).await? {
+    for answer in ask_every_node(&state, call, Stopped::Skip).await? {
         if let crate::cluster::calls::Answered::Players(more) = answer {
             players.extend(more);
         }
@@ -837,7 +852,7 @@ async fn disband(
     // In a cluster, on every node; one that does not answer is a 503
     // (the others have acted: a retry is harmless).
     let call = crate::cluster::calls::Call::Disband { guild: gid };
-    let answers = match ask_every_node(&state, call).await {
+    let answers = match ask_every_node(&state, call, Stopped::Skip).await {
         Ok(answers) => answers,
         Err(e) => {
             // What was done is audited even so.
@@ -1343,7 +1358,7 @@ async fn recall(
     let shared = state.cluster.as_ref().filter(|c| !c.between_lines(msg_id));
     if let Some(cluster) = shared {
         let call = crate::cluster::calls::Call::Recall { msg_id };
-        let answers = match ask_every_node(&state, call).await {
+        let answers = match ask_every_node(&state, call, Stopped::Wait).await {
             Ok(answers) => answers,
             Err(e) => {
                 // What was done is audited even so.
@@ -1359,9 +1374,19 @@ async fn recall(
                 reached = Some(reached.unwrap_or(0) + told);
             }
         }
-        cluster.forget_line(msg_id).await.map_err(|e| {
-            ApiError::Unavailable(format!("the line stream did not forget it: {e}"))
-        })?;
+        if let Err(e) = cluster.forget_line(msg_id).await {
+            let e = ApiError::Unavailable(format!("the line stream did not forget it: {e}"));
+            state
+                .audit(
+                    &caller.id,
+                    "recall",
+                    target,
+                    reason,
+                    &format!("partial: {e}"),
+                )
+                .await;
+            return Err(e);
+        }
     }
     match reached {
         Some(reached) => {

@@ -52,8 +52,8 @@ fn parse(value: &[u8]) -> Vec<(usize, u64)> {
 
 impl Cluster {
     /// Queues `user`'s running clocks for every node. Never waits: it goes
-    /// through the publish queue, and when that is full it is skipped (the
-    /// next node then starts the clocks afresh).
+    /// through the publish queue, and is skipped while NATS is away or the
+    /// queue is half full (the next node then starts the clocks afresh).
     pub fn put_clocks(&self, user: UserId, clocks: &[(usize, u64)]) {
         // Skipped while NATS is away (a write buffered until it is back
         // could overwrite a newer one from another node), and when the

@@ -291,9 +291,7 @@ impl Cluster {
         let block_watch = timed("block watch", blocks.watch_with_history("u.>")).await?;
         let masks = file(&js, "mask bucket", MASKS_BUCKET).await?;
         let words = file(&js, "word bucket", WORDS_BUCKET).await?;
-        words::seed(&words, &node, seed_words)
-            .await
-            .map_err(|e| setup("word list seeding")(e.to_string()))?;
+        timed("word list seeding", words::seed(&words, &node, seed_words)).await?;
         let word_watch = timed("word watch", words.watch_with_history(">")).await?;
         let (applied_tx, words_applied) = tokio::sync::watch::channel(0);
         // Clocks are worth nothing after a day, nor after NATS restarts.

@@ -72,8 +72,20 @@ fn parse(key: &str, value: &[u8]) -> Option<Sanction> {
 }
 
 impl Cluster {
+    /// Refuses a write at once while NATS is away: a write the client
+    /// buffered until it is back would be neither refused nor done when
+    /// the admin API answers.
+    fn reachable(&self) -> Result<(), ClusterError> {
+        if self.connected() {
+            Ok(())
+        } else {
+            Err(ClusterError::Directory("NATS is away".into()))
+        }
+    }
+
     /// Stores a sanction for every node; done once the bucket has it.
     pub async fn put_sanction(&self, s: &Sanction) -> Result<(), ClusterError> {
+        self.reachable()?;
         let value = format!("{} {} {}", s.until_ms, s.set_ms, s.reason);
         self.inner
             .sanctions
@@ -89,6 +101,7 @@ impl Cluster {
         user: UserId,
         kind: SanctionKind,
     ) -> Result<bool, ClusterError> {
+        self.reachable()?;
         let key = key(user.0, kind);
         let kv = &self.inner.sanctions;
         let had = kv
@@ -111,6 +124,7 @@ impl Cluster {
     /// narrowed: against a later one already stored (another node's clock
     /// may run ahead), the stored one stands and is returned.
     pub async fn put_revocation(&self, user: UserId, before_s: u64) -> Result<u64, ClusterError> {
+        self.reachable()?;
         let key = revoke_key(user.0);
         let value = bytes::Bytes::from(before_s.to_string());
         let kv = &self.inner.sanctions;

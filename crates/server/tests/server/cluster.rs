@@ -447,7 +447,18 @@ async fn local_chat_goes_on_while_nats_is_away_and_lines_cross_again_after() {
     assert_eq!(r.status, 503, "{}", r.text);
     let r = cl.nodes[0].gm("GET", "/v1/filter/words", None).await;
     assert_eq!(r.json()["words"], serde_json::json!([]));
-    // Nor can the shared audit log be read.
+    // Nor can a sanction or a revocation be set, nor the shared audit log
+    // be read.
+    let r = cl.nodes[0]
+        .gm("PUT", "/v1/players/2/mute", Some(r#"{"seconds":600}"#))
+        .await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    let r = cl.nodes[0].gm("DELETE", "/v1/players/2/ban", None).await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    let r = cl.nodes[0]
+        .gm("POST", "/v1/players/2/revoke-tokens", None)
+        .await;
+    assert_eq!(r.status, 503, "{}", r.text);
     let r = cl.nodes[0].gm("GET", "/v1/audit", None).await;
     assert_eq!(r.status, 503, "{}", r.text);
     cl.nats.restart().await;
@@ -455,6 +466,9 @@ async fn local_chat_goes_on_while_nats_is_away_and_lines_cross_again_after() {
     for node in &cl.nodes {
         let r = node.gm("GET", "/v1/filter/words", None).await;
         assert_eq!(r.json()["words"], serde_json::json!([]), "{}", node.admin);
+        let r = node.gm("GET", "/v1/players/2", None).await;
+        assert_eq!(r.json()["muted_until_ms"], 0, "{}", r.text);
+        assert_eq!(r.json()["tokens_revoked_before_s"], 0, "{}", r.text);
     }
     // Sent until one is stored (JetStream may still be starting). A line
     // refused now may arrive too: the client library may have buffered it,
