@@ -8,6 +8,14 @@
 //! per subject, and a publish past it is refused (`DiscardNew` per
 //! subject), which the sender hears as `RES_INBOX_FULL`. Entries older
 //! than `offline_ttl_days` expire with the stream's age limit.
+//!
+//! The sender's cap works the same way in a second stream, `GC_SENDERS`:
+//! a whisper first takes a place on its sender's subject
+//! (`gc.sent.<user>`, at most `max_offline_per_sender`, refused past it
+//! as `RES_SENDER_LIMIT`), and its inbox entry names that place, which is
+//! given back when the whisper is delivered or refused by the inbox. Both
+//! streams expire with the same age, so a place whose release was lost
+//! comes back when its whisper would have expired.
 
 use std::time::Duration;
 
@@ -26,6 +34,9 @@ use crate::records;
 /// The stream of offline whispers.
 pub const INBOX_STREAM: &str = "GC_INBOX";
 const PREFIX: &str = "gc.inbox";
+/// The stream of places each sender holds in the inboxes.
+pub const SENDERS_STREAM: &str = "GC_SENDERS";
+const SENT_PREFIX: &str = "gc.sent";
 /// How long a login's read of its inbox may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -37,6 +48,9 @@ struct InboxMsg {
     notify: Option<pb::ChatMessageNotifyChat>,
     #[prost(uint64, tag = "2")]
     nonce: u64,
+    /// The sender's place in `GC_SENDERS`; 0 for none.
+    #[prost(uint64, tag = "3")]
+    sent_seq: u64,
 }
 
 pub(super) fn config(history: &HistoryConfig) -> stream::Config {
@@ -54,40 +68,129 @@ pub(super) fn config(history: &HistoryConfig) -> stream::Config {
     }
 }
 
+/// The senders' stream: the same age limit as the inbox's, and
+/// `max_offline_per_sender` places per sender.
+pub(super) fn senders_config(history: &HistoryConfig) -> stream::Config {
+    let inbox = config(history);
+    stream::Config {
+        name: SENDERS_STREAM.into(),
+        subjects: vec![format!("{SENT_PREFIX}.>")],
+        max_messages_per_subject: i64::from(history.max_offline_per_sender),
+        ..inbox
+    }
+}
+
 fn subject(user: UserId) -> String {
     format!("{PREFIX}.{user}")
 }
 
+fn sent_subject(sender: u64) -> String {
+    format!("{SENT_PREFIX}.{sender}")
+}
+
+/// A refusal by a stream's per-subject cap.
+fn over_cap(why: &str) -> bool {
+    why.contains("maximum messages per subject")
+}
+
 impl Cluster {
-    /// Keeps a whisper for `to`'s next login on any node; resolves once
-    /// JetStream has stored it (or refused it: a full inbox).
+    /// Keeps a whisper for `to`'s next login on any node, in a place of
+    /// its sender's; resolves once JetStream has stored it (or refused
+    /// it: a full inbox, or a sender with all its places taken).
     pub fn store_offline(
         &self,
         to: UserId,
         msg: &StoredMsg,
     ) -> oneshot::Receiver<Result<(), HistoryError>> {
         let (tx, rx) = oneshot::channel();
+        let notify = records::notification(msg);
+        let nonce = msg.nonce;
+        let cluster = self.clone();
+        // The sender's place first: the whisper goes in only with one.
+        self.publish_raw(
+            sent_subject(msg.sender_id),
+            Bytes::new(),
+            None,
+            Box::new(move |place| match place {
+                Ok(sent_seq) => cluster.put_inbox(to, notify, nonce, sent_seq, tx),
+                Err(why) => {
+                    let e = if over_cap(&why) {
+                        HistoryError::SenderLimit
+                    } else {
+                        warn!(%to, error = %why, "an offline whisper was not stored");
+                        HistoryError::Unavailable
+                    };
+                    let _ = tx.send(Err(e));
+                }
+            }),
+        );
+        rx
+    }
+
+    /// Keeps a whisper whose sender was answered long ago (a session's
+    /// unconfirmed whispers, or one sent to a node that died) for `to`'s
+    /// next login, outside its sender's places: the sender's cap is for
+    /// what a sender may still send.
+    pub fn spill_offline(
+        &self,
+        to: UserId,
+        msg: &StoredMsg,
+    ) -> oneshot::Receiver<Result<(), HistoryError>> {
+        let (tx, rx) = oneshot::channel();
+        self.put_inbox(to, records::notification(msg), msg.nonce, 0, tx);
+        rx
+    }
+
+    fn put_inbox(
+        &self,
+        to: UserId,
+        notify: pb::ChatMessageNotifyChat,
+        nonce: u64,
+        sent_seq: u64,
+        tx: oneshot::Sender<Result<(), HistoryError>>,
+    ) {
         let payload = prost::Message::encode_to_vec(&InboxMsg {
-            notify: Some(records::notification(msg)),
-            nonce: msg.nonce,
+            notify: Some(notify),
+            nonce,
+            sent_seq,
         });
+        let releaser = self.clone();
         self.publish_raw(
             subject(to),
             Bytes::from(payload),
             None,
             Box::new(move |result| {
                 let result = result.map(|_| ()).map_err(|why| {
-                    if why.contains("maximum messages per subject") {
+                    if over_cap(&why) {
                         HistoryError::InboxFull
                     } else {
                         warn!(%to, error = %why, "an offline whisper was not stored");
                         HistoryError::Unavailable
                     }
                 });
+                // Refused, so the place is given back. A refusal that was
+                // stored after all (the link dropped as it went) keeps its
+                // whisper and frees its place early: its sender may then
+                // have one more waiting than the cap.
+                if result.is_err() && sent_seq != 0 {
+                    releaser.release_places(vec![sent_seq]);
+                }
                 let _ = tx.send(result);
             }),
         );
-        rx
+    }
+
+    /// Gives senders' places back, in the background: a place that stays
+    /// taken only narrows its sender's cap until it expires.
+    fn release_places(&self, seqs: Vec<u64>) {
+        let senders = self.inner.senders.clone();
+        tokio::spawn(async move {
+            for seq in seqs {
+                if let Err(e) = senders.delete_message(seq).await {
+                    debug!(seq, error = %e, "a sender's inbox place was not given back");
+                }
+            }
+        });
     }
 
     /// The whispers waiting for `user`, oldest first, with the inbox
@@ -139,6 +242,7 @@ impl Cluster {
                     Ok(InboxMsg {
                         notify: Some(n),
                         nonce,
+                        ..
                     }) => {
                         let conversation = Conversation::between(n.senderid, n.targetid);
                         found.push((seq, records::stored(&n, conversation, nonce)));
@@ -153,9 +257,23 @@ impl Cluster {
             .map_err(|_| failed("timed out".into()))?
     }
 
-    /// Deletes delivered whispers from the inbox by their sequences.
+    /// Deletes delivered whispers from the inbox by their sequences, and
+    /// gives their senders' places back.
     pub async fn ack_offline(&self, seqs: Vec<u64>) -> Result<(), HistoryError> {
         let mut result = Ok(());
+        let mut places = Vec::new();
+        for &seq in &seqs {
+            // Read back for its place; one that cannot be read keeps its
+            // place until it expires.
+            if let Ok(raw) = self.inner.inbox.get_raw_message(seq).await {
+                if let Ok(m) = <InboxMsg as prost::Message>::decode(raw.payload.as_ref()) {
+                    if m.sent_seq != 0 {
+                        places.push(m.sent_seq);
+                    }
+                }
+            }
+        }
+        self.release_places(places);
         for seq in seqs {
             if let Err(e) = self.inner.inbox.delete_message(seq).await {
                 debug!(seq, error = %e, "an inbox entry was not deleted");
@@ -191,5 +309,23 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(forever.max_age, Duration::ZERO);
+    }
+
+    /// The senders' cap is a per-subject limit too, refusing past it, with
+    /// the inbox's age limit.
+    #[test]
+    fn the_senders_stream_enforces_the_senders_cap() {
+        let history = HistoryConfig {
+            max_offline_per_sender: 4,
+            offline_ttl_days: 3,
+            ..Default::default()
+        };
+        let c = senders_config(&history);
+        assert_eq!(c.name, SENDERS_STREAM);
+        assert_eq!(c.subjects, ["gc.sent.>"]);
+        assert_eq!(c.max_messages_per_subject, 4);
+        assert_eq!(c.discard, stream::DiscardPolicy::New);
+        assert!(c.discard_new_per_subject);
+        assert_eq!(c.max_age, Duration::from_secs(3 * 86_400));
     }
 }

@@ -38,7 +38,7 @@ mod words;
 pub use audit::{SharedEntry, AUDIT_STREAM};
 pub use blocks::BLOCKS_BUCKET;
 pub use clocks::{CLOCKS_BUCKET, MOVING_COOLDOWN};
-pub use inbox::INBOX_STREAM;
+pub use inbox::{INBOX_STREAM, SENDERS_STREAM};
 pub use masks::MASKS_BUCKET;
 pub use sanctions::SANCTIONS_BUCKET;
 pub use words::{key as word_key, WORDS_BUCKET};
@@ -154,6 +154,8 @@ struct Inner {
     backfills: tokio::sync::Semaphore,
     /// The offline inbox stream.
     inbox: stream::Stream,
+    /// The senders' places in the inbox.
+    senders: stream::Stream,
     /// The shared audit log.
     audit: stream::Stream,
     sanctions: kv::Store,
@@ -283,6 +285,11 @@ impl Cluster {
             js.get_or_create_stream(inbox::config(config_history)),
         )
         .await?;
+        let senders = timed(
+            "inbox senders stream",
+            js.get_or_create_stream(inbox::senders_config(config_history)),
+        )
+        .await?;
         let audit = timed("audit stream", js.get_or_create_stream(audit::config())).await?;
         let sessions = file(&js, "session bucket", SESSIONS_BUCKET).await?;
         let sanctions = file(&js, "sanction bucket", SANCTIONS_BUCKET).await?;
@@ -365,6 +372,7 @@ impl Cluster {
                 js: js.clone(),
                 client,
                 inbox,
+                senders,
                 audit,
                 backfills: tokio::sync::Semaphore::new(BACKFILLS),
                 sanctions,

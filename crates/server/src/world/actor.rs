@@ -948,7 +948,7 @@ impl World {
         // refused (a full inbox, NATS gone) is logged by the inbox.
         if let Some(cluster) = &self.cluster {
             for (to, m) in whispers {
-                drop(cluster.store_offline(UserId(to), &m));
+                drop(cluster.spill_offline(UserId(to), &m));
             }
             return;
         }
@@ -1410,7 +1410,7 @@ impl World {
         let mut keep = VecDeque::with_capacity(self.remote.sent_remote.len());
         for (at, node, to, record) in std::mem::take(&mut self.remote.sent_remote) {
             if !self.alive(&node) || restarted == Some(&node) {
-                drop(cluster.store_offline(to, &record));
+                drop(cluster.spill_offline(to, &record));
                 Stats::bump(&self.stats.offline_spilled);
                 debug!(%to, %node, "whisper to a dead node's player kept in the inbox");
             } else if now.duration_since(at) < REMOTE_WINDOW {

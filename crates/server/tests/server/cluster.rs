@@ -911,6 +911,98 @@ async fn a_full_shared_inbox_refuses_the_next_whisper() {
     n2.stop().await;
 }
 
+/// Until `node` knows `user` has no session anywhere (bounded).
+async fn until_gone(node: &TestServer, user: u64) {
+    for _ in 0..500 {
+        if node.world.locate(UserId(user)).await.unwrap().is_none() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    panic!("{} still places player {user}", node.admin);
+}
+
+/// `max_offline_per_sender` holds across nodes: a sender's whispers
+/// waiting in the shared inbox count wherever they were sent from, past
+/// the cap the next is refused with RES_SENDER_LIMIT, and a delivery on
+/// any node gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_senders_cap_on_offline_whispers_holds_across_nodes() {
+    let nats = Nats::start().await;
+    let cap = |c: &mut guildchat_server::Config| c.history.max_offline_per_sender = 2;
+    let n1 = TestServer::node_with(&nats, "n1", None, cap).await;
+    let n2 = TestServer::node_with(&nats, "n2", Some(&n1), cap).await;
+    // Two targets, seen once and gone.
+    for user in [8, 9] {
+        drop(n2.login(user, "target", 0, 0, 0).await);
+        n2.gm("POST", &format!("/v1/players/{user}/kick"), None)
+            .await;
+        until_gone(&n1, user).await;
+        until_gone(&n2, user).await;
+    }
+    // One whisper each, sent from n1.
+    let mut s = n1.login(1, "one", 0, 0, 0).await;
+    let mut sent = Vec::new();
+    for to in [9, 8] {
+        let rep = say_seen(&mut s, ChatType::ChatPrivate, "while you were out", to).await;
+        assert!(rep.offline);
+        sent.push(rep.msg_id);
+    }
+    // The sender moves to n2: its third is refused there, to either
+    // target, and stored nowhere.
+    drop(s);
+    let mut s = n2.login(1, "one", 0, 0, 0).await;
+    for to in [9, 8] {
+        s.send_chat(ChatType::ChatPrivate, "one too many", to, "")
+            .await
+            .unwrap();
+        let rep = next_chat_rep(&mut s).await;
+        assert_eq!(rep.res, ResCode::ResSenderLimit as i32, "to {to}");
+    }
+    // Target 9 logs in on n1 and reads its whisper, which frees a place:
+    // the sender, still on n2, may send one more, and no more.
+    let mut nine = n1.login(9, "target", 0, 0, 0).await;
+    let got = next_chat(&mut nine).await;
+    assert_eq!(got.msg_id, sent[0]);
+    assert_silent(&mut nine).await;
+    let mut freed = None;
+    for _ in 0..200 {
+        s.send_chat(ChatType::ChatPrivate, "again", 8, "")
+            .await
+            .unwrap();
+        let rep = next_chat_rep(&mut s).await;
+        if rep.res == ResCode::ResOk as i32 {
+            freed = Some(rep);
+            break;
+        }
+        assert_eq!(rep.res, ResCode::ResSenderLimit as i32);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let freed = freed.expect("the delivered whisper's place never came back");
+    assert!(freed.offline);
+    s.send_chat(ChatType::ChatPrivate, "past the cap", 8, "")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_chat_rep(&mut s).await.res,
+        ResCode::ResSenderLimit as i32
+    );
+    // Target 8 gets exactly what was accepted for it, in order.
+    let mut eight = n1.login(8, "target", 0, 0, 0).await;
+    let got = [next_chat(&mut eight).await, next_chat(&mut eight).await];
+    assert_eq!(
+        got.map(|m| (m.msg_id, m.strcontext)),
+        [
+            (sent[1], "while you were out".to_owned()),
+            (freed.msg_id, "again".to_owned())
+        ]
+    );
+    assert_silent(&mut eight).await;
+    drop((s, nine, eight));
+    n1.stop().await;
+    n2.stop().await;
+}
+
 /// A node whose own store holds ids from a standalone past above the
 /// cluster's next id refuses to join, rather than hand out lower ids.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
