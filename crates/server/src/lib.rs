@@ -145,7 +145,20 @@ impl Server {
             ),
             false => None,
         };
-        Ok(parts.assemble(joined))
+        let server = parts.assemble(joined);
+        // Whispers kept alone before this node joined wait for players who
+        // may log in on any node: they move to the shared inbox before
+        // this node serves anyone.
+        if let (Some(cluster), Some(history)) = (&server.ctx.cluster, &server.history) {
+            let moved = cluster.adopt_local_inbox(history).await;
+            if moved > 0 {
+                tracing::info!(
+                    moved,
+                    "offline whispers from before the cluster are in the shared inbox"
+                );
+            }
+        }
+        Ok(server)
     }
 }
 

@@ -180,6 +180,40 @@ impl Cluster {
         );
     }
 
+    /// Moves the whispers waiting in this node's own store (kept before it
+    /// joined a cluster) into the shared inbox, where a login on any node
+    /// finds them; each leaves the store only once the inbox has it. One
+    /// that cannot move stays for the next start. Returns how many moved.
+    pub async fn adopt_local_inbox(&self, history: &crate::history::HistoryHandle) -> usize {
+        let mut moved = 0;
+        for user in history.offline_users() {
+            // Gone already: the rest wait for the next start.
+            if !self.connected() {
+                break;
+            }
+            let waiting = match history.pending_offline(user).await {
+                Ok(Ok(waiting)) => waiting,
+                _ => continue,
+            };
+            let mut done = Vec::with_capacity(waiting.len());
+            for msg in &waiting {
+                // Their senders were answered long ago: no place is taken.
+                if let Ok(Ok(())) = self.spill_offline(UserId(user), msg).await {
+                    done.push(msg.msg_id);
+                } else {
+                    warn!(%user, msg_id = msg.msg_id, "a whisper from before the cluster stays in this node's store");
+                }
+            }
+            moved += done.len();
+            if let Err(e) = history.ack_offline(user, done).await {
+                // They are in both now: the next start moves them again,
+                // and a client de-duplicates by msg_id.
+                warn!(%user, error = %e, "whispers moved to the shared inbox are still in this node's store");
+            }
+        }
+        moved
+    }
+
     /// Gives senders' places back, in the background: a place that stays
     /// taken only narrows its sender's cap until it expires.
     fn release_places(&self, seqs: Vec<u64>) {

@@ -553,6 +553,11 @@ impl HistoryHandle {
         self.shared.inboxes.may_have(user)
     }
 
+    /// Every player who may have whispers waiting, in no order.
+    pub fn offline_users(&self) -> Vec<u64> {
+        self.shared.inboxes.lock().keys().copied().collect()
+    }
+
     /// The whispers waiting for `user`, oldest first by msg_id, at most
     /// `max_offline_whispers`, leaving out those past `offline_ttl_days`.
     /// They stay stored until acknowledged with

@@ -1003,6 +1003,61 @@ async fn the_senders_cap_on_offline_whispers_holds_across_nodes() {
     n2.stop().await;
 }
 
+/// Whispers a server kept alone, before it joined a cluster, move to the
+/// shared inbox as it joins: they reach their player at a login on any
+/// node, once, and a later start does not bring them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whispers_kept_before_joining_reach_a_login_on_any_node() {
+    let alone = TestServer::start_with(no_cooldowns).await;
+    drop(alone.login(9, "nine", 0, 0, 0).await);
+    alone.gm("POST", "/v1/players/9/kick", None).await;
+    for _ in 0..500 {
+        if alone.world.player(UserId(9)).await.unwrap().is_none() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let mut s = alone.login(1, "one", 0, 0, 0).await;
+    let mut kept = Vec::new();
+    for text in ["first", "second"] {
+        s.send_chat(ChatType::ChatPrivate, text, 9, "")
+            .await
+            .unwrap();
+        let rep = next_chat_rep(&mut s).await;
+        assert_eq!(rep.res, ResCode::ResOk as i32);
+        assert!(rep.offline);
+        kept.push((rep.msg_id, text.to_owned()));
+    }
+    drop(s);
+    let dir = alone.stop_keep_dir().await;
+    let nats = Nats::start().await;
+    let as_n1 = |c: &mut guildchat_server::Config| {
+        no_cooldowns(c);
+        c.cluster.url = Some(nats.url.clone());
+        c.cluster.node_id = Some("n1".into());
+    };
+    let n1 = TestServer::start_in(dir, as_n1).await;
+    let n2 = TestServer::node(&nats, "n2", Some(&n1)).await;
+    let mut nine = n2.login(9, "nine", 0, 0, 0).await;
+    let got = [next_chat(&mut nine).await, next_chat(&mut nine).await];
+    assert_eq!(
+        got.map(|m| (m.msg_id, m.strcontext)),
+        [kept[0].clone(), kept[1].clone()]
+    );
+    assert_silent(&mut nine).await;
+    drop(nine);
+    n2.gm("POST", "/v1/players/9/kick", None).await;
+    until_gone(&n2, 9).await;
+    // n1 starts again on its dir: its store no longer holds them.
+    let n1 = TestServer::start_in(n1.stop_keep_dir().await, as_n1).await;
+    until_gone(&n1, 9).await;
+    let mut nine = n2.login(9, "nine", 0, 0, 0).await;
+    assert_silent(&mut nine).await;
+    drop(nine);
+    n1.stop().await;
+    n2.stop().await;
+}
+
 /// A node whose own store holds ids from a standalone past above the
 /// cluster's next id refuses to join, rather than hand out lower ids.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
