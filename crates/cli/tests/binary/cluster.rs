@@ -339,14 +339,13 @@ async fn a_node_killed_with_sigkill_loses_only_its_connections() {
     )
     .await;
     let cluster = &stats.json()["cluster"];
-    if cluster["nodes"].get("n1").is_some() {
-        assert_eq!(
-            cluster["unanswered"],
-            serde_json::json!(["n1"]),
-            "{}",
-            stats.text
-        );
-    }
+    assert!(cluster["nodes"].get("n1").is_some(), "{}", stats.text);
+    assert_eq!(
+        cluster["unanswered"],
+        serde_json::json!(["n1"]),
+        "{}",
+        stats.text
+    );
     // n2 and n3 go on: every line of the player's conversations sent
     // meanwhile, from either node, is stored. The whispers are routed to
     // n1, where the directory still places the player.

@@ -13,9 +13,9 @@
 //! a whisper first takes a place on its sender's subject
 //! (`gc.sent.<user>`, at most `max_offline_per_sender`, refused past it
 //! as `RES_SENDER_LIMIT`), and its inbox entry names that place, which is
-//! given back when the whisper is delivered or refused by the inbox. Both
-//! streams expire with the same age, so a place whose release was lost
-//! comes back when its whisper would have expired.
+//! given back when the whisper is delivered or refused by the inbox. A
+//! place expires with its whisper (after 30 days when whispers never
+//! expire), so one whose release was lost comes back in the end.
 
 use std::time::Duration;
 
@@ -39,6 +39,9 @@ pub const SENDERS_STREAM: &str = "GC_SENDERS";
 const SENT_PREFIX: &str = "gc.sent";
 /// How long a login's read of its inbox may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a start may spend moving the whispers of its own store into
+/// the shared inbox.
+const ADOPT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One waiting whisper.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -68,14 +71,24 @@ pub(super) fn config(history: &HistoryConfig) -> stream::Config {
     }
 }
 
-/// The senders' stream: the same age limit as the inbox's, and
-/// `max_offline_per_sender` places per sender.
+/// How long a sender's place lasts when whispers never expire: a place
+/// whose release was lost (a reply cut off by an outage) must come back
+/// some day.
+const PLACE_AGE_WITHOUT_TTL: Duration = Duration::from_secs(30 * 86_400);
+
+/// The senders' stream: `max_offline_per_sender` places per sender, which
+/// expire with the inbox's age limit (or after 30 days without one).
 pub(super) fn senders_config(history: &HistoryConfig) -> stream::Config {
     let inbox = config(history);
+    let max_age = match inbox.max_age {
+        Duration::ZERO => PLACE_AGE_WITHOUT_TTL,
+        age => age,
+    };
     stream::Config {
         name: SENDERS_STREAM.into(),
         subjects: vec![format!("{SENT_PREFIX}.>")],
         max_messages_per_subject: i64::from(history.max_offline_per_sender),
+        max_age,
         ..inbox
     }
 }
@@ -182,26 +195,35 @@ impl Cluster {
 
     /// Moves the whispers waiting in this node's own store (kept before it
     /// joined a cluster) into the shared inbox, where a login on any node
-    /// finds them; each leaves the store only once the inbox has it. One
-    /// that cannot move stays for the next start. Returns how many moved.
+    /// finds them; each leaves the store only once the inbox has it. What
+    /// cannot move (NATS away, a full inbox, past [`ADOPT_TIMEOUT`]) stays
+    /// for the next start. Returns how many moved.
     pub async fn adopt_local_inbox(&self, history: &crate::history::HistoryHandle) -> usize {
         let mut moved = 0;
+        let deadline = tokio::time::Instant::now() + ADOPT_TIMEOUT;
         for user in history.offline_users() {
-            // Gone already: the rest wait for the next start.
-            if !self.connected() {
+            // Gone, or too long: the rest wait for the next start.
+            if !self.connected() || tokio::time::Instant::now() >= deadline {
+                warn!("some whispers from before the cluster stay in this node's store until its next start");
                 break;
             }
             let waiting = match history.pending_offline(user).await {
                 Ok(Ok(waiting)) => waiting,
                 _ => continue,
             };
-            let mut done = Vec::with_capacity(waiting.len());
-            for msg in &waiting {
-                // Their senders were answered long ago: no place is taken.
-                if let Ok(Ok(())) = self.spill_offline(UserId(user), msg).await {
-                    done.push(msg.msg_id);
-                } else {
-                    warn!(%user, msg_id = msg.msg_id, "a whisper from before the cluster stays in this node's store");
+            // A player's whispers side by side, in their order; their
+            // senders were answered long ago, so no place is taken.
+            let stored: Vec<_> = waiting
+                .iter()
+                .map(|msg| (msg.msg_id, self.spill_offline(UserId(user), msg)))
+                .collect();
+            let mut done = Vec::with_capacity(stored.len());
+            for (msg_id, rx) in stored {
+                match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(Ok(Ok(()))) => done.push(msg_id),
+                    _ => {
+                        debug!(%user, msg_id, "a whisper from before the cluster stays in this node's store")
+                    }
                 }
             }
             moved += done.len();
@@ -292,29 +314,35 @@ impl Cluster {
     }
 
     /// Deletes delivered whispers from the inbox by their sequences, and
-    /// gives their senders' places back.
+    /// gives back the senders' places of those it deleted.
     pub async fn ack_offline(&self, seqs: Vec<u64>) -> Result<(), HistoryError> {
-        let mut result = Ok(());
-        let mut places = Vec::new();
-        for &seq in &seqs {
-            // Read back for its place; one that cannot be read keeps its
-            // place until it expires.
-            if let Ok(raw) = self.inner.inbox.get_raw_message(seq).await {
-                if let Ok(m) = <InboxMsg as prost::Message>::decode(raw.payload.as_ref()) {
-                    if m.sent_seq != 0 {
-                        places.push(m.sent_seq);
+        let inbox = &self.inner.inbox;
+        let work = async {
+            let mut result = Ok(());
+            let mut places = Vec::new();
+            for seq in seqs {
+                // Read back for its place; one that cannot be read keeps
+                // its place until it expires.
+                let place = match inbox.get_raw_message(seq).await {
+                    Ok(raw) => <InboxMsg as prost::Message>::decode(raw.payload.as_ref())
+                        .map_or(0, |m| m.sent_seq),
+                    Err(_) => 0,
+                };
+                match inbox.delete_message(seq).await {
+                    Ok(_) if place != 0 => places.push(place),
+                    Ok(_) => {}
+                    Err(e) => {
+                        debug!(seq, error = %e, "an inbox entry was not deleted");
+                        result = Err(HistoryError::Unavailable);
                     }
                 }
             }
-        }
-        self.release_places(places);
-        for seq in seqs {
-            if let Err(e) = self.inner.inbox.delete_message(seq).await {
-                debug!(seq, error = %e, "an inbox entry was not deleted");
-                result = Err(HistoryError::Unavailable);
-            }
-        }
-        result
+            self.release_places(places);
+            result
+        };
+        tokio::time::timeout(READ_TIMEOUT, work)
+            .await
+            .unwrap_or(Err(HistoryError::Unavailable))
     }
 }
 
@@ -361,5 +389,11 @@ mod tests {
         assert_eq!(c.discard, stream::DiscardPolicy::New);
         assert!(c.discard_new_per_subject);
         assert_eq!(c.max_age, Duration::from_secs(3 * 86_400));
+        // Whispers kept until read: places still expire.
+        let forever = senders_config(&HistoryConfig {
+            offline_ttl_days: 0,
+            ..Default::default()
+        });
+        assert_eq!(forever.max_age, PLACE_AGE_WITHOUT_TTL);
     }
 }

@@ -1276,10 +1276,12 @@ impl World {
             offline: None,
         };
         // In a cluster the inbox is NATS's, and takes whispers until the
-        // very end, after the local store has been let go at shutdown.
+        // very end, after the local store has been let go at shutdown. A
+        // line here came from the stream, its sender already answered: it
+        // takes no place of its sender's.
         if let (Some(to), Some(cluster)) = (store_for, &self.cluster) {
             let record = records::stored(&notify, conversation, nonce);
-            outcome.offline = Some(cluster.store_offline(to, &record));
+            outcome.offline = Some(cluster.spill_offline(to, &record));
             Stats::bump(&self.stats.offline_stored);
         }
         if let Some(history) = self.history.clone() {
