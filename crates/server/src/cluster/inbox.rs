@@ -67,6 +67,7 @@ pub(super) fn config(history: &HistoryConfig) -> stream::Config {
         discard_new_per_subject: true,
         // 0 keeps them until they are read.
         max_age: Duration::from_secs(days.saturating_mul(86_400)),
+        max_consumers: super::MAX_READERS,
         ..Default::default()
     }
 }
@@ -279,34 +280,40 @@ impl Cluster {
                 })
                 .await
                 .map_err(|e| failed(e.to_string()))?;
-            let mut pending = consumer.cached_info().num_pending;
-            let mut found = Vec::new();
-            if pending == 0 {
-                return Ok(found);
-            }
-            let mut msgs = consumer
-                .messages()
-                .await
-                .map_err(|e| failed(e.to_string()))?;
-            while pending > 0 {
-                let Some(msg) = msgs.next().await else { break };
-                let msg = msg.map_err(|e| failed(e.to_string()))?;
-                let Ok(info) = msg.info() else { continue };
-                pending = info.pending;
-                let seq = info.stream_sequence;
-                match <InboxMsg as prost::Message>::decode(msg.payload.as_ref()) {
-                    Ok(InboxMsg {
-                        notify: Some(n),
-                        nonce,
-                        ..
-                    }) => {
-                        let conversation = Conversation::between(n.senderid, n.targetid);
-                        found.push((seq, records::stored(&n, conversation, nonce)));
-                    }
-                    _ => debug!(%user, seq, "an inbox entry does not decode; skipped"),
+            let name = consumer.cached_info().name.clone();
+            let read = async {
+                let mut pending = consumer.cached_info().num_pending;
+                let mut found = Vec::new();
+                if pending == 0 {
+                    return Ok(found);
                 }
-            }
-            Ok(found)
+                let mut msgs = consumer
+                    .messages()
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                while pending > 0 {
+                    let Some(msg) = msgs.next().await else { break };
+                    let msg = msg.map_err(|e| failed(e.to_string()))?;
+                    let Ok(info) = msg.info() else { continue };
+                    pending = info.pending;
+                    let seq = info.stream_sequence;
+                    match <InboxMsg as prost::Message>::decode(msg.payload.as_ref()) {
+                        Ok(InboxMsg {
+                            notify: Some(n),
+                            nonce,
+                            ..
+                        }) => {
+                            let conversation = Conversation::between(n.senderid, n.targetid);
+                            found.push((seq, records::stored(&n, conversation, nonce)));
+                        }
+                        _ => debug!(%user, seq, "an inbox entry does not decode; skipped"),
+                    }
+                }
+                Ok(found)
+            };
+            let found = read.await;
+            super::drop_reader(stream, &name).await;
+            found
         };
         tokio::time::timeout(READ_TIMEOUT, read)
             .await

@@ -276,6 +276,7 @@ impl Cluster {
                 storage: stream::StorageType::File,
                 // A day of lines; the history store keeps them for longer.
                 max_age: Duration::from_secs(86_400),
+                max_consumers: MAX_READERS,
                 ..Default::default()
             }),
         )
@@ -936,31 +937,37 @@ impl Cluster {
                 })
                 .await
                 .map_err(|e| failed("resume read")(e.to_string()))?;
-            let mut pending = consumer.cached_info().num_pending;
-            if pending == 0 {
-                continue;
-            }
-            let mut msgs = consumer
-                .messages()
-                .await
-                .map_err(|e| failed("resume read")(e.to_string()))?;
-            let mut scanned = 0;
-            while pending > 0 && scanned < BACKFILL_SCAN {
-                let Some(msg) = msgs.next().await else { break };
-                let msg = msg.map_err(|e| failed("resume read")(e.to_string()))?;
-                scanned += 1;
-                let Ok(info) = msg.info() else { continue };
-                pending = info.pending;
-                let seq = info.stream_sequence;
-                if let Ok(line) = <BusLine as prost::Message>::decode(msg.payload.as_ref()) {
-                    lines.push_back((seq, line));
-                    if lines.len() > wants.cap.saturating_mul(2) {
-                        lines.pop_front();
-                        dropped = true;
+            let name = consumer.cached_info().name.clone();
+            let read = async {
+                let mut pending = consumer.cached_info().num_pending;
+                if pending == 0 {
+                    return Ok(0);
+                }
+                let mut msgs = consumer
+                    .messages()
+                    .await
+                    .map_err(|e| failed("resume read")(e.to_string()))?;
+                let mut scanned = 0;
+                while pending > 0 && scanned < BACKFILL_SCAN {
+                    let Some(msg) = msgs.next().await else { break };
+                    let msg = msg.map_err(|e| failed("resume read")(e.to_string()))?;
+                    scanned += 1;
+                    let Ok(info) = msg.info() else { continue };
+                    pending = info.pending;
+                    let seq = info.stream_sequence;
+                    if let Ok(line) = <BusLine as prost::Message>::decode(msg.payload.as_ref()) {
+                        lines.push_back((seq, line));
+                        if lines.len() > wants.cap.saturating_mul(2) {
+                            lines.pop_front();
+                            dropped = true;
+                        }
                     }
                 }
-            }
-            gap |= pending > 0;
+                Ok(pending)
+            };
+            let pending = read.await;
+            drop_reader(&stream, &name).await;
+            gap |= pending? > 0;
         }
         // The two reads' lines, merged in stream order, each once.
         let mut lines: Vec<(u64, BusLine)> = lines.into();
@@ -981,6 +988,24 @@ impl Cluster {
             })
             .collect();
         Ok(Backfill { frames, gap })
+    }
+}
+
+/// Consumers a stream this node creates may hold at once. nats-server
+/// 2.15 gives a stream that sets no limit 1,000, and every resume and
+/// every login with whispers waiting opens a short-lived reader: a node
+/// dying with thousands of players, all resuming elsewhere, must not be
+/// refused for want of readers. The readers are deleted once read (see
+/// [`drop_reader`]), so this is headroom, not a working level.
+const MAX_READERS: i32 = 20_000;
+
+/// Deletes a one-off reader once read. One left behind (this node died,
+/// or the delete failed) goes by itself after 30 s idle, the ordered
+/// consumer's inactivity limit, and holds a place among
+/// [`MAX_READERS`] until then.
+async fn drop_reader(stream: &stream::Stream, name: &str) {
+    if let Err(e) = stream.delete_consumer(name).await {
+        debug!(name, error = %e, "a stream reader was not deleted; it goes when idle");
     }
 }
 

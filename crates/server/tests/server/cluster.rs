@@ -562,6 +562,14 @@ async fn a_resume_on_another_node_loses_nothing() {
         got.push(next_chat(&mut p).await.msg_id);
     }
     assert_eq!(got, missed, "every missed line, once, in order");
+    // The resume's readers of the stream are gone: only the nodes' own
+    // line readers are left, and the stream has room for a resume storm
+    // (nats-server's default is 1,000 consumers a stream).
+    let js = async_nats::jetstream::new(async_nats::connect(cl.nats.url.as_str()).await.unwrap());
+    let mut lines = js.get_stream("GC_LINES").await.unwrap();
+    let info = lines.info().await.unwrap();
+    assert_eq!(info.state.consumer_count, 3);
+    assert_eq!(info.config.max_consumers, 20_000);
     // n1's session ended; live traffic reaches the player on n2.
     n1.until_located(1, "n2").await;
     assert!(n1.world.player(UserId(1)).await.unwrap().is_none());
@@ -620,6 +628,10 @@ async fn an_offline_whisper_waits_for_a_login_on_any_node() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     assert!(gone, "the delivered whisper is deleted from the inbox");
+    // And so is the login's reader of the inbox.
+    let info = inbox.clone().info().await.unwrap().clone();
+    assert_eq!(info.state.consumer_count, 0);
+    assert_eq!(info.config.max_consumers, 20_000);
     drop(back);
     let mut again = n3.login(9, "nine", 0, 0, 0).await;
     assert_silent(&mut again).await;
