@@ -148,11 +148,14 @@ async fn read_after(stream: &stream::Stream, start: u64) -> Vec<Bytes> {
         })
         .await
         .unwrap();
+    let name = consumer.cached_info().name.clone();
     let mut msgs = consumer.messages().await.unwrap().take(PAGE);
     let mut page = Vec::with_capacity(PAGE);
     while let Some(m) = msgs.next().await {
         page.push(m.unwrap().payload.clone());
     }
+    // As the server does: a reader is deleted once read.
+    stream.delete_consumer(&name).await.unwrap();
     page
 }
 
@@ -167,6 +170,7 @@ async fn scan_before(stream: &stream::Stream, before: u64) -> Vec<Bytes> {
         })
         .await
         .unwrap();
+    let name = consumer.cached_info().name.clone();
     let mut msgs = consumer.messages().await.unwrap();
     let mut last = VecDeque::with_capacity(PAGE + 1);
     while let Some(m) = msgs.next().await {
@@ -183,6 +187,7 @@ async fn scan_before(stream: &stream::Stream, before: u64) -> Vec<Bytes> {
             break;
         }
     }
+    stream.delete_consumer(&name).await.unwrap();
     last.into()
 }
 
