@@ -1021,6 +1021,57 @@ async fn the_senders_cap_on_offline_whispers_holds_across_nodes() {
     n2.stop().await;
 }
 
+/// A whisper the full inbox refuses gives its sender's place back: with
+/// room for two waiting whispers, a sender refused once by a full inbox
+/// still gets its second whisper elsewhere kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whisper_refused_by_a_full_inbox_gives_its_senders_place_back() {
+    let nats = Nats::start().await;
+    let n1 = TestServer::node_with(&nats, "n1", None, |c| {
+        c.history.max_offline_whispers = 1;
+        c.history.max_offline_per_sender = 2;
+    })
+    .await;
+    for user in [8, 9] {
+        drop(n1.login(user, "target", 0, 0, 0).await);
+        n1.gm("POST", &format!("/v1/players/{user}/kick"), None)
+            .await;
+        until_gone(&n1, user).await;
+    }
+    let mut s = n1.login(1, "one", 0, 0, 0).await;
+    assert!(
+        say_seen(&mut s, ChatType::ChatPrivate, "kept", 9)
+            .await
+            .offline
+    );
+    s.send_chat(ChatType::ChatPrivate, "inbox full", 9, "")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_chat_rep(&mut s).await.res,
+        ResCode::ResInboxFull as i32
+    );
+    // The refused whisper's place comes back (its delete runs in the
+    // background, so a first try may still find it taken).
+    let mut kept = false;
+    for _ in 0..200 {
+        s.send_chat(ChatType::ChatPrivate, "to eight", 8, "")
+            .await
+            .unwrap();
+        let rep = next_chat_rep(&mut s).await;
+        if rep.res == ResCode::ResOk as i32 {
+            assert!(rep.offline);
+            kept = true;
+            break;
+        }
+        assert_eq!(rep.res, ResCode::ResSenderLimit as i32);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(kept, "the refused whisper's place never came back");
+    drop(s);
+    n1.stop().await;
+}
+
 /// Whispers a server kept alone, before it joined a cluster, move to the
 /// shared inbox as it joins: they reach their player at a login on any
 /// node, once, and a later start does not bring them again.
