@@ -311,11 +311,13 @@ impl Cluster {
                 }
                 Ok(found)
             };
-            let found = read.await;
+            // Deleted however the read ended, a timed-out one included.
+            let found = tokio::time::timeout(READ_TIMEOUT, read).await;
             super::drop_reader(stream, &name).await;
-            found
+            found.map_err(|_| failed("timed out".into()))?
         };
-        tokio::time::timeout(READ_TIMEOUT, read)
+        // Past the inner read's limit, so that its reader is deleted first.
+        tokio::time::timeout(2 * READ_TIMEOUT, read)
             .await
             .map_err(|_| failed("timed out".into()))?
     }
@@ -326,7 +328,6 @@ impl Cluster {
         let inbox = &self.inner.inbox;
         let work = async {
             let mut result = Ok(());
-            let mut places = Vec::new();
             for seq in seqs {
                 // Read back for its place; one that cannot be read keeps
                 // its place until it expires.
@@ -336,7 +337,8 @@ impl Cluster {
                     Err(_) => 0,
                 };
                 match inbox.delete_message(seq).await {
-                    Ok(_) if place != 0 => places.push(place),
+                    // Given back at once: a later timeout loses no place.
+                    Ok(_) if place != 0 => self.release_places(vec![place]),
                     Ok(_) => {}
                     Err(e) => {
                         debug!(seq, error = %e, "an inbox entry was not deleted");
@@ -344,7 +346,6 @@ impl Cluster {
                     }
                 }
             }
-            self.release_places(places);
             result
         };
         tokio::time::timeout(READ_TIMEOUT, work)

@@ -286,6 +286,8 @@ impl Cluster {
             js.get_or_create_stream(inbox::config(config_history)),
         )
         .await?;
+        room_for_readers(&js, &lines).await;
+        room_for_readers(&js, &inbox).await;
         let senders = timed(
             "inbox senders stream",
             js.get_or_create_stream(inbox::senders_config(config_history)),
@@ -862,7 +864,14 @@ impl Cluster {
                 ..Default::default()
             };
         };
-        match tokio::time::timeout(BACKFILL_TIMEOUT, self.read_back(&wants)).await {
+        let mut readers = Vec::new();
+        let read =
+            tokio::time::timeout(BACKFILL_TIMEOUT, self.read_back(&wants, &mut readers)).await;
+        // Deleted however the read ended, a timed-out one included.
+        for (stream, name) in &readers {
+            drop_reader(stream, name).await;
+        }
+        match read {
             Ok(Ok(b)) => b,
             Ok(Err(e)) => {
                 warn!(user = %wants.user, error = %e, "cannot read a resume's lines from the stream");
@@ -881,7 +890,13 @@ impl Cluster {
         }
     }
 
-    async fn read_back(&self, wants: &Wants) -> Result<Backfill, ClusterError> {
+    /// The lines of [`Cluster::backfill`]; every reader it opens is put in
+    /// `readers`, for the caller to delete.
+    async fn read_back(
+        &self,
+        wants: &Wants,
+        readers: &mut Vec<(stream::Stream, String)>,
+    ) -> Result<Backfill, ClusterError> {
         let p = wire::LINE_PREFIX;
         let u = wants.user;
         let mut subjects = vec![
@@ -937,7 +952,7 @@ impl Cluster {
                 })
                 .await
                 .map_err(|e| failed("resume read")(e.to_string()))?;
-            let name = consumer.cached_info().name.clone();
+            readers.push((stream.clone(), consumer.cached_info().name.clone()));
             let read = async {
                 let mut pending = consumer.cached_info().num_pending;
                 if pending == 0 {
@@ -966,7 +981,6 @@ impl Cluster {
                 Ok(pending)
             };
             let pending = read.await;
-            drop_reader(&stream, &name).await;
             gap |= pending? > 0;
         }
         // The two reads' lines, merged in stream order, each once.
@@ -998,6 +1012,30 @@ impl Cluster {
 /// refused for want of readers. The readers are deleted once read (see
 /// [`drop_reader`]), so this is headroom, not a working level.
 const MAX_READERS: i32 = 20_000;
+
+/// Raises a stream's consumer limit to [`MAX_READERS`] when it is lower:
+/// an existing stream (made by an older build) keeps the limit it was made
+/// with. A server that refuses the change is logged, and the node goes on
+/// with the old limit.
+async fn room_for_readers(js: &jetstream::Context, stream: &stream::Stream) {
+    let config = &stream.cached_info().config;
+    if config.max_consumers >= MAX_READERS {
+        return;
+    }
+    let raised = stream::Config {
+        max_consumers: MAX_READERS,
+        ..config.clone()
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, js.update_stream(&raised)).await {
+        Ok(Ok(_)) => {
+            info!(stream = %config.name, "stream's consumer limit raised to {MAX_READERS}")
+        }
+        Ok(Err(e)) => {
+            warn!(stream = %config.name, error = %e, "cannot raise the stream's consumer limit; a storm of resumes may be refused readers")
+        }
+        Err(_) => warn!(stream = %config.name, "raising the stream's consumer limit timed out"),
+    }
+}
 
 /// Deletes a one-off reader once read. One left behind (this node died,
 /// or the delete failed) goes by itself after 30 s idle, the ordered

@@ -567,9 +567,17 @@ async fn a_resume_on_another_node_loses_nothing() {
     // (nats-server's default is 1,000 consumers a stream).
     let js = async_nats::jetstream::new(async_nats::connect(cl.nats.url.as_str()).await.unwrap());
     let mut lines = js.get_stream("GC_LINES").await.unwrap();
-    let info = lines.info().await.unwrap();
-    assert_eq!(info.state.consumer_count, 3);
-    assert_eq!(info.config.max_consumers, 20_000);
+    // Polled: a node's own reader may be between two incarnations.
+    let mut readers = 0;
+    for _ in 0..100 {
+        readers = lines.info().await.unwrap().state.consumer_count;
+        if readers == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(readers, 3);
+    assert_eq!(lines.info().await.unwrap().config.max_consumers, 20_000);
     // n1's session ended; live traffic reaches the player on n2.
     n1.until_located(1, "n2").await;
     assert!(n1.world.player(UserId(1)).await.unwrap().is_none());
@@ -1126,6 +1134,36 @@ async fn whispers_kept_before_joining_reach_a_login_on_any_node() {
     drop(nine);
     n1.stop().await;
     n2.stop().await;
+}
+
+/// Line and inbox streams made with nats-server's default consumer limit
+/// (by an older build) have it raised when a node joins: a storm of
+/// resumes needs more readers than 1,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_raises_the_reader_limit_of_older_streams() {
+    let nats = Nats::start().await;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url.as_str()).await.unwrap());
+    for (name, subjects) in [("GC_LINES", "gc.line.>"), ("GC_INBOX", "gc.inbox.>")] {
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: name.into(),
+            subjects: vec![subjects.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let n1 = TestServer::node(&nats, "n1", None).await;
+    for name in ["GC_LINES", "GC_INBOX"] {
+        let mut stream = js.get_stream(name).await.unwrap();
+        let config = stream.info().await.unwrap().config.clone();
+        assert_eq!(config.max_consumers, 20_000, "{name}");
+        assert_eq!(
+            config.subjects.len(),
+            1,
+            "{name}: the rest of its config stays"
+        );
+    }
+    n1.stop().await;
 }
 
 /// A node whose own store holds ids from a standalone past above the
