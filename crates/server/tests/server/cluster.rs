@@ -926,10 +926,7 @@ async fn a_full_shared_inbox_refuses_the_next_whisper() {
         let rep = say_seen(&mut s, ChatType::ChatPrivate, text, 9).await;
         assert!(rep.offline);
     }
-    s.send_chat(ChatType::ChatPrivate, "three", 9, "")
-        .await
-        .unwrap();
-    let rep = next_chat_rep(&mut s).await;
+    let rep = say_to(&mut s, ChatType::ChatPrivate, "three", 9).await;
     assert_eq!(rep.res, ResCode::ResInboxFull as i32);
     drop(s);
     n1.stop().await;
@@ -979,10 +976,7 @@ async fn the_senders_cap_on_offline_whispers_holds_across_nodes() {
     drop(s);
     let mut s = n2.login(1, "one", 0, 0, 0).await;
     for to in [9, 8] {
-        s.send_chat(ChatType::ChatPrivate, "one too many", to, "")
-            .await
-            .unwrap();
-        let rep = next_chat_rep(&mut s).await;
+        let rep = say_to(&mut s, ChatType::ChatPrivate, "one too many", to).await;
         assert_eq!(rep.res, ResCode::ResSenderLimit as i32, "to {to}");
     }
     // Target 9 logs in on n1 and reads its whisper, which frees a place:
@@ -993,10 +987,7 @@ async fn the_senders_cap_on_offline_whispers_holds_across_nodes() {
     assert_silent(&mut nine).await;
     let mut freed = None;
     for _ in 0..200 {
-        s.send_chat(ChatType::ChatPrivate, "again", 8, "")
-            .await
-            .unwrap();
-        let rep = next_chat_rep(&mut s).await;
+        let rep = say_to(&mut s, ChatType::ChatPrivate, "again", 8).await;
         if rep.res == ResCode::ResOk as i32 {
             freed = Some(rep);
             break;
@@ -1006,11 +997,10 @@ async fn the_senders_cap_on_offline_whispers_holds_across_nodes() {
     }
     let freed = freed.expect("the delivered whisper's place never came back");
     assert!(freed.offline);
-    s.send_chat(ChatType::ChatPrivate, "past the cap", 8, "")
-        .await
-        .unwrap();
     assert_eq!(
-        next_chat_rep(&mut s).await.res,
+        say_to(&mut s, ChatType::ChatPrivate, "past the cap", 8)
+            .await
+            .res,
         ResCode::ResSenderLimit as i32
     );
     // Target 8 gets exactly what was accepted for it, in order.
@@ -1052,21 +1042,17 @@ async fn a_whisper_refused_by_a_full_inbox_gives_its_senders_place_back() {
             .await
             .offline
     );
-    s.send_chat(ChatType::ChatPrivate, "inbox full", 9, "")
-        .await
-        .unwrap();
     assert_eq!(
-        next_chat_rep(&mut s).await.res,
+        say_to(&mut s, ChatType::ChatPrivate, "inbox full", 9)
+            .await
+            .res,
         ResCode::ResInboxFull as i32
     );
     // The refused whisper's place comes back (its delete runs in the
     // background, so a first try may still find it taken).
     let mut kept = false;
     for _ in 0..200 {
-        s.send_chat(ChatType::ChatPrivate, "to eight", 8, "")
-            .await
-            .unwrap();
-        let rep = next_chat_rep(&mut s).await;
+        let rep = say_to(&mut s, ChatType::ChatPrivate, "to eight", 8).await;
         if rep.res == ResCode::ResOk as i32 {
             assert!(rep.offline);
             kept = true;
@@ -1098,10 +1084,7 @@ async fn whispers_kept_before_joining_reach_a_login_on_any_node() {
     let mut s = alone.login(1, "one", 0, 0, 0).await;
     let mut kept = Vec::new();
     for text in ["first", "second"] {
-        s.send_chat(ChatType::ChatPrivate, text, 9, "")
-            .await
-            .unwrap();
-        let rep = next_chat_rep(&mut s).await;
+        let rep = say_to(&mut s, ChatType::ChatPrivate, text, 9).await;
         assert_eq!(rep.res, ResCode::ResOk as i32);
         assert!(rep.offline);
         kept.push((rep.msg_id, text.to_owned()));
@@ -1250,11 +1233,10 @@ async fn a_block_set_on_one_node_holds_on_the_others() {
     // n3 has the shared list (written before the blocker moved) and says
     // so, where n2 would drop the whisper unseen.
     n3.until_located(1, "n2").await;
-    pest.send_chat(ChatType::ChatPrivate, "psst", 1, "")
-        .await
-        .unwrap();
     assert_eq!(
-        next_chat_rep(&mut pest).await.res,
+        say_to(&mut pest, ChatType::ChatPrivate, "psst", 1)
+            .await
+            .res,
         ResCode::ResBlocked as i32
     );
     // Offline now (kicked: no linger), the blocker refuses the pest's
@@ -1267,10 +1249,7 @@ async fn a_block_set_on_one_node_holds_on_the_others() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    pest.send_chat(ChatType::ChatPrivate, "let me in", 1, "")
-        .await
-        .unwrap();
-    let rep = next_chat_rep(&mut pest).await;
+    let rep = say_to(&mut pest, ChatType::ChatPrivate, "let me in", 1).await;
     assert_eq!(rep.res, ResCode::ResBlocked as i32);
     drop((pest, other));
     cl.stop().await;
@@ -1323,10 +1302,7 @@ async fn a_long_cooldown_moves_with_the_player_to_another_node() {
     say_seen(&mut p, ChatType::ChatWorld, "first", 0).await;
     let mut q = n2.login(1, "p", 0, 0, 0).await;
     n1.until_located(1, "n2").await;
-    q.send_chat(ChatType::ChatWorld, "again", 0, "")
-        .await
-        .unwrap();
-    let rep = next_chat_rep(&mut q).await;
+    let rep = say_to(&mut q, ChatType::ChatWorld, "again", 0).await;
     assert_eq!(rep.res, ResCode::ResOnCooldown as i32);
     assert!(
         (50_000..=60_000).contains(&rep.cooldown_ms),

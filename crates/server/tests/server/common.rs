@@ -220,7 +220,17 @@ pub async fn next_chat_rep(c: &mut Client) -> pb::ChatMessageChatRep {
 
 /// Sends a chat line and returns the reply.
 pub async fn say(c: &mut Client, channel: ChatType, text: &str) -> pb::ChatMessageChatRep {
-    c.send_chat(channel, text, 0, "").await.unwrap();
+    say_to(c, channel, text, 0).await
+}
+
+/// Sends a chat line to `target` (a whisper's) and returns the reply.
+pub async fn say_to(
+    c: &mut Client,
+    channel: ChatType,
+    text: &str,
+    target: u64,
+) -> pb::ChatMessageChatRep {
+    c.send_chat(channel, text, target, "").await.unwrap();
     next_chat_rep(c).await
 }
 
