@@ -54,6 +54,9 @@ pub struct Stats {
     /// Spilled whispers the world had to drop because the store could not
     /// take them for a long time.
     pub offline_spill_lost: AtomicU64,
+    /// Times a guild, team or scene gained its first session on this node
+    /// or lost its last (see `Registry::group_changes`).
+    pub group_changes: AtomicU64,
     /// Receipt pings answered: whispers on a live connection confirmed.
     pub receipts: AtomicU64,
     /// Frames from clients that could not be handled.
@@ -128,6 +131,7 @@ impl Stats {
             ("offline_acked", Stats::get(&self.offline_acked)),
             ("offline_spilled", Stats::get(&self.offline_spilled)),
             ("offline_spill_lost", Stats::get(&self.offline_spill_lost)),
+            ("group_changes", Stats::get(&self.group_changes)),
             ("receipts", Stats::get(&self.receipts)),
             ("bad_frames", Stats::get(&self.bad_frames)),
             ("rate_limited", Stats::get(&self.rate_limited)),

@@ -273,6 +273,7 @@ impl World {
                 respond_to,
             } => {
                 self.registry.regroup(user, guild, team, scene);
+                self.publish_gauges();
                 let _ = respond_to.send(self.view(user));
             }
             WorldMsg::Counts { respond_to } => {
@@ -295,6 +296,7 @@ impl World {
                     self.registry
                         .regroup(*user, Some(crate::ids::GuildId(0)), None, None);
                 }
+                self.publish_gauges();
                 let _ = respond_to.send(members.len());
             }
             WorldMsg::GuildOnline { guild, respond_to } => {
@@ -460,6 +462,7 @@ impl World {
         }
         let since = self.last_msg_id;
         let resumed = self.registry.set_identity(&identity);
+        self.publish_gauges();
         if resumed {
             let Some(entry) = self.registry.get_mut(user) else {
                 return Err(ResCode::ResInternal);
@@ -1707,10 +1710,11 @@ impl World {
     }
 
     fn publish_gauges(&self) {
-        self.stats.online.store(
-            self.registry.len() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.online.store(self.registry.len() as u64, Relaxed);
+        self.stats
+            .group_changes
+            .store(self.registry.group_changes(), Relaxed);
     }
 }
 

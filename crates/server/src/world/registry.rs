@@ -95,17 +95,21 @@ pub struct PendingLogin {
 struct Groups<K: std::hash::Hash + Eq>(HashMap<K, HashSet<UserId>>);
 
 impl<K: std::hash::Hash + Eq + Copy> Groups<K> {
-    fn join(&mut self, key: K, user: UserId) {
-        self.0.entry(key).or_default().insert(user);
+    /// Whether `user` is the group's first member here.
+    fn join(&mut self, key: K, user: UserId) -> bool {
+        let set = self.0.entry(key).or_default();
+        set.insert(user) && set.len() == 1
     }
 
-    fn leave(&mut self, key: K, user: UserId) {
+    /// Whether `user` was the group's last member here.
+    fn leave(&mut self, key: K, user: UserId) -> bool {
         if let Some(set) = self.0.get_mut(&key) {
-            set.remove(&user);
-            if set.is_empty() {
+            if set.remove(&user) && set.is_empty() {
                 self.0.remove(&key);
+                return true;
             }
         }
+        false
     }
 
     fn members(&self, key: K) -> impl Iterator<Item = &UserId> {
@@ -124,6 +128,10 @@ pub struct Registry {
     guilds: Groups<GuildId>,
     teams: Groups<TeamId>,
     scenes: Groups<SceneId>,
+    /// Times a guild, team or scene gained its first session here or lost
+    /// its last: what a node subscribing per group would subscribe and
+    /// unsubscribe (see [`Registry::group_changes`]).
+    group_changes: u64,
 }
 
 impl Registry {
@@ -136,6 +144,7 @@ impl Registry {
             guilds: Groups::default(),
             teams: Groups::default(),
             scenes: Groups::default(),
+            group_changes: 0,
         }
     }
 
@@ -199,13 +208,15 @@ impl Registry {
         // Names are unique per game; should two players claim one, the
         // newest login owns it until it leaves.
         self.names.insert(entry.name.clone(), user);
+        let mut firsts = 0;
         if !entry.guild.is_none() {
-            self.guilds.join(entry.guild, user);
+            firsts += u64::from(self.guilds.join(entry.guild, user));
         }
         if !entry.team.is_none() {
-            self.teams.join(entry.team, user);
+            firsts += u64::from(self.teams.join(entry.team, user));
         }
-        self.scenes.join(entry.scene, user);
+        firsts += u64::from(self.scenes.join(entry.scene, user));
+        self.group_changes += firsts;
         self.users.insert(user, entry);
     }
 
@@ -214,9 +225,10 @@ impl Registry {
         if self.names.get(&entry.name) == Some(&user) {
             self.names.remove(&entry.name);
         }
-        self.guilds.leave(entry.guild, user);
-        self.teams.leave(entry.team, user);
-        self.scenes.leave(entry.scene, user);
+        let lasts = u64::from(self.guilds.leave(entry.guild, user))
+            + u64::from(self.teams.leave(entry.team, user))
+            + u64::from(self.scenes.leave(entry.scene, user));
+        self.group_changes += lasts;
         Some(entry)
     }
 
@@ -232,26 +244,35 @@ impl Registry {
         let Some(entry) = self.users.get_mut(&user) else {
             return false;
         };
+        let mut changes = 0;
         if let Some(g) = guild.filter(|g| *g != entry.guild) {
-            self.guilds.leave(entry.guild, user);
+            changes += u64::from(self.guilds.leave(entry.guild, user));
             if !g.is_none() {
-                self.guilds.join(g, user);
+                changes += u64::from(self.guilds.join(g, user));
             }
             entry.guild = g;
         }
         if let Some(t) = team.filter(|t| *t != entry.team) {
-            self.teams.leave(entry.team, user);
+            changes += u64::from(self.teams.leave(entry.team, user));
             if !t.is_none() {
-                self.teams.join(t, user);
+                changes += u64::from(self.teams.join(t, user));
             }
             entry.team = t;
         }
         if let Some(s) = scene.filter(|s| *s != entry.scene) {
-            self.scenes.leave(entry.scene, user);
-            self.scenes.join(s, user);
+            changes += u64::from(self.scenes.leave(entry.scene, user));
+            changes += u64::from(self.scenes.join(s, user));
             entry.scene = s;
         }
+        self.group_changes += changes;
         true
+    }
+
+    /// How many times a guild, team or scene has gained its first session
+    /// on this node or lost its last, since the start: the subscription
+    /// churn a node subscribing only to its players' groups would have.
+    pub fn group_changes(&self) -> u64 {
+        self.group_changes
     }
 
     pub fn entries(&self) -> impl Iterator<Item = (&UserId, &Entry)> {

@@ -975,3 +975,44 @@ async fn a_whisper_to_an_offline_blocker_is_refused() {
     assert_eq!((rep.res, rep.offline), (ResCode::ResOk as i32, true));
     server.stop().await;
 }
+
+async fn group_changes(server: &TestServer) -> u64 {
+    let stats = server.gm("GET", "/v1/stats", None).await.json();
+    stats["counters"]["group_changes"].as_u64().unwrap()
+}
+
+/// The `group_changes` counter counts the times a guild, team or scene
+/// gains its first session on the server or loses its last: logins, moves
+/// and ended sessions.
+#[tokio::test]
+async fn group_changes_count_each_groups_first_and_last_session() {
+    let server = TestServer::start_with(no_cooldowns).await;
+    // Guild 10 and scene 7 get their first session.
+    let a = server.login(1, "a", 10, 0, 7).await;
+    assert_eq!(group_changes(&server).await, 2);
+    // Team 3 is new; guild 10 and scene 7 were not.
+    let b = server.login(2, "b", 10, 3, 7).await;
+    assert_eq!(group_changes(&server).await, 3);
+    // b moves to guild 11, new; guild 10 keeps a.
+    let r = server
+        .logic("PUT", "/v1/players/2/groups", Some(r#"{"guild": 11}"#))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(group_changes(&server).await, 4);
+    // a's session ends: guild 10 loses its last; scene 7 keeps b.
+    server.gm("POST", "/v1/players/1/kick", None).await;
+    for _ in 0..500 {
+        if server
+            .world
+            .player(guildchat_server::ids::UserId(1))
+            .await
+            .unwrap()
+            .is_none()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(group_changes(&server).await, 5);
+    drop((a, b));
+}
