@@ -200,6 +200,11 @@ pub struct RunArgs {
     /// `mix`: fraction of players reconnecting per minute.
     #[arg(long, default_value_t = 0.1)]
     pub reconnect_per_min: f64,
+    /// `mix` against several `--url`s: each reconnect goes to the next node
+    /// (as a balancer without sticky sessions may send it), not back to
+    /// the player's own.
+    #[arg(long)]
+    pub roam: bool,
     /// Token the clients log in with.
     #[arg(long, value_enum, default_value = "eddsa")]
     pub token: TokenKind,

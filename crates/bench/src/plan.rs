@@ -168,6 +168,9 @@ pub struct MixPlan {
     pub world_per_s: f64,
     /// Fraction of players that reconnect per minute.
     pub reconnect_per_min: f64,
+    /// Against several targets (a cluster's nodes): each reconnect goes to
+    /// the next one, as a balancer without sticky sessions may send it.
+    pub roam: bool,
 }
 
 /// Everything a worker needs to know, sent once as its first line.

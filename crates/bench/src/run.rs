@@ -331,6 +331,7 @@ impl Runner {
                         period_max_ms: hi,
                         world_per_s: a.world_rate,
                         reconnect_per_min: a.reconnect_per_min,
+                        roam: a.roam,
                     },
                     deadline_unix_ms,
                 })
@@ -1169,6 +1170,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 params["world_lines_per_s"] = json!(s.a.world_rate);
                 params["period_s"] = json!(s.a.mix_period);
                 params["reconnect_per_min"] = json!(s.a.reconnect_per_min);
+                params["roam"] = json!(s.a.roam);
                 params["guild_size"] = json!(20);
                 params["team_size"] = json!(5);
                 params["scenes"] = json!(200);

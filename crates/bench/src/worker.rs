@@ -424,7 +424,7 @@ fn start_connecting(shared: &Arc<Shared>, players: &mut JoinSet<()>, notes: mpsc
 /// One simulated player, from connect to close.
 async fn player(shared: Arc<Shared>, idx: u32, local: usize) {
     let slow = shared.plan.is_slow(idx);
-    let conn = connect(&shared, idx, local, slow, 0, true).await;
+    let conn = connect(&shared, idx, 0, local, slow, 0, true).await;
     tally::bump(&shared.counters.settled);
     shared.settled.notify_one();
     let Some((conn, rep)) = conn else {
@@ -445,6 +445,7 @@ async fn player(shared: Arc<Shared>, idx: u32, local: usize) {
         slow,
         conn: Some(conn),
         last_msg_id: cursor,
+        moves: 0,
         replay_left: 0,
         my_seq: 0,
         pending: VecDeque::new(),
@@ -459,10 +460,12 @@ async fn player(shared: Arc<Shared>, idx: u32, local: usize) {
 /// Connects and (for guildchat) logs in, resuming after `last_msg_id` when
 /// it is not 0, and counts the outcome. `first` marks the player's first
 /// login, the one whose time is measured. Returns the connection and the
-/// login reply.
+/// login reply. `moves`: how many times the player has moved to the next
+/// target.
 async fn connect(
     shared: &Shared,
     idx: u32,
+    moves: u32,
     local: usize,
     slow: bool,
     last_msg_id: u64,
@@ -478,7 +481,10 @@ async fn connect(
     let handshake_done = std::sync::atomic::AtomicBool::new(false);
     let attempt = async {
         let recv_buffer = slow.then_some(plan.slow_recv_buffer);
-        let (url, addr) = &shared.targets[idx as usize % shared.targets.len()];
+        // Player `idx` starts on target `idx mod n`, and each move
+        // (`mix --roam`) takes it to the next.
+        let at = (idx as usize + moves as usize) % shared.targets.len();
+        let (url, addr) = &shared.targets[at];
         let mut conn =
             BenchConn::connect(url, *addr, Some(plan.layout.source_ip(idx)), recv_buffer).await?;
         handshake_done.store(true, Ordering::Relaxed);
@@ -549,6 +555,8 @@ struct Player {
     /// The newest msg_id received: the resume cursor, and the duplicate
     /// check (per connection, msg_ids only increase).
     last_msg_id: u64,
+    /// Reconnects that moved to the next target (`mix --roam`).
+    moves: u32,
     /// Notifications still to come from the replay after a resume; they
     /// count as received but carry no live latency.
     replay_left: u32,
@@ -935,9 +943,13 @@ impl Player {
         let pause = self.rng.between_ms(100, 500);
         tokio::time::sleep(pause).await;
         let shared = self.shared.clone();
+        if shared.plan.mix.roam {
+            self.moves = self.moves.wrapping_add(1);
+        }
         let Some((conn, rep)) = connect(
             &shared,
             self.idx,
+            self.moves,
             self.local,
             self.slow,
             self.last_msg_id,
