@@ -113,6 +113,11 @@ pub fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Relaxed);
 }
 
+/// Bumps `counter`; whether it was below `limit` before.
+pub fn bump_below(counter: &AtomicU64, limit: u64) -> bool {
+    counter.fetch_add(1, Relaxed) < limit
+}
+
 /// Per-step counters of one worker.
 #[derive(Debug, Default)]
 pub struct StepCounters {

@@ -546,6 +546,9 @@ struct MixTimers {
     hang_up_by: Option<Instant>,
 }
 
+/// Duplicates a worker describes in its log; the rest are only counted.
+const DUPS_LOGGED: u64 = 10;
+
 struct Player {
     shared: Arc<Shared>,
     idx: u32,
@@ -1080,7 +1083,20 @@ impl Player {
             return;
         }
         if dup {
-            tally::bump(&c.dup);
+            // The first few, in the worker's log, to tell a repeated id
+            // from a sender's line out of order.
+            if tally::bump_below(&c.dup, DUPS_LOGGED) {
+                eprintln!(
+                    "duplicate or out of order: player {} got msg_id {} after {} (sender {:?}, seq {:?}, replay left {}, moves {})",
+                    self.idx,
+                    note.msg_id,
+                    self.last_msg_id,
+                    tag.map(|t| t.sender),
+                    tag.map(|t| t.seq),
+                    self.replay_left,
+                    self.moves,
+                );
+            }
             tally::bump(&shared.steps.get(step).dup);
             return;
         }
