@@ -295,6 +295,11 @@ impl Server {
         self.ctx.world.clone()
     }
 
+    /// The cluster link, in cluster mode.
+    pub fn cluster(&self) -> Option<cluster::Cluster> {
+        self.ctx.cluster.clone()
+    }
+
     /// The server's counters.
     pub fn stats(&self) -> Arc<Stats> {
         self.ctx.stats.clone()

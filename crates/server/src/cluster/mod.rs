@@ -171,6 +171,8 @@ struct Inner {
     /// Ends the feeds at shutdown, so that the world and the store they
     /// hold handles to can stop.
     stop: tokio_util::sync::CancellationToken,
+    /// Holds the line feed while true: a test hook ([`Cluster::hold_feed`]).
+    feed_held: tokio::sync::watch::Sender<bool>,
 }
 
 /// The feeds that start once the world exists.
@@ -388,6 +390,7 @@ impl Cluster {
                 publish: publish_tx,
                 release: release_tx,
                 stop: Default::default(),
+                feed_held: tokio::sync::watch::Sender::new(false),
             }),
         };
         let feeds = Feeds {
@@ -415,6 +418,14 @@ impl Cluster {
     /// Whether the link to NATS is up now.
     pub fn connected(&self) -> bool {
         self.inner.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Holds this node's feed of lines from the stream (`true`) or lets it
+    /// go on, to put the node behind the others. A test hook: a held node
+    /// delivers no line from another node, nor its own.
+    #[doc(hidden)]
+    pub fn hold_feed(&self, held: bool) {
+        self.inner.feed_held.send_replace(held);
     }
 
     /// The stream's last sequence when this node joined.
@@ -575,7 +586,8 @@ impl Cluster {
         let stop = &self.inner.stop;
         tokio::spawn(until(stop, publisher(js, publish)));
         tokio::spawn(until(stop, releaser(sessions, release)));
-        tokio::spawn(until(stop, read_lines(lines, world.clone())));
+        let held = self.inner.feed_held.subscribe();
+        tokio::spawn(until(stop, read_lines(lines, world.clone(), held)));
         tokio::spawn(until(stop, heartbeat(nodes, self.inner.node.clone())));
         tokio::spawn(until(stop, watch_beats(beats, world.clone())));
         tokio::spawn(until(
@@ -738,9 +750,17 @@ async fn watch_beats(mut beats: kv::Watch, world: WorldHandle) {
 }
 
 /// Feeds the stream's lines, in stream order, into the world.
-async fn read_lines(mut lines: consumer::pull::Ordered, world: WorldHandle) {
+async fn read_lines(
+    mut lines: consumer::pull::Ordered,
+    world: WorldHandle,
+    mut held: tokio::sync::watch::Receiver<bool>,
+) {
     let mut failing = false;
     while let Some(msg) = lines.next().await {
+        // A test holding the feed: the line waits, as on a node behind.
+        if held.wait_for(|held| !held).await.is_err() {
+            break;
+        }
         let msg = match msg {
             Ok(msg) => msg,
             Err(e) => {

@@ -698,7 +698,6 @@ impl World {
         mask: Option<u32>,
     ) {
         let current = self.last_msg_id;
-        let clustered = self.cluster.is_some();
         let Some((entry, world_ring)) = self.registry.get_mut_with_world(user) else {
             return;
         };
@@ -796,14 +795,6 @@ impl World {
         // is deleted only once this connection has carried it.
         for (key, m) in &offline {
             ack.push(*key);
-            // In a cluster another node may have kept a whisper this node's
-            // feed has not reached yet (the player's last node, ahead of
-            // this one, spilling it as the session moved): the feed brings
-            // it to this session in its place, so sending it now would send
-            // it twice, and before lines older than it.
-            if clustered && m.msg_id > current {
-                continue;
-            }
             if present.insert(m.msg_id) {
                 whispers.push((m.msg_id, codec::encode(&records::notification(m))));
             }

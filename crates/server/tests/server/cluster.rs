@@ -647,6 +647,38 @@ async fn an_offline_whisper_waits_for_a_login_on_any_node() {
     cl.stop().await;
 }
 
+/// A login on a node whose feed is behind the stream gets a waiting
+/// whisper once, from its feed in its place, not also from the inbox at
+/// login: the inbox holds whispers the node has not read from the stream
+/// yet (another node kept them, or spilled them as the session moved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_on_a_node_behind_gets_a_waiting_whisper_once() {
+    let cl = cluster().await;
+    let [n1, n2] = [&cl.nodes[0], &cl.nodes[1]];
+    // The target has been seen once, on n2, and is gone.
+    drop(n2.login(9, "nine", 0, 0, 0).await);
+    n2.gm("POST", "/v1/players/9/kick", None).await;
+    until_gone(n1, 9).await;
+    until_gone(n2, 9).await;
+    let mut s = n1.login(1, "one", 0, 0, 0).await;
+    cl.settled(&[(1, 0)]).await;
+    // n2 falls behind: it reads nothing more from the stream for now.
+    n2.cluster.as_ref().unwrap().hold_feed(true);
+    let rep = say_to(&mut s, ChatType::ChatPrivate, "while you were out", 9).await;
+    assert_eq!(rep.res, ResCode::ResOk as i32);
+    assert!(rep.offline);
+    let mut nine = n2.login(9, "nine", 0, 0, 0).await;
+    n2.cluster.as_ref().unwrap().hold_feed(false);
+    let got = next_chat(&mut nine).await;
+    assert_eq!(
+        (got.msg_id, got.strcontext.as_str()),
+        (rep.msg_id, "while you were out")
+    );
+    assert_silent(&mut nine).await;
+    drop((s, nine));
+    cl.stop().await;
+}
+
 /// Polls `path` on `node` until `ready` holds for its JSON (bounded).
 async fn until_json(node: &TestServer, path: &str, ready: impl Fn(&serde_json::Value) -> bool) {
     for _ in 0..500 {

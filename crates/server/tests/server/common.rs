@@ -32,6 +32,8 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub world: WorldHandle,
     pub stats: Arc<Stats>,
+    /// The cluster link, for a node.
+    pub cluster: Option<guildchat_server::cluster::Cluster>,
     pub ring: KeyRing,
     shutdown: CancellationToken,
     join: JoinHandle<()>,
@@ -117,6 +119,7 @@ impl TestServer {
         };
         let world = server.world();
         let stats = server.stats();
+        let cluster = server.cluster();
         let shutdown = CancellationToken::new();
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = format!("http://{}", admin_listener.local_addr().unwrap());
@@ -135,6 +138,7 @@ impl TestServer {
             dir,
             world,
             stats,
+            cluster,
             ring,
             shutdown,
             join,
