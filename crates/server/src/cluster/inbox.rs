@@ -102,9 +102,16 @@ fn sent_subject(sender: u64) -> String {
     format!("{SENT_PREFIX}.{sender}")
 }
 
-/// A refusal by a stream's per-subject cap.
-fn over_cap(why: &str) -> bool {
-    why.contains("maximum messages per subject")
+/// Why a publish towards `to`'s inbox was refused: `capped` when a
+/// stream's per-subject cap refused it, otherwise the store is out of
+/// reach (logged).
+fn refusal(to: UserId, why: &str, capped: HistoryError) -> HistoryError {
+    if why.contains("maximum messages per subject") {
+        capped
+    } else {
+        warn!(%to, error = %why, "an offline whisper was not stored");
+        HistoryError::Unavailable
+    }
 }
 
 impl Cluster {
@@ -128,13 +135,7 @@ impl Cluster {
             Box::new(move |place| match place {
                 Ok(sent_seq) => cluster.put_inbox(to, notify, nonce, sent_seq, tx),
                 Err(why) => {
-                    let e = if over_cap(&why) {
-                        HistoryError::SenderLimit
-                    } else {
-                        warn!(%to, error = %why, "an offline whisper was not stored");
-                        HistoryError::Unavailable
-                    };
-                    let _ = tx.send(Err(e));
+                    let _ = tx.send(Err(refusal(to, &why, HistoryError::SenderLimit)));
                 }
             }),
         );
@@ -174,14 +175,9 @@ impl Cluster {
             Bytes::from(payload),
             None,
             Box::new(move |result| {
-                let result = result.map(|_| ()).map_err(|why| {
-                    if over_cap(&why) {
-                        HistoryError::InboxFull
-                    } else {
-                        warn!(%to, error = %why, "an offline whisper was not stored");
-                        HistoryError::Unavailable
-                    }
-                });
+                let result = result
+                    .map(|_| ())
+                    .map_err(|why| refusal(to, &why, HistoryError::InboxFull));
                 // Refused, so the place is given back. A refusal that was
                 // stored after all (the link dropped as it went) keeps its
                 // whisper and frees its place early: its sender may then

@@ -973,35 +973,31 @@ impl Cluster {
                 .await
                 .map_err(|e| failed("resume read")(e.to_string()))?;
             readers.push((stream.clone(), consumer.cached_info().name.clone()));
-            let read = async {
-                let mut pending = consumer.cached_info().num_pending;
-                if pending == 0 {
-                    return Ok(0);
-                }
-                let mut msgs = consumer
-                    .messages()
-                    .await
-                    .map_err(|e| failed("resume read")(e.to_string()))?;
-                let mut scanned = 0;
-                while pending > 0 && scanned < BACKFILL_SCAN {
-                    let Some(msg) = msgs.next().await else { break };
-                    let msg = msg.map_err(|e| failed("resume read")(e.to_string()))?;
-                    scanned += 1;
-                    let Ok(info) = msg.info() else { continue };
-                    pending = info.pending;
-                    let seq = info.stream_sequence;
-                    if let Ok(line) = <BusLine as prost::Message>::decode(msg.payload.as_ref()) {
-                        lines.push_back((seq, line));
-                        if lines.len() > wants.cap.saturating_mul(2) {
-                            lines.pop_front();
-                            dropped = true;
-                        }
+            let mut pending = consumer.cached_info().num_pending;
+            if pending == 0 {
+                continue;
+            }
+            let mut msgs = consumer
+                .messages()
+                .await
+                .map_err(|e| failed("resume read")(e.to_string()))?;
+            let mut scanned = 0;
+            while pending > 0 && scanned < BACKFILL_SCAN {
+                let Some(msg) = msgs.next().await else { break };
+                let msg = msg.map_err(|e| failed("resume read")(e.to_string()))?;
+                scanned += 1;
+                let Ok(info) = msg.info() else { continue };
+                pending = info.pending;
+                let seq = info.stream_sequence;
+                if let Ok(line) = <BusLine as prost::Message>::decode(msg.payload.as_ref()) {
+                    lines.push_back((seq, line));
+                    if lines.len() > wants.cap.saturating_mul(2) {
+                        lines.pop_front();
+                        dropped = true;
                     }
                 }
-                Ok(pending)
-            };
-            let pending = read.await;
-            gap |= pending? > 0;
+            }
+            gap |= pending > 0;
         }
         // The two reads' lines, merged in stream order, each once.
         let mut lines: Vec<(u64, BusLine)> = lines.into();

@@ -90,30 +90,42 @@ pub struct PendingLogin {
     pub since: u64,
 }
 
-/// Membership index of one kind of group.
-#[derive(Debug, Default)]
-struct Groups<K: std::hash::Hash + Eq>(HashMap<K, HashSet<UserId>>);
+/// Membership index of one kind of group, and how many times a group
+/// gained its first member or lost its last.
+#[derive(Debug)]
+struct Groups<K: std::hash::Hash + Eq> {
+    members: HashMap<K, HashSet<UserId>>,
+    changes: u64,
+}
+
+impl<K: std::hash::Hash + Eq> Default for Groups<K> {
+    fn default() -> Self {
+        Groups {
+            members: HashMap::new(),
+            changes: 0,
+        }
+    }
+}
 
 impl<K: std::hash::Hash + Eq + Copy> Groups<K> {
-    /// Whether `user` is the group's first member here.
-    fn join(&mut self, key: K, user: UserId) -> bool {
-        let set = self.0.entry(key).or_default();
-        set.insert(user) && set.len() == 1
+    fn join(&mut self, key: K, user: UserId) {
+        let set = self.members.entry(key).or_default();
+        if set.insert(user) && set.len() == 1 {
+            self.changes += 1;
+        }
     }
 
-    /// Whether `user` was the group's last member here.
-    fn leave(&mut self, key: K, user: UserId) -> bool {
-        if let Some(set) = self.0.get_mut(&key) {
+    fn leave(&mut self, key: K, user: UserId) {
+        if let Some(set) = self.members.get_mut(&key) {
             if set.remove(&user) && set.is_empty() {
-                self.0.remove(&key);
-                return true;
+                self.members.remove(&key);
+                self.changes += 1;
             }
         }
-        false
     }
 
     fn members(&self, key: K) -> impl Iterator<Item = &UserId> {
-        self.0.get(&key).into_iter().flatten()
+        self.members.get(&key).into_iter().flatten()
     }
 }
 
@@ -128,10 +140,6 @@ pub struct Registry {
     guilds: Groups<GuildId>,
     teams: Groups<TeamId>,
     scenes: Groups<SceneId>,
-    /// Times a guild, team or scene gained its first session here or lost
-    /// its last: what a node subscribing per group would subscribe and
-    /// unsubscribe (see [`Registry::group_changes`]).
-    group_changes: u64,
 }
 
 impl Registry {
@@ -144,7 +152,6 @@ impl Registry {
             guilds: Groups::default(),
             teams: Groups::default(),
             scenes: Groups::default(),
-            group_changes: 0,
         }
     }
 
@@ -208,15 +215,13 @@ impl Registry {
         // Names are unique per game; should two players claim one, the
         // newest login owns it until it leaves.
         self.names.insert(entry.name.clone(), user);
-        let mut firsts = 0;
         if !entry.guild.is_none() {
-            firsts += u64::from(self.guilds.join(entry.guild, user));
+            self.guilds.join(entry.guild, user);
         }
         if !entry.team.is_none() {
-            firsts += u64::from(self.teams.join(entry.team, user));
+            self.teams.join(entry.team, user);
         }
-        firsts += u64::from(self.scenes.join(entry.scene, user));
-        self.group_changes += firsts;
+        self.scenes.join(entry.scene, user);
         self.users.insert(user, entry);
     }
 
@@ -225,10 +230,9 @@ impl Registry {
         if self.names.get(&entry.name) == Some(&user) {
             self.names.remove(&entry.name);
         }
-        let lasts = u64::from(self.guilds.leave(entry.guild, user))
-            + u64::from(self.teams.leave(entry.team, user))
-            + u64::from(self.scenes.leave(entry.scene, user));
-        self.group_changes += lasts;
+        self.guilds.leave(entry.guild, user);
+        self.teams.leave(entry.team, user);
+        self.scenes.leave(entry.scene, user);
         Some(entry)
     }
 
@@ -244,27 +248,25 @@ impl Registry {
         let Some(entry) = self.users.get_mut(&user) else {
             return false;
         };
-        let mut changes = 0;
         if let Some(g) = guild.filter(|g| *g != entry.guild) {
-            changes += u64::from(self.guilds.leave(entry.guild, user));
+            self.guilds.leave(entry.guild, user);
             if !g.is_none() {
-                changes += u64::from(self.guilds.join(g, user));
+                self.guilds.join(g, user);
             }
             entry.guild = g;
         }
         if let Some(t) = team.filter(|t| *t != entry.team) {
-            changes += u64::from(self.teams.leave(entry.team, user));
+            self.teams.leave(entry.team, user);
             if !t.is_none() {
-                changes += u64::from(self.teams.join(t, user));
+                self.teams.join(t, user);
             }
             entry.team = t;
         }
         if let Some(s) = scene.filter(|s| *s != entry.scene) {
-            changes += u64::from(self.scenes.leave(entry.scene, user));
-            changes += u64::from(self.scenes.join(s, user));
+            self.scenes.leave(entry.scene, user);
+            self.scenes.join(s, user);
             entry.scene = s;
         }
-        self.group_changes += changes;
         true
     }
 
@@ -272,7 +274,7 @@ impl Registry {
     /// on this node or lost its last, since the start: the subscription
     /// churn a node subscribing only to its players' groups would have.
     pub fn group_changes(&self) -> u64 {
-        self.group_changes
+        self.guilds.changes + self.teams.changes + self.scenes.changes
     }
 
     pub fn entries(&self) -> impl Iterator<Item = (&UserId, &Entry)> {
@@ -332,9 +334,9 @@ impl Registry {
     /// Drops every entry (shutdown), returning them.
     pub fn drain(&mut self) -> Vec<(UserId, Entry)> {
         self.names.clear();
-        self.guilds.0.clear();
-        self.teams.0.clear();
-        self.scenes.0.clear();
+        self.guilds.members.clear();
+        self.teams.members.clear();
+        self.scenes.members.clear();
         self.users.drain().collect()
     }
 }

@@ -601,13 +601,7 @@ async fn an_offline_whisper_waits_for_a_login_on_any_node() {
     n3.gm("POST", "/v1/players/9/kick", None).await;
     drop(target);
     // n1 knows the player is gone once the directory says so.
-    for _ in 0..500 {
-        if n1.world.locate(UserId(9)).await.unwrap().is_none() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    assert!(n1.world.locate(UserId(9)).await.unwrap().is_none());
+    until_gone(n1, 9).await;
     let rep = say_seen(&mut sender, ChatType::ChatPrivate, "while you were out", 9).await;
     assert!(rep.offline, "kept as an offline whisper");
     // The next login, on n2, gets it after its reply, and only once.
@@ -948,12 +942,7 @@ async fn a_full_shared_inbox_refuses_the_next_whisper() {
     drop(n2.login(9, "nine", 0, 0, 0).await);
     n2.gm("POST", "/v1/players/9/kick", None).await;
     let mut s = n1.login(1, "one", 0, 0, 0).await;
-    for _ in 0..500 {
-        if n1.world.locate(UserId(9)).await.unwrap().is_none() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    until_gone(&n1, 9).await;
     for text in ["one", "two"] {
         let rep = say_seen(&mut s, ChatType::ChatPrivate, text, 9).await;
         assert!(rep.offline);
