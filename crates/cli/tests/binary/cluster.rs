@@ -346,6 +346,11 @@ async fn a_node_killed_with_sigkill_loses_only_its_connections() {
         "{}",
         stats.text
     );
+    // A read of a guild on every node answers 503, naming the silent node.
+    let url = format!("{}/v1/guilds/5/online", n2.admin);
+    let online = http("GET", &url, Some(READ_KEY), None).await;
+    assert_eq!(online.status, 503, "{}", online.text);
+    assert!(online.text.contains("n1"), "{}", online.text);
     // n2 and n3 go on: every line of the player's conversations sent
     // meanwhile, from either node, is stored. The whispers are routed to
     // n1, where the directory still places the player.

@@ -1170,6 +1170,56 @@ async fn a_node_raises_the_reader_limit_of_older_streams() {
     n1.stop().await;
 }
 
+/// A whisper from before joining that the shared inbox refuses (the
+/// player's inbox is full) stays in the node's store, and moves at a
+/// later start, once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whisper_the_full_inbox_refuses_at_joining_moves_at_a_later_start() {
+    let alone = TestServer::start_with(no_cooldowns).await;
+    drop(alone.login(9, "nine", 0, 0, 0).await);
+    alone.gm("POST", "/v1/players/9/kick", None).await;
+    for _ in 0..500 {
+        if alone.world.player(UserId(9)).await.unwrap().is_none() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let mut s = alone.login(1, "one", 0, 0, 0).await;
+    let mut kept = Vec::new();
+    for text in ["first", "second"] {
+        let rep = say_to(&mut s, ChatType::ChatPrivate, text, 9).await;
+        assert!(rep.offline, "{rep:?}");
+        kept.push(rep.msg_id);
+    }
+    drop(s);
+    let dir = alone.stop_keep_dir().await;
+    let nats = Nats::start().await;
+    // The cluster's inbox holds one whisper a player.
+    let as_n1 = |c: &mut guildchat_server::Config| {
+        no_cooldowns(c);
+        c.history.max_offline_whispers = 1;
+        c.cluster.url = Some(nats.url.clone());
+        c.cluster.node_id = Some("n1".into());
+    };
+    let n1 = TestServer::start_in(dir, as_n1).await;
+    let n2 = TestServer::node(&nats, "n2", Some(&n1)).await;
+    let mut nine = n2.login(9, "nine", 0, 0, 0).await;
+    assert_eq!(next_chat(&mut nine).await.msg_id, kept[0]);
+    assert_silent(&mut nine).await;
+    drop(nine);
+    n2.gm("POST", "/v1/players/9/kick", None).await;
+    until_gone(&n2, 9).await;
+    // The next start of n1 moves the second, now that there is room.
+    let n1 = TestServer::start_in(n1.stop_keep_dir().await, as_n1).await;
+    until_gone(&n1, 9).await;
+    let mut nine = n2.login(9, "nine", 0, 0, 0).await;
+    assert_eq!(next_chat(&mut nine).await.msg_id, kept[1]);
+    assert_silent(&mut nine).await;
+    drop(nine);
+    n1.stop().await;
+    n2.stop().await;
+}
+
 /// A node whose own store holds ids from a standalone past above the
 /// cluster's next id refuses to join, rather than hand out lower ids.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
