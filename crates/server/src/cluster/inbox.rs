@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use super::{Cluster, ClusterError};
-use crate::history::{Conversation, HistoryConfig, HistoryError, StoredMsg};
+use crate::history::{Conversation, HistoryConfig, HistoryError, StoredMsg, Waiting};
 use crate::ids::UserId;
 use crate::records;
 
@@ -54,6 +54,10 @@ struct InboxMsg {
     /// The sender's place in `GC_SENDERS`; 0 for none.
     #[prost(uint64, tag = "3")]
     sent_seq: u64,
+    /// A connection of the target's session was sent it (see
+    /// [`Waiting::shown`]).
+    #[prost(bool, tag = "4")]
+    shown: bool,
 }
 
 pub(super) fn config(history: &HistoryConfig) -> stream::Config {
@@ -133,7 +137,15 @@ impl Cluster {
             Bytes::new(),
             None,
             Box::new(move |place| match place {
-                Ok(sent_seq) => cluster.put_inbox(to, notify, nonce, sent_seq, tx),
+                Ok(sent_seq) => {
+                    let entry = InboxMsg {
+                        notify: Some(notify),
+                        nonce,
+                        sent_seq,
+                        shown: false,
+                    };
+                    cluster.put_inbox(to, entry, tx);
+                }
                 Err(why) => {
                     let _ = tx.send(Err(refusal(to, &why, HistoryError::SenderLimit)));
                 }
@@ -145,30 +157,33 @@ impl Cluster {
     /// Keeps a whisper whose sender was answered long ago (a session's
     /// unconfirmed whispers, or one sent to a node that died) for `to`'s
     /// next login, outside its sender's places: the sender's cap is for
-    /// what a sender may still send.
+    /// what a sender may still send. `shown`: a connection of `to`'s
+    /// session was sent it.
     pub fn spill_offline(
         &self,
         to: UserId,
         msg: &StoredMsg,
+        shown: bool,
     ) -> oneshot::Receiver<Result<(), HistoryError>> {
         let (tx, rx) = oneshot::channel();
-        self.put_inbox(to, records::notification(msg), msg.nonce, 0, tx);
+        let entry = InboxMsg {
+            notify: Some(records::notification(msg)),
+            nonce: msg.nonce,
+            sent_seq: 0,
+            shown,
+        };
+        self.put_inbox(to, entry, tx);
         rx
     }
 
     fn put_inbox(
         &self,
         to: UserId,
-        notify: pb::ChatMessageNotifyChat,
-        nonce: u64,
-        sent_seq: u64,
+        entry: InboxMsg,
         tx: oneshot::Sender<Result<(), HistoryError>>,
     ) {
-        let payload = prost::Message::encode_to_vec(&InboxMsg {
-            notify: Some(notify),
-            nonce,
-            sent_seq,
-        });
+        let sent_seq = entry.sent_seq;
+        let payload = prost::Message::encode_to_vec(&entry);
         let releaser = self.clone();
         self.publish_raw(
             subject(to),
@@ -212,7 +227,7 @@ impl Cluster {
             // senders were answered long ago, so no place is taken.
             let stored: Vec<_> = waiting
                 .iter()
-                .map(|msg| (msg.msg_id, self.spill_offline(UserId(user), msg)))
+                .map(|msg| (msg.msg_id, self.spill_offline(UserId(user), msg, false)))
                 .collect();
             let mut done = Vec::with_capacity(stored.len());
             for (msg_id, rx) in stored {
@@ -246,13 +261,10 @@ impl Cluster {
         });
     }
 
-    /// The whispers waiting for `user`, oldest first, with the inbox
-    /// sequence that deletes each once delivered. An empty inbox costs one
-    /// direct read.
-    pub async fn pending_offline(
-        &self,
-        user: UserId,
-    ) -> Result<Vec<(u64, StoredMsg)>, ClusterError> {
+    /// The whispers waiting for `user`, oldest first, each keyed by the
+    /// inbox sequence that deletes it once delivered. An empty inbox costs
+    /// one direct read.
+    pub async fn pending_offline(&self, user: UserId) -> Result<Vec<Waiting>, ClusterError> {
         let failed = |e: String| ClusterError::Setup {
             what: "offline inbox",
             why: e,
@@ -297,10 +309,15 @@ impl Cluster {
                         Ok(InboxMsg {
                             notify: Some(n),
                             nonce,
+                            shown,
                             ..
                         }) => {
                             let conversation = Conversation::between(n.senderid, n.targetid);
-                            found.push((seq, records::stored(&n, conversation, nonce)));
+                            found.push(Waiting {
+                                key: seq,
+                                msg: records::stored(&n, conversation, nonce),
+                                shown,
+                            });
                         }
                         _ => debug!(%user, seq, "an inbox entry does not decode; skipped"),
                     }

@@ -120,6 +120,21 @@ pub struct StoredMsg {
     pub nonce: u64,
 }
 
+/// A whisper waiting for a login, as the world gets it from either inbox.
+#[derive(Debug, Clone)]
+pub struct Waiting {
+    /// What deletes it once delivered: its msg_id in the local store, its
+    /// sequence in a cluster's inbox.
+    pub key: u64,
+    pub msg: StoredMsg,
+    /// A connection of the player's session was sent it (a session's
+    /// unconfirmed whisper, kept when the session ended). Connections get
+    /// their lines in msg_id order, so a cursor at or past it proves the
+    /// client read it. A whisper never sent anywhere (its target had no
+    /// session, or was on a node found dead) is sent whatever the cursor.
+    pub shown: bool,
+}
+
 /// Why a store request failed. Each maps to one result code for clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HistoryError {

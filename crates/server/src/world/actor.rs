@@ -648,7 +648,11 @@ impl World {
                         Some(read) => read_offline(history, user, read)
                             .await
                             .into_iter()
-                            .map(|m| (m.msg_id, m))
+                            .map(|msg| crate::history::Waiting {
+                                key: msg.msg_id,
+                                msg,
+                                shown: false,
+                            })
                             .collect(),
                         None => Vec::new(),
                     };
@@ -692,7 +696,7 @@ impl World {
         &mut self,
         user: UserId,
         conn_id: ConnId,
-        offline: Vec<(u64, StoredMsg)>,
+        offline: Vec<crate::history::Waiting>,
         blocks: Option<Vec<u64>>,
         backfill: Option<Box<crate::cluster::Backfill>>,
         mask: Option<u32>,
@@ -791,10 +795,18 @@ impl World {
             resume.frames.iter().map(|(id, _)| *id).collect();
         let seen = |id: u64| last_msg_id > 0 && id <= last_msg_id;
         let mut whispers = Vec::new();
-        // Every offline whisper is sent (once), whatever the cursor says: it
-        // is deleted only once this connection has carried it.
-        for (key, m) in &offline {
-            ack.push(*key);
+        // An offline whisper is sent (once) and deleted only once this
+        // connection has carried it, whatever the cursor says, unless a
+        // connection of the session was sent it and the cursor has passed
+        // it: the client has it (a session's whispers spilled as it moved
+        // to another node would otherwise come again, older than the
+        // cursor).
+        for w in &offline {
+            ack.push(w.key);
+            let m = &w.msg;
+            if w.shown && seen(m.msg_id) {
+                continue;
+            }
             if present.insert(m.msg_id) {
                 whispers.push((m.msg_id, codec::encode(&records::notification(m))));
             }
@@ -951,7 +963,7 @@ impl World {
         // refused (a full inbox, NATS gone) is logged by the inbox.
         if let Some(cluster) = &self.cluster {
             for (to, m) in whispers {
-                drop(cluster.spill_offline(UserId(to), &m));
+                drop(cluster.spill_offline(UserId(to), &m, true));
             }
             return;
         }
@@ -1284,7 +1296,7 @@ impl World {
         // takes no place of its sender's.
         if let (Some(to), Some(cluster)) = (store_for, &self.cluster) {
             let record = records::stored(&notify, conversation, nonce);
-            outcome.offline = Some(cluster.spill_offline(to, &record));
+            outcome.offline = Some(cluster.spill_offline(to, &record, false));
             Stats::bump(&self.stats.offline_stored);
         }
         if let Some(history) = self.history.clone() {
@@ -1415,7 +1427,7 @@ impl World {
         let mut keep = VecDeque::with_capacity(self.remote.sent_remote.len());
         for (at, node, to, record) in std::mem::take(&mut self.remote.sent_remote) {
             if !self.alive(&node) || restarted == Some(&node) {
-                drop(cluster.spill_offline(to, &record));
+                drop(cluster.spill_offline(to, &record, false));
                 Stats::bump(&self.stats.offline_spilled);
                 debug!(%to, %node, "whisper to a dead node's player kept in the inbox");
             } else if now.duration_since(at) < REMOTE_WINDOW {

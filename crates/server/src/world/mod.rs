@@ -148,9 +148,7 @@ enum WorldMsg {
     Ready {
         user: UserId,
         conn: ConnId,
-        /// With the key that deletes each once delivered: its msg_id in
-        /// the local store, its sequence in a cluster's inbox.
-        offline: Vec<(u64, StoredMsg)>,
+        offline: Vec<crate::history::Waiting>,
         /// The players this one blocks, read for a new session.
         blocks: Option<Vec<u64>>,
         /// In a cluster, a resume's lines from the stream.

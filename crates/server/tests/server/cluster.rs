@@ -673,6 +673,64 @@ async fn a_login_on_a_node_behind_gets_a_waiting_whisper_once() {
     cl.stop().await;
 }
 
+/// Whispers a connection was sent but never confirmed go to the shared
+/// inbox when the session ends; a login elsewhere whose cursor has passed
+/// one does not get it again (the client read it: a connection gets its
+/// lines in msg_id order), and gets those after the cursor once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spilled_whispers_the_cursor_has_passed_are_not_sent_again_elsewhere() {
+    let cl = cluster().await;
+    let [n1, n2] = [&cl.nodes[0], &cl.nodes[1]];
+    let mut p = n1.login(1, "one", 0, 0, 0).await;
+    let mut q = n2.login(2, "two", 0, 0, 0).await;
+    cl.settled(&[(1, 0), (2, 1)]).await;
+    let first = say_to(&mut q, ChatType::ChatPrivate, "first", 1).await;
+    let second = say_to(&mut q, ChatType::ChatPrivate, "second", 1).await;
+    assert!(!first.offline && !second.offline, "she was connected");
+    assert_eq!(next_chat(&mut p).await.msg_id, first.msg_id);
+    assert_eq!(next_chat(&mut p).await.msg_id, second.msg_id);
+    // Nothing more is read, so the receipt ping after them is never
+    // answered: both are unconfirmed when the session ends.
+    drop(p);
+    n1.gm("POST", "/v1/players/1/kick", None).await;
+    until_gone(n1, 1).await;
+    let js = async_nats::jetstream::new(async_nats::connect(cl.nats.url.as_str()).await.unwrap());
+    let mut inbox = js.get_stream("GC_INBOX").await.unwrap();
+    let mut kept = 0;
+    for _ in 0..500 {
+        kept = inbox.info().await.unwrap().state.messages;
+        if kept == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(kept, 2, "both spilled to the shared inbox");
+    // The client had read up to the first.
+    let mut back = n2.connect().await;
+    let rep = back
+        .login_from(&n2.token(1, "one", 0, 0, 0), first.msg_id)
+        .await
+        .unwrap();
+    assert_eq!(rep.res, ResCode::ResOk as i32);
+    let got = next_chat(&mut back).await;
+    assert_eq!(
+        (got.msg_id, got.strcontext.as_str()),
+        (second.msg_id, "second")
+    );
+    assert_silent(&mut back).await;
+    // Both are deleted once this connection confirmed the barrier.
+    for _ in 0..500 {
+        kept = inbox.info().await.unwrap().state.messages;
+        if kept == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(kept, 0, "the inbox is empty");
+    drop((q, back));
+    cl.stop().await;
+}
+
 /// Polls `path` on `node` until `ready` holds for its JSON (bounded).
 async fn until_json(node: &TestServer, path: &str, ready: impl Fn(&serde_json::Value) -> bool) {
     for _ in 0..500 {
