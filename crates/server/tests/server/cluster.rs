@@ -696,15 +696,11 @@ async fn spilled_whispers_the_cursor_has_passed_are_not_sent_again_elsewhere() {
     until_gone(n1, 1).await;
     let js = async_nats::jetstream::new(async_nats::connect(cl.nats.url.as_str()).await.unwrap());
     let mut inbox = js.get_stream("GC_INBOX").await.unwrap();
-    let mut kept = 0;
-    for _ in 0..500 {
-        kept = inbox.info().await.unwrap().state.messages;
-        if kept == 2 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    assert_eq!(kept, 2, "both spilled to the shared inbox");
+    assert_eq!(
+        until_inbox_holds(&mut inbox, 2).await,
+        2,
+        "both spilled to the shared inbox"
+    );
     // The client had read up to the first.
     let mut back = n2.connect().await;
     let rep = back
@@ -719,16 +715,27 @@ async fn spilled_whispers_the_cursor_has_passed_are_not_sent_again_elsewhere() {
     );
     assert_silent(&mut back).await;
     // Both are deleted once this connection confirmed the barrier.
+    assert_eq!(
+        until_inbox_holds(&mut inbox, 0).await,
+        0,
+        "the inbox is empty"
+    );
+    drop((q, back));
+    cl.stop().await;
+}
+
+/// Polls the inbox stream until it holds `n` whispers (bounded); returns
+/// how many it last held.
+async fn until_inbox_holds(inbox: &mut async_nats::jetstream::stream::Stream, n: u64) -> u64 {
+    let mut held = 0;
     for _ in 0..500 {
-        kept = inbox.info().await.unwrap().state.messages;
-        if kept == 0 {
+        held = inbox.info().await.unwrap().state.messages;
+        if held == n {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    assert_eq!(kept, 0, "the inbox is empty");
-    drop((q, back));
-    cl.stop().await;
+    held
 }
 
 /// Polls `path` on `node` until `ready` holds for its JSON (bounded).
