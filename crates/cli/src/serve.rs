@@ -39,6 +39,11 @@ pub struct ServeArgs {
     /// `cluster.node_id`.
     #[arg(long, env = "GUILDCHAT_NODE_ID")]
     node_id: Option<String>,
+    /// Keep chat lines in this PostgreSQL database (`postgres://...`,
+    /// without TLS) instead of the data dir's SQLite file; every node of a
+    /// cluster points at the same one. Overrides `history.url`.
+    #[arg(long, env = "GUILDCHAT_HISTORY_URL")]
+    history_url: Option<String>,
     /// Accept ANY token and trust the login request. Only for trying the
     /// protocol.
     #[arg(long)]
@@ -109,6 +114,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(node) = args.node_id {
         config.cluster.node_id = Some(node);
+    }
+    if let Some(url) = args.history_url {
+        config.history.url = Some(url);
     }
     if args.insecure_dev_auth {
         config.auth.insecure_dev_auth = true;

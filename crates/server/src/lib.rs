@@ -80,6 +80,8 @@ pub enum ServerError {
     Cluster(#[from] cluster::ClusterError),
     #[error("cluster mode needs Server::start, which connects to NATS")]
     ClusterNeedsStart,
+    #[error("history.url needs Server::start, which connects to the database")]
+    DatabaseNeedsStart,
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -125,6 +127,9 @@ impl Server {
         if config.cluster.enabled() {
             return Err(ServerError::ClusterNeedsStart);
         }
+        if config.history.url.is_some() {
+            return Err(ServerError::DatabaseNeedsStart);
+        }
         let parts = Parts::open(config)?;
         Ok(parts.assemble(None))
     }
@@ -132,7 +137,20 @@ impl Server {
     /// [`Server::new`], and in cluster mode (`cluster.url`) first joins the
     /// cluster: connects to NATS and sets up the stream and buckets.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
-        let parts = Parts::open(config)?;
+        let mut parts = Parts::open(config)?;
+        if let (Some(url), Some(history), Some(store)) = (
+            parts.config.history.url.clone(),
+            parts.history.as_mut(),
+            parts.store.as_mut(),
+        ) {
+            let high = history
+                .attach_postgres(&url, &mut store.threads)
+                .await
+                .map_err(ServerError::History)?;
+            // Ids stay above every line the database holds, as above the
+            // file's: a page never meets an id twice.
+            parts.first_msg_id = parts.first_msg_id.max(high);
+        }
         let joined = match parts.config.cluster.enabled() {
             true => Some(
                 cluster::Cluster::connect(

@@ -336,16 +336,27 @@ async fn readyz(axum::extract::State(state): axum::extract::State<AdminState>) -
     // A node cut off from NATS keeps its players connected, but cannot
     // acknowledge a line: new connections belong on a node that can.
     let nats = state.cluster.as_ref().is_none_or(|c| c.connected());
+    // Likewise a node whose history database is away (`history.url`).
+    let database = state.history.as_ref().and_then(|h| h.database_reachable());
     let mut body = serde_json::json!({
         "listening": listening, "store": store, "world": world, "draining": draining,
     });
+    if let Some(up) = database {
+        body["database"] = match up {
+            true => serde_json::json!({ "state": "ok" }),
+            false => serde_json::json!({
+                "state": "degraded", "reason": "history database unreachable"
+            }),
+        };
+    }
+    let database = database.unwrap_or(true);
     if state.cluster.is_some() {
         body["cluster"] = match nats {
             true => serde_json::json!({ "state": "ok" }),
             false => serde_json::json!({ "state": "degraded", "reason": "NATS unreachable" }),
         };
     }
-    let status = if listening && store && world && !draining && nats {
+    let status = if listening && store && world && !draining && nats && database {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -1342,6 +1353,7 @@ async fn recall(
     };
     let removed = history.remove_message(msg_id).await?;
     let target = format!("message:{msg_id}");
+    let conversation = removed.as_ref().map(|m| m.conversation);
     let mut reached = match removed {
         Some(msg) => Some(state.world.recall(msg).await?),
         None => None,
@@ -1349,7 +1361,9 @@ async fn recall(
     // In a cluster every node keeps its own copy of every line, and its own
     // players to tell: each removes it, and the stream forgets it so that
     // no resume replays it. A node that does not answer is a 503 (a retry
-    // finishes the job).
+    // finishes the job). With one database for all (`history.url`) this
+    // node's delete was the only one, and the call names the line's
+    // conversation so that each node can tell its players.
     //
     // A line a node sent alone while NATS was away has an id between the
     // stream's, which another node cut off at the same time may have
@@ -1357,7 +1371,10 @@ async fn recall(
     // sent it, and only there.
     let shared = state.cluster.as_ref().filter(|c| !c.between_lines(msg_id));
     if let Some(cluster) = shared {
-        let call = crate::cluster::calls::Call::Recall { msg_id };
+        let call = crate::cluster::calls::Call::Recall {
+            msg_id,
+            conversation: conversation.filter(|_| history.lines_shared()),
+        };
         let answers = match ask_every_node(&state, call, Stopped::Wait).await {
             Ok(answers) => answers,
             Err(e) => {

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tracing::debug;
 
 use super::{Cluster, ClusterError};
-use crate::history::HistoryHandle;
+use crate::history::{Conversation, HistoryHandle, StoredMsg};
 use crate::ids::{GuildId, NodeId, SceneId, TeamId, UserId};
 use crate::stats::Stats;
 use crate::world::{PlayerView, SessionState, WorldHandle};
@@ -56,9 +56,14 @@ pub enum Call {
     Disband {
         guild: u64,
     },
-    /// The node drops the line from its store and tells its players.
+    /// The node drops the line from its store and tells its players. With
+    /// a database the nodes share, the asking node has already deleted it
+    /// there and names its conversation, so that each node knows whom to
+    /// tell.
     Recall {
         msg_id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conversation: Option<Conversation>,
     },
 }
 
@@ -239,7 +244,10 @@ pub(super) async fn answer(
                 .await
                 .map(|p| Answer::Players(p.into_iter().map(|u| u.0).collect())),
             Ok(Call::Disband { guild }) => world.disband(GuildId(guild)).await.map(Answer::Count),
-            Ok(Call::Recall { msg_id }) => Ok(recall_here(&world, history.as_ref(), msg_id).await),
+            Ok(Call::Recall {
+                msg_id,
+                conversation,
+            }) => Ok(recall_here(&world, history.as_ref(), msg_id, conversation).await),
             Err(e) => {
                 debug!(error = %e, "a call from another node does not parse");
                 Ok(Answer::Failed)
@@ -255,11 +263,35 @@ pub(super) async fn answer(
 }
 
 /// Drops a line from this node's store and tells its players who had it.
-async fn recall_here(world: &WorldHandle, history: Option<&HistoryHandle>, msg_id: u64) -> Answer {
+async fn recall_here(
+    world: &WorldHandle,
+    history: Option<&HistoryHandle>,
+    msg_id: u64,
+    conversation: Option<Conversation>,
+) -> Answer {
     let Some(history) = history else {
         return Answer::Recalled(false, 0);
     };
-    match history.remove_message(msg_id).await {
+    let removed = match conversation.filter(|_| history.lines_shared()) {
+        // Gone from the shared database already: only the telling is left.
+        Some(conversation) => Ok(Some(StoredMsg {
+            msg_id,
+            conversation,
+            chattype: 0,
+            sender_id: 0,
+            sender_name: String::new(),
+            text: String::new(),
+            time_ms: 0,
+            guild_id: 0,
+            team_id: 0,
+            scene_id: 0,
+            target_id: 0,
+            target_name: String::new(),
+            nonce: 0,
+        })),
+        None => history.remove_message(msg_id).await,
+    };
+    match removed {
         Ok(Some(msg)) => match world.recall(msg).await {
             Ok(told) => Answer::Recalled(true, told),
             Err(_) => Answer::Failed,

@@ -16,6 +16,13 @@ pub struct HistoryConfig {
     /// Whether the server keeps history at all. The server reads this to
     /// decide whether to open a store; the store itself does not look at it.
     pub enabled: bool,
+    /// A PostgreSQL database for chat lines (`postgres://user:pass@host/db`,
+    /// without TLS), instead of the SQLite file: every node of a cluster
+    /// points at the same one. Offline whispers, the players table and the
+    /// game-master records stay in the file (or NATS in a cluster). The
+    /// server reads this; the store is told through
+    /// [`HistoryHandle::attach_postgres`](super::HistoryHandle::attach_postgres).
+    pub url: Option<String>,
     /// How long the writer waits, after the first queued write, for more
     /// writes to join the same commit. Each waiting message pays up to this
     /// much extra latency; in exchange a burst costs one fsync. With 0 a
@@ -121,6 +128,7 @@ impl Default for HistoryConfig {
     fn default() -> Self {
         HistoryConfig {
             enabled: true,
+            url: None,
             flush_interval_ms: 1,
             max_batch: 512,
             max_db_bytes: 0,
@@ -184,6 +192,12 @@ impl HistoryConfig {
         }
         if self.max_offline_per_sender == 0 {
             return Err("history.max_offline_per_sender must be at least 1".into());
+        }
+        if let Some(url) = &self.url {
+            if !self.enabled {
+                return Err("history.url needs history.enabled".into());
+            }
+            super::postgres::check_url(url).map_err(|e| format!("history.url {e}"))?;
         }
         if self.offline_ttl_days > MAX_OFFLINE_TTL_DAYS {
             return Err(format!(
@@ -308,5 +322,34 @@ mod tests {
             let err = config.validate().expect_err(key);
             assert!(err.contains(key), "{err} should name {key}");
         }
+    }
+
+    #[test]
+    fn a_history_url_must_be_postgres_and_needs_history() {
+        let with = |url: &str, enabled: bool| HistoryConfig {
+            url: Some(url.into()),
+            enabled,
+            ..HistoryConfig::default()
+        };
+        assert_eq!(
+            with("postgres://gc@127.0.0.1:5432/chat", true).validate(),
+            Ok(())
+        );
+        assert_eq!(
+            with("postgresql://gc@localhost/chat", true).validate(),
+            Ok(())
+        );
+        let err = with("mysql://gc@127.0.0.1/chat", true)
+            .validate()
+            .expect_err("not PostgreSQL");
+        assert!(err.contains("history.url"), "{err}");
+        let err = with("postgres://gc@127.0.0.1:notaport/chat", true)
+            .validate()
+            .expect_err("bad port");
+        assert!(err.contains("history.url"), "{err}");
+        let err = with("postgres://gc@127.0.0.1/chat", false)
+            .validate()
+            .expect_err("history off");
+        assert!(err.contains("history.enabled"), "{err}");
     }
 }

@@ -36,9 +36,13 @@
 //!   reads).
 //! - `sqlite`: the schema, its migrations, the file's permissions and
 //!   every SQL statement; synchronous code only.
+//! - `postgres`: chat lines in PostgreSQL instead of the file, when
+//!   `history.url` names a database ([`HistoryHandle::attach_postgres`]);
+//!   the rest stays in the file.
 
 pub mod config;
 mod moderation;
+mod postgres;
 mod reader;
 mod sqlite;
 mod writer;
@@ -69,7 +73,8 @@ use sqlite::{Db, WriteOp};
 use writer::{Command, Control, QueuedRead, Responder, Write, WRITE_QUEUE};
 
 /// A conversation whose messages are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Conversation {
     World,
     System,
@@ -185,6 +190,8 @@ pub enum OpenError {
     },
     #[error("cannot start the history threads: {0}")]
     Spawn(#[source] std::io::Error),
+    #[error("history database (history.url): {0}")]
+    Postgres(String),
 }
 
 /// Counters since the store was opened.
@@ -313,6 +320,8 @@ pub struct HistoryHandle {
     writes: std_mpsc::SyncSender<Command>,
     reads: mpsc::Sender<ReadCmd>,
     shared: Arc<Shared>,
+    /// Chat lines go to PostgreSQL instead of the file (`history.url`).
+    lines: Option<postgres::Lines>,
 }
 
 impl fmt::Debug for HistoryHandle {
@@ -331,6 +340,8 @@ impl fmt::Debug for HistoryHandle {
 pub struct HistoryThreads {
     writer: JoinHandle<()>,
     reader: JoinHandle<()>,
+    /// Ends once PostgreSQL's insert task has stopped (`history.url`).
+    postgres: Option<postgres::Finished>,
 }
 
 impl HistoryThreads {
@@ -342,6 +353,10 @@ impl HistoryThreads {
         // error cannot happen; there is nothing more to report if it did.
         let _ = self.writer.join();
         let _ = self.reader.join();
+        if let Some(finished) = self.postgres {
+            // Disconnected (an error) once the task has ended.
+            let _ = finished.recv();
+        }
     }
 
     #[cfg(test)]
@@ -459,8 +474,43 @@ impl HistoryHandle {
             writes,
             reads,
             shared,
+            lines: None,
         };
-        Ok((handle, high_water, HistoryThreads { writer, reader }))
+        let threads = HistoryThreads {
+            writer,
+            reader,
+            postgres: None,
+        };
+        Ok((handle, high_water, threads))
+    }
+
+    /// Keeps chat lines in the PostgreSQL database at `url` from now on
+    /// instead of the file: appends, pages, recalls, a sender's lines and
+    /// retention go there; everything else stays in the file. Call it
+    /// before cloning the handle, inside a runtime. Returns the highest
+    /// msg_id the database holds, which the caller's ids must stay above.
+    pub async fn attach_postgres(
+        &mut self,
+        url: &str,
+        threads: &mut HistoryThreads,
+    ) -> Result<u64, OpenError> {
+        let (lines, high, finished) = postgres::Lines::connect(url, self.shared.clone()).await?;
+        self.shared.high_seen.fetch_max(high, Relaxed);
+        self.lines = Some(lines);
+        threads.postgres = Some(finished);
+        Ok(high)
+    }
+
+    /// Whether chat lines go to a database shared with other nodes
+    /// (`history.url`), where each line is written once, by the node that
+    /// gave it its msg_id, rather than by every node that delivers it.
+    pub fn lines_shared(&self) -> bool {
+        self.lines.is_some()
+    }
+
+    /// Whether that database answered when last asked; `None` without one.
+    pub fn database_reachable(&self) -> Option<bool> {
+        self.lines.as_ref().map(postgres::Lines::reachable)
     }
 
     /// Queues a message for the next group commit. The receiver resolves
@@ -481,6 +531,9 @@ impl HistoryHandle {
             let _ = respond_to.send(Ok(()));
             return Ok(rx);
         }
+        if let Some(lines) = &self.lines {
+            return Ok(lines.append(msg));
+        }
         self.send_write(WriteOp::Append(msg), Some(respond_to))?;
         Ok(rx)
     }
@@ -495,6 +548,9 @@ impl HistoryHandle {
         before: u64,
         limit: u32,
     ) -> Result<(Vec<StoredMsg>, bool), HistoryError> {
+        if let Some(lines) = &self.lines {
+            return lines.page(&conv, before, self.page_limit(limit)).await;
+        }
         let (respond_to, rx) = oneshot::channel();
         self.read(ReadCmd::Page {
             conv,
@@ -660,7 +716,18 @@ impl HistoryHandle {
             respond_to,
         })
         .await?;
-        rx.await.map_err(|_| HistoryError::Unavailable)?
+        let local = rx.await.map_err(|_| HistoryError::Unavailable)??;
+        let Some(lines) = &self.lines else {
+            return Ok(local);
+        };
+        // The file still holds the offline whispers (the only copy when
+        // whispers are not kept as history).
+        let mut both = lines.recent_nonces(sender, limit).await?;
+        both.extend(local);
+        both.sort_unstable_by_key(|b| std::cmp::Reverse(b.1));
+        both.dedup_by_key(|(_, id)| *id);
+        both.truncate(limit as usize);
+        Ok(both)
     }
 
     /// Applies retention now instead of at the next prune tick (operators,
@@ -670,7 +737,11 @@ impl HistoryHandle {
     pub async fn prune_now(&self) -> Result<u64, HistoryError> {
         let (respond_to, rx) = oneshot::channel();
         self.send(Command::Control(Control::Prune { respond_to }))?;
-        rx.await.map_err(|_| HistoryError::Unavailable)?
+        let local = rx.await.map_err(|_| HistoryError::Unavailable)??;
+        match &self.lines {
+            Some(lines) => Ok(local + lines.prune().await?),
+            None => Ok(local),
+        }
     }
 
     /// Whether `user` may block anyone (see the field's doc); false means

@@ -270,8 +270,15 @@ impl HistoryHandle {
     /// which conversation and players to tell. `None` if it was stored
     /// nowhere.
     pub async fn remove_message(&self, msg_id: u64) -> Result<Option<StoredMsg>, HistoryError> {
-        self.write_outcome(ModWrite::RemoveMessage { msg_id }, Outcome::into_message)
-            .await
+        // The file's copy goes too: its offline whispers, and any line kept
+        // there before the database was configured.
+        let local = self
+            .write_outcome(ModWrite::RemoveMessage { msg_id }, Outcome::into_message)
+            .await?;
+        match &self.lines {
+            Some(lines) => Ok(lines.remove(msg_id).await?.or(local)),
+            None => Ok(local),
+        }
     }
 
     /// `user`'s own history messages with `time_ms >= since_ms`, newest
@@ -284,6 +291,11 @@ impl HistoryHandle {
         since_ms: u64,
         limit: u32,
     ) -> Result<Vec<StoredMsg>, HistoryError> {
+        if let Some(lines) = &self.lines {
+            return lines
+                .by_sender(user, since_ms, self.page_limit(limit))
+                .await;
+        }
         let (respond_to, rx) = oneshot::channel();
         self.read(ReadCmd::MessagesBySender {
             sender: user,

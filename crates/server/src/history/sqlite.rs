@@ -216,17 +216,17 @@ fn sanction_kind(code: i64) -> Option<SanctionKind> {
 /// User, guild... ids are only compared for equality, which that keeps
 /// exact over the whole `u64` range; msg_ids and times are also compared
 /// with `<`, which is right while they stay below 2^63.
-fn sql(v: u64) -> i64 {
+pub(super) fn sql(v: u64) -> i64 {
     v as i64
 }
 
-fn unsql(v: i64) -> u64 {
+pub(super) fn unsql(v: i64) -> u64 {
     v as u64
 }
 
 /// A client-supplied upper bound as an SQL one: anything past `i64::MAX`
 /// means "no bound" rather than wrapping negative.
-fn sql_bound(v: u64) -> i64 {
+pub(super) fn sql_bound(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
@@ -241,7 +241,7 @@ fn unsql_bound(v: i64) -> u64 {
 }
 
 /// `(conv_kind, conv_id, conv_id2)` of a conversation.
-fn conv_key(c: &Conversation) -> (i64, i64, i64) {
+pub(super) fn conv_key(c: &Conversation) -> (i64, i64, i64) {
     match *c {
         Conversation::World => (Kind::World as i64, 0, 0),
         Conversation::System => (Kind::System as i64, 0, 0),
@@ -269,7 +269,7 @@ fn unknown_kind(column: usize, what: &'static str, code: i64) -> rusqlite::Error
     )
 }
 
-fn conversation(kind: i64, id: i64, id2: i64) -> Option<Conversation> {
+pub(super) fn conversation(kind: i64, id: i64, id2: i64) -> Option<Conversation> {
     let id_u = unsql(id);
     Some(match kind {
         k if k == Kind::World as i64 => Conversation::World,

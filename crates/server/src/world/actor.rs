@@ -1170,6 +1170,13 @@ impl World {
             let offline = routed
                 .store_for
                 .map(|to| (to, routed.notify.clone(), routed.conversation, routed.nonce));
+            // With a shared database the sender's node writes the line
+            // there, once, and the reply waits for that too.
+            let shared = self
+                .history
+                .clone()
+                .filter(HistoryHandle::lines_shared)
+                .map(|h| (h, routed.notify.clone(), routed.conversation, routed.nonce));
             let stats = self.stats.clone();
             self.publish(
                 routed,
@@ -1181,7 +1188,13 @@ impl World {
                             stats.metrics.fanout(accepted.elapsed());
                             Ok(ChatOutcome {
                                 msg_id: id,
-                                durable: None,
+                                durable: shared.map(
+                                    |(history, mut notify, conversation, nonce)| {
+                                        notify.msg_id = id.0;
+                                        let record = records::stored(&notify, conversation, nonce);
+                                        records::append(&history, record)
+                                    },
+                                ),
                                 offline: offline.map(|(to, mut notify, conversation, nonce)| {
                                     notify.msg_id = id.0;
                                     let record = records::stored(&notify, conversation, nonce);
@@ -1318,7 +1331,8 @@ impl World {
     /// A line from the cluster's stream: this node's share of its fan-out.
     /// The node that published it keeps a whisper for an offline target;
     /// the node the target was on tracks it, or keeps it if the target has
-    /// gone. Every node stores every line in its own history.
+    /// gone. Every node stores every line in its own history, unless the
+    /// nodes share one database (`history.url`).
     fn bus_line(&mut self, line: BusLine, seq: u64) {
         let Some(cluster) = &self.cluster else {
             return;
@@ -1372,7 +1386,9 @@ impl World {
             live_to,
             to_node: None,
         };
-        let outcome = self.deliver(routed, from, id, line.stored);
+        // A shared database has the line from the node that published it.
+        let stored = line.stored && !self.history.as_ref().is_some_and(|h| h.lines_shared());
+        let outcome = self.deliver(routed, from, id, stored);
         // Nobody waits: the sender was answered when the stream stored it.
         drop(outcome);
     }
@@ -1668,6 +1684,13 @@ impl World {
         };
         let stored = to == AnnounceTo::Everyone;
         if self.cluster.is_some() {
+            // A shared database gets the line from this node alone; nobody
+            // waits for that write.
+            let shared = self
+                .history
+                .clone()
+                .filter(|h| stored && h.lines_shared())
+                .map(|h| (h, routed.notify.clone()));
             // A line the stream did not take drops the reply: the caller
             // sees the world as unable to answer.
             self.publish(
@@ -1676,6 +1699,11 @@ impl World {
                 stored,
                 Box::new(move |id| {
                     if let Ok(id) = id {
+                        if let Some((history, mut notify)) = shared {
+                            notify.msg_id = id.0;
+                            let record = records::stored(&notify, Conversation::System, 0);
+                            drop(records::append(&history, record));
+                        }
                         let _ = respond_to.send(id);
                     }
                 }),

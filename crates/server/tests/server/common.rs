@@ -541,3 +541,151 @@ impl TestServer {
         panic!("player {user} never showed up on {node}");
     }
 }
+
+/// A real PostgreSQL server on a free loopback port, its cluster in a temp
+/// dir (fsync off: these tests kill it, they do not pull the power);
+/// stopped when dropped. Run as the `postgres` user when the tests run as
+/// root, which PostgreSQL refuses to run as.
+pub struct Postgres {
+    pub url: String,
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+/// The directory of PostgreSQL's server programs: `GUILDCHAT_POSTGRES_BIN`
+/// (what `scripts/postgres` prints), else the newest Debian install.
+fn postgres_bin() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("GUILDCHAT_POSTGRES_BIN") {
+        return dir.into();
+    }
+    let mut found: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dirs| {
+            dirs.filter_map(|d| d.ok().map(|d| d.path().join("bin")))
+                .filter(|bin| bin.join("initdb").exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+        .pop()
+        .expect("no PostgreSQL server found; run scripts/postgres to install it")
+}
+
+/// The uid and gid to run PostgreSQL as: the `postgres` user's when this
+/// process is root, else none (run as ourselves).
+fn postgres_ids() -> Option<(u32, u32)> {
+    let id = |args: &[&str]| -> Option<u32> {
+        let out = std::process::Command::new("id").args(args).output().ok()?;
+        String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+    };
+    if id(&["-u"])? != 0 {
+        return None;
+    }
+    Some((
+        id(&["-u", "postgres"]).expect("running as root needs a postgres user"),
+        id(&["-g", "postgres"]).expect("running as root needs a postgres group"),
+    ))
+}
+
+impl Postgres {
+    pub async fn start() -> Postgres {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let ids = postgres_ids();
+        if let Some((uid, gid)) = ids {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+        }
+        let mut initdb = std::process::Command::new(postgres_bin().join("initdb"));
+        initdb
+            .args([
+                "-U",
+                "guildchat",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+            ])
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some((uid, gid)) = ids {
+            std::os::unix::process::CommandExt::uid(&mut initdb, uid);
+            std::os::unix::process::CommandExt::gid(&mut initdb, gid);
+        }
+        let status = tokio::task::spawn_blocking(move || initdb.status())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "initdb failed");
+        let mut pg = Postgres {
+            url: format!("postgres://guildchat@127.0.0.1:{port}/postgres"),
+            port,
+            dir,
+            child: None,
+        };
+        pg.restart().await;
+        pg
+    }
+
+    /// Starts the server again on the same port and data (after `kill`).
+    pub async fn restart(&mut self) {
+        let mut cmd = std::process::Command::new(postgres_bin().join("postgres"));
+        cmd.arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-p", &self.port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "fsync=off"])
+            .args(["-c", "max_connections=50"])
+            .arg("-c")
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some((uid, gid)) = postgres_ids() {
+            std::os::unix::process::CommandExt::uid(&mut cmd, uid);
+            std::os::unix::process::CommandExt::gid(&mut cmd, gid);
+        }
+        self.child = Some(cmd.spawn().expect("cannot start postgres"));
+        for _ in 0..500 {
+            if self.client().await.is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("postgres did not start");
+    }
+
+    /// A connection of the test's own, to look at the tables.
+    pub async fn client(&self) -> Option<tokio_postgres::Client> {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .ok()?;
+        tokio::spawn(connection);
+        Some(client)
+    }
+
+    /// Stops the server at once, as a crash would (SIGQUIT: immediate
+    /// shutdown, crash recovery at the next start), and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-QUIT", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -10,6 +10,7 @@ mod channels;
 mod cluster;
 mod common;
 mod counting;
+mod database;
 mod history;
 mod json;
 mod login;
