@@ -1351,29 +1351,34 @@ async fn recall(
             "no history is kept on this server".into(),
         ));
     };
-    let removed = history.remove_message(msg_id).await?;
+    // A line a node sent alone while NATS was away has an id between the
+    // stream's, which another node cut off at the same time may have
+    // given a line of its own: such a line is recalled on the node that
+    // sent it, and only there.
+    let shared = state.cluster.as_ref().filter(|c| !c.between_lines(msg_id));
+    // With one database for all nodes (`history.url`) the line is read
+    // here and deleted only once every node has told its players, so that
+    // a retry after a silent node still finds it and knows whom to tell.
+    let one_database = shared.is_some() && history.lines_shared();
+    let found = match one_database {
+        true => history.find_shared_line(msg_id).await?,
+        false => history.remove_message(msg_id).await?,
+    };
     let target = format!("message:{msg_id}");
-    let conversation = removed.as_ref().map(|m| m.conversation);
-    let mut reached = match removed {
+    let conversation = found.as_ref().map(|m| m.conversation);
+    let mut reached = match found {
         Some(msg) => Some(state.world.recall(msg).await?),
         None => None,
     };
     // In a cluster every node keeps its own copy of every line, and its own
     // players to tell: each removes it, and the stream forgets it so that
     // no resume replays it. A node that does not answer is a 503 (a retry
-    // finishes the job). With one database for all (`history.url`) this
-    // node's delete was the only one, and the call names the line's
+    // finishes the job). With one database the call names the line's
     // conversation so that each node can tell its players.
-    //
-    // A line a node sent alone while NATS was away has an id between the
-    // stream's, which another node cut off at the same time may have
-    // given a line of its own: such a line is recalled on the node that
-    // sent it, and only there.
-    let shared = state.cluster.as_ref().filter(|c| !c.between_lines(msg_id));
     if let Some(cluster) = shared {
         let call = crate::cluster::calls::Call::Recall {
             msg_id,
-            conversation: conversation.filter(|_| history.lines_shared()),
+            conversation: conversation.filter(|_| one_database),
         };
         let answers = match ask_every_node(&state, call, Stopped::Wait).await {
             Ok(answers) => answers,
@@ -1390,6 +1395,11 @@ async fn recall(
             if let crate::cluster::calls::Answered::Recalled(true, told) = answer {
                 reached = Some(reached.unwrap_or(0) + told);
             }
+        }
+        if one_database && reached.is_some() {
+            // Every node has told its players: now the line goes (with any
+            // copy in this node's file).
+            history.remove_message(msg_id).await?;
         }
         if let Err(e) = cluster.forget_line(msg_id).await {
             let e = ApiError::Unavailable(format!("the line stream did not forget it: {e}"));

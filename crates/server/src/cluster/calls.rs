@@ -57,9 +57,9 @@ pub enum Call {
         guild: u64,
     },
     /// The node drops the line from its store and tells its players. With
-    /// a database the nodes share, the asking node has already deleted it
-    /// there and names its conversation, so that each node knows whom to
-    /// tell.
+    /// a database the nodes share, the asking node names its conversation,
+    /// so that each node knows whom to tell, and deletes it there once
+    /// every node has answered.
     Recall {
         msg_id: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -210,11 +210,17 @@ pub(super) async fn answer(
     world: WorldHandle,
     stats: Arc<Stats>,
     history: Option<HistoryHandle>,
+    silenced: tokio::sync::watch::Receiver<bool>,
 ) {
     while let Some(msg) = calls.next().await {
         let Some(reply_to) = msg.reply.clone() else {
             continue;
         };
+        // A test silencing the node: the call goes unanswered, as from a
+        // node that is stuck.
+        if *silenced.borrow() {
+            continue;
+        }
         let answer = match serde_json::from_slice::<Call>(&msg.payload) {
             Ok(Call::Player { user }) => world
                 .player(UserId(user))
@@ -273,7 +279,8 @@ async fn recall_here(
         return Answer::Recalled(false, 0);
     };
     let removed = match conversation.filter(|_| history.lines_shared()) {
-        // Gone from the shared database already: only the telling is left.
+        // In the shared database, which the asking node deletes it from
+        // once every node has answered: only the telling is left here.
         Some(conversation) => Ok(Some(StoredMsg {
             msg_id,
             conversation,

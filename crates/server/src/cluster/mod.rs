@@ -173,6 +173,8 @@ struct Inner {
     stop: tokio_util::sync::CancellationToken,
     /// Holds the line feed while true: a test hook ([`Cluster::hold_feed`]).
     feed_held: tokio::sync::watch::Sender<bool>,
+    /// A test hook: calls from other nodes go unanswered while `true`.
+    calls_silenced: tokio::sync::watch::Sender<bool>,
 }
 
 /// The feeds that start once the world exists.
@@ -391,6 +393,7 @@ impl Cluster {
                 release: release_tx,
                 stop: Default::default(),
                 feed_held: tokio::sync::watch::Sender::new(false),
+                calls_silenced: tokio::sync::watch::Sender::new(false),
             }),
         };
         let feeds = Feeds {
@@ -426,6 +429,13 @@ impl Cluster {
     #[doc(hidden)]
     pub fn hold_feed(&self, held: bool) {
         self.inner.feed_held.send_replace(held);
+    }
+
+    /// Leaves the admin calls of other nodes unanswered (`true`), as a
+    /// stuck node would, or answers them again. A test hook.
+    #[doc(hidden)]
+    pub fn silence_calls(&self, silenced: bool) {
+        self.inner.calls_silenced.send_replace(silenced);
     }
 
     /// The stream's last sequence when this node joined.
@@ -598,6 +608,7 @@ impl Cluster {
                 world.clone(),
                 stats,
                 history.clone(),
+                self.inner.calls_silenced.subscribe(),
             ),
         ));
         tokio::spawn(until(

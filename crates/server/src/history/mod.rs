@@ -513,6 +513,13 @@ impl HistoryHandle {
         self.lines.as_ref().map(postgres::Lines::reachable)
     }
 
+    /// Whether a line in `c` would be refused now because the history
+    /// database (`history.url`) is known to be unreachable: the world then
+    /// refuses it before anyone hears it rather than after.
+    pub fn refuses_now(&self, c: &Conversation) -> bool {
+        self.database_reachable() == Some(false) && self.shared.config.retention(c).persist
+    }
+
     /// Queues a message for the next group commit. The receiver resolves
     /// once the batch holding it is committed (`Ok`) or has failed
     /// (`Err(WriteFailed)`); if the writer thread died it is closed without

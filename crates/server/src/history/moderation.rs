@@ -281,6 +281,18 @@ impl HistoryHandle {
         }
     }
 
+    /// The line `msg_id` in the database the nodes share (`history.url`),
+    /// left in place; `None` if it is not there or there is no such
+    /// database. A cluster's recall reads it first and deletes it only once
+    /// every node has told its players, so that a retry after a node did
+    /// not answer still knows whom to tell.
+    pub async fn find_shared_line(&self, msg_id: u64) -> Result<Option<StoredMsg>, HistoryError> {
+        match &self.lines {
+            Some(lines) => lines.find(msg_id).await,
+            None => Ok(None),
+        }
+    }
+
     /// `user`'s own history messages with `time_ms >= since_ms`, newest
     /// first, at most `min(limit, max_page)` (0 asks for `max_page`): what
     /// a game master reviews after a report. Offline whispers that are not

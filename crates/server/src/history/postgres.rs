@@ -122,8 +122,12 @@ async fn open_client(config: &tokio_postgres::Config) -> Result<Client, tokio_po
 }
 
 impl Link {
-    async fn open(config: &tokio_postgres::Config) -> Result<Link, tokio_postgres::Error> {
-        Link::prepare(open_client(config).await?).await
+    /// A new connection, with the schema made again if the database lost
+    /// it (restored empty, or replaced) since the server started.
+    async fn open(config: &tokio_postgres::Config) -> Result<Link, String> {
+        let client = open_client(config).await.map_err(|e| describe(&e))?;
+        prepare_schema(&client).await.map_err(|e| e.to_string())?;
+        Link::prepare(client).await.map_err(|e| describe(&e))
     }
 
     /// Prepares the statements on `client` (the schema must exist).
@@ -198,6 +202,26 @@ impl Lines {
             .map_err(|e| OpenError::Config(format!("history.url: {e}")))?;
         config.connect_timeout(OP_TIMEOUT);
         config.application_name("guildchat");
+        // A database that stops answering (a partition, a hung host) must
+        // be found out in seconds, not at the kernel's TCP timeout: the
+        // socket gives up on unacknowledged data after OP_TIMEOUT, and
+        // idle links are probed. The server abandons a statement before
+        // this side stops waiting for it, so a statement this side gave
+        // up on has almost always been rolled back there too.
+        config.tcp_user_timeout(OP_TIMEOUT);
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(10));
+        config.keepalives_interval(Duration::from_secs(2));
+        config.keepalives_retries(3);
+        let statement_timeout = format!(
+            "-c statement_timeout={}",
+            OP_TIMEOUT.as_millis().saturating_sub(1000)
+        );
+        let options = match config.get_options() {
+            Some(theirs) if !theirs.is_empty() => format!("{theirs} {statement_timeout}"),
+            _ => statement_timeout,
+        };
+        config.options(options);
         let database = |e: String| OpenError::Postgres(e);
         let client = tokio::time::timeout(OP_TIMEOUT, open_client(&config))
             .await
@@ -333,6 +357,27 @@ impl Lines {
         rows.iter().map(read_line).collect()
     }
 
+    /// The line `msg_id`, or `None` if no such line is stored.
+    pub(super) async fn find(&self, msg_id: u64) -> Result<Option<StoredMsg>, HistoryError> {
+        let id = sql(msg_id);
+        let rows = self
+            .inner
+            .read(|link| async move {
+                link.client
+                    .query(
+                        concat!(
+                            "SELECT ",
+                            line_columns!(),
+                            " FROM gc_lines WHERE msg_id = $1"
+                        ),
+                        &[&id],
+                    )
+                    .await
+            })
+            .await?;
+        rows.first().map(read_line).transpose()
+    }
+
     /// Deletes the line `msg_id` and returns it, or `None` if no such line
     /// is stored (already recalled, or never kept).
     pub(super) async fn remove(&self, msg_id: u64) -> Result<Option<StoredMsg>, HistoryError> {
@@ -385,7 +430,7 @@ impl Inner {
                 Ok(link)
             }
             Ok(Err(e)) => {
-                self.mark(false, Some(&describe(&e)));
+                self.mark(false, Some(&e));
                 Err(HistoryError::Unavailable)
             }
             Err(_) => {
@@ -437,8 +482,17 @@ impl Inner {
         match tokio::time::timeout(OP_TIMEOUT, run(link)).await {
             Ok(Ok(rows)) => Ok(rows),
             Ok(Err(e)) => Err(self.failed(&e)),
-            Err(_) => Err(HistoryError::Unavailable),
+            Err(_) => Err(self.timed_out()),
         }
+    }
+
+    /// A statement that got no answer within [`OP_TIMEOUT`]: the link is
+    /// taken for dead (a reconnect follows, at most once a second) rather
+    /// than left to stall every later statement behind it.
+    fn timed_out(&self) -> HistoryError {
+        *self.link.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.mark(false, Some("no answer within 5 s"));
+        HistoryError::Unavailable
     }
 
     /// What a failed statement means for its caller.
@@ -486,7 +540,7 @@ impl Inner {
         {
             Ok(Ok(rows)) => rows,
             Ok(Err(e)) => return Err(self.failed(&e)),
-            Err(_) => return Err(HistoryError::Unavailable),
+            Err(_) => return Err(self.timed_out()),
         };
         let inserted = rows
             .iter()
@@ -514,7 +568,7 @@ impl Inner {
         {
             Ok(Ok(rows)) => rows,
             Ok(Err(e)) => return Err(self.failed(&e)),
-            Err(_) => return Err(HistoryError::Unavailable),
+            Err(_) => return Err(self.timed_out()),
         };
         let mut there = std::collections::HashMap::with_capacity(rows.len());
         for r in &rows {
@@ -533,9 +587,11 @@ impl Inner {
                 if inserted.contains(&id) {
                     return true;
                 }
-                // Gone since (recalled, pruned) counts as stored: it was.
+                // Gone since (recalled, pruned): whether it was this line
+                // cannot be told, so it is refused (a refusal promises
+                // nothing either way; the sender may retry).
                 let Some((sender, nonce, time_ms, text)) = there.get(&id) else {
-                    return true;
+                    return false;
                 };
                 // The same line: the sender's retry (same nonce), or the
                 // same record written twice.
@@ -630,7 +686,7 @@ impl Inner {
         match tokio::time::timeout(OP_TIMEOUT, run(link)).await {
             Ok(Ok(n)) => Ok(n),
             Ok(Err(e)) => Err(self.failed(&e)),
-            Err(_) => Err(HistoryError::Unavailable),
+            Err(_) => Err(self.timed_out()),
         }
     }
 }

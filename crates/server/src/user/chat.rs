@@ -219,12 +219,15 @@ impl UserActor {
             return;
         }
         let sends = self.sends.get_or_insert_with(Default::default);
-        sends.loaded = true;
         let Some(history) = &self.history else {
+            sends.loaded = true;
             return;
         };
+        // A failed read (the store away) is tried again at the next send,
+        // so that a retry after the store is back is still recognised.
         match history.recent_nonces(self.id.0, RECENT_SENDS as u32).await {
             Ok(stored) => {
+                sends.loaded = true;
                 // Oldest first, so the newest stay when the map is full.
                 for (nonce, msg_id) in stored.into_iter().rev() {
                     if sends.get(nonce).is_none() {

@@ -1154,6 +1154,12 @@ impl World {
                 return;
             }
         };
+        if let Some(history) = &self.history {
+            if history.refuses_now(&routed.conversation) {
+                let _ = respond_to.send(Err(ResCode::ResStoreFailed));
+                return;
+            }
+        }
         Stats::bump(&self.stats.chats);
         if let Some(cluster) = self.cluster.clone() {
             if !cluster.connected() {

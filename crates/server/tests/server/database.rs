@@ -144,13 +144,19 @@ async fn without_the_database_a_line_is_refused_and_nothing_acknowledged_is_lost
     let server = on_database(&pg.url).await;
     until_ready(&server).await;
     let mut a = server.login(1, "ann", 0, 0, 0).await;
+    let mut b = server.login(2, "bob", 0, 0, 0).await;
     let kept = say(&mut a, ChatType::ChatWorld, "kept").await;
     assert_eq!(kept.res, ResCode::ResOk as i32);
 
     pg.kill();
+    // The first line finds the database gone (its listeners may hear it).
     let refused = say(&mut a, ChatType::ChatWorld, "not kept").await;
     assert_eq!(refused.res, ResCode::ResStoreFailed as i32);
     assert_eq!(readiness(&server).await, (503, "degraded".to_owned()));
+    // Once it is known to be gone, a line is refused before anyone hears
+    // it.
+    let early = say(&mut a, ChatType::ChatWorld, "refused at once").await;
+    assert_eq!(early.res, ResCode::ResStoreFailed as i32);
 
     // Back without any traffic: the server tries again on its own.
     pg.restart().await;
@@ -159,6 +165,17 @@ async fn without_the_database_a_line_is_refused_and_nothing_acknowledged_is_lost
     assert_eq!(after.res, ResCode::ResOk as i32);
     let ids: Vec<u64> = rows(&pg).await.into_iter().map(|(id, _)| id).collect();
     assert_eq!(ids, [kept.msg_id, after.msg_id]);
+    let mut heard = Vec::new();
+    loop {
+        let line = next_chat(&mut b).await;
+        heard.push(line.strcontext);
+        if line.msg_id == after.msg_id {
+            break;
+        }
+    }
+    assert!(!heard.iter().any(|t| t == "refused at once"), "{heard:?}");
+    assert_eq!(heard.first().map(String::as_str), Some("kept"));
+    drop(b);
     let rep = page(&mut a, ChatType::ChatWorld, 0, 0, 0, 10).await;
     let paged: Vec<u64> = rep.msgs.iter().map(|m| m.msg_id).collect();
     assert_eq!(paged, [after.msg_id, kept.msg_id]);
@@ -250,8 +267,20 @@ async fn nodes_sharing_a_database_write_each_line_once_and_recall_it_everywhere(
     assert_eq!(rep.res, ResCode::ResOk as i32);
     let paged: Vec<u64> = rep.msgs.iter().map(|m| m.msg_id).collect();
     assert_eq!(paged, [two, one]);
-    // Recalled through n3, where neither sender is: every member is told
-    // on every node, and the database forgets it.
+    // Recalled through n3, where neither sender is, while n2 does not
+    // answer: a 503 naming it, and the line stays in the database so that
+    // a retry still knows whom to tell.
+    n2.cluster.as_ref().unwrap().silence_calls(true);
+    let http = n3.gm("DELETE", &format!("/v1/messages/{one}"), None).await;
+    assert_eq!(http.status, 503, "{}", http.text);
+    assert!(http.text.contains("n2"), "{}", http.text);
+    for p in [&mut a, &mut c] {
+        until_recalled(p, one).await;
+    }
+    assert_eq!(rows(&pg).await.len(), 2);
+    // The retry: every member is told on every node, and the database
+    // forgets it.
+    n2.cluster.as_ref().unwrap().silence_calls(false);
     let http = n3.gm("DELETE", &format!("/v1/messages/{one}"), None).await;
     assert_eq!(http.status, 204, "{}", http.text);
     for p in [&mut a, &mut b, &mut c] {
