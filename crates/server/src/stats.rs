@@ -57,6 +57,12 @@ pub struct Stats {
     /// Times a guild, team or scene gained its first session on this node
     /// or lost its last (see `Registry::group_changes`).
     pub group_changes: AtomicU64,
+    /// Lines from the cluster's line stream this node's world handled
+    /// (each once, however often a resync read it).
+    pub bus_lines: AtomicU64,
+    /// Times the line reader opened a new consumer because a group gained
+    /// its first session here (reading per need; see `cluster::interest`).
+    pub line_resyncs: AtomicU64,
     /// Receipt pings answered: whispers on a live connection confirmed.
     pub receipts: AtomicU64,
     /// Frames from clients that could not be handled.
@@ -132,6 +138,8 @@ impl Stats {
             ("offline_spilled", Stats::get(&self.offline_spilled)),
             ("offline_spill_lost", Stats::get(&self.offline_spill_lost)),
             ("group_changes", Stats::get(&self.group_changes)),
+            ("bus_lines", Stats::get(&self.bus_lines)),
+            ("line_resyncs", Stats::get(&self.line_resyncs)),
             ("receipts", Stats::get(&self.receipts)),
             ("bad_frames", Stats::get(&self.bad_frames)),
             ("rate_limited", Stats::get(&self.rate_limited)),

@@ -30,6 +30,7 @@ mod blocks;
 pub mod calls;
 mod clocks;
 mod inbox;
+pub mod interest;
 mod masks;
 mod sanctions;
 pub mod wire;
@@ -173,6 +174,8 @@ struct Inner {
     stop: tokio_util::sync::CancellationToken,
     /// Holds the line feed while true: a test hook ([`Cluster::hold_feed`]).
     feed_held: tokio::sync::watch::Sender<bool>,
+    /// What the line reader reads, when it reads per need.
+    interest: Option<interest::Interest>,
     /// A test hook: calls from other nodes go unanswered while `true`.
     calls_silenced: tokio::sync::watch::Sender<bool>,
 }
@@ -354,18 +357,15 @@ impl Cluster {
                  start it with a fresh data dir, or start the cluster from it"
             )));
         }
-        let consumer = timed(
-            "line consumer",
-            lines.create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: format!("{}.>", wire::LINE_PREFIX),
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: joined_at + 1,
-                },
-                ..Default::default()
-            }),
-        )
-        .await?;
-        let lines = timed("line consumer", consumer.messages()).await?;
+        // Without a local copy of every line to keep (one database for all
+        // nodes, or no history), a node reads only its players' groups.
+        let interest =
+            (!config_history.enabled || config_history.url.is_some()).then(interest::Interest::new);
+        let filters = match &interest {
+            Some(interest) => interest.filters(),
+            None => vec![format!("{}.>", wire::LINE_PREFIX)],
+        };
+        let lines = timed("line consumer", read_from(&lines, filters, joined_at + 1)).await?;
         // Every key's latest value first (who is where now), then changes.
         let watch = timed("session watch", sessions.watch_with_history("u.>")).await?;
         let (publish_tx, publish) = mpsc::channel(PUBLISH_QUEUE);
@@ -393,6 +393,7 @@ impl Cluster {
                 release: release_tx,
                 stop: Default::default(),
                 feed_held: tokio::sync::watch::Sender::new(false),
+                interest,
                 calls_silenced: tokio::sync::watch::Sender::new(false),
             }),
         };
@@ -436,6 +437,12 @@ impl Cluster {
     #[doc(hidden)]
     pub fn silence_calls(&self, silenced: bool) {
         self.inner.calls_silenced.send_replace(silenced);
+    }
+
+    /// The groups whose lines this node reads, when it reads only what
+    /// its players need; `None` when it reads every line.
+    pub fn interest(&self) -> Option<&interest::Interest> {
+        self.inner.interest.as_ref()
     }
 
     /// The stream's last sequence when this node joined.
@@ -594,10 +601,20 @@ impl Cluster {
         } = feeds;
         let moderation = services.moderation.clone();
         let stop = &self.inner.stop;
-        tokio::spawn(until(stop, publisher(js, publish)));
+        tokio::spawn(until(stop, publisher(js.clone(), publish)));
         tokio::spawn(until(stop, releaser(sessions, release)));
         let held = self.inner.feed_held.subscribe();
-        tokio::spawn(until(stop, read_lines(lines, world.clone(), held)));
+        tokio::spawn(until(
+            stop,
+            read_lines(
+                lines,
+                js.clone(),
+                self.inner.interest.clone(),
+                world.clone(),
+                held,
+                stats.clone(),
+            ),
+        ));
         tokio::spawn(until(stop, heartbeat(nodes, self.inner.node.clone())));
         tokio::spawn(until(stop, watch_beats(beats, world.clone())));
         tokio::spawn(until(
@@ -760,14 +777,91 @@ async fn watch_beats(mut beats: kv::Watch, world: WorldHandle) {
     debug!("heartbeat feed ended");
 }
 
-/// Feeds the stream's lines, in stream order, into the world.
+/// An ordered consumer of the line stream from `start` on `filters`.
+async fn read_from(
+    stream: &stream::Stream,
+    filters: Vec<String>,
+    start: u64,
+) -> Result<consumer::pull::Ordered, String> {
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subjects: filters,
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    consumer.messages().await.map_err(|e| e.to_string())
+}
+
+/// A new consumer for the latest resync, tried again every 200 ms (NATS
+/// away) until one opens; a newer resync met meanwhile replaces the one
+/// being tried. `None` once the world has gone.
+async fn resync_lines(
+    js: &jetstream::Context,
+    interest: &interest::Interest,
+    resyncs: &mut tokio::sync::watch::Receiver<interest::Resync>,
+) -> Option<(consumer::pull::Ordered, u64)> {
+    let mut failing = false;
+    loop {
+        let want = *resyncs.borrow_and_update();
+        let opened = match js.get_stream(LINES_STREAM).await {
+            Ok(stream) => read_from(&stream, interest.filters(), want.after + 1).await,
+            Err(e) => Err(e.to_string()),
+        };
+        match opened {
+            Ok(lines) => return Some((lines, want.generation)),
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, "reading the line stream with new filters failed; retrying");
+                    failing = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if resyncs.has_changed().is_err() {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Feeds the stream's lines, in stream order, into the world, each tagged
+/// with the generation of the consumer that read it (see
+/// [`interest`]).
 async fn read_lines(
     mut lines: consumer::pull::Ordered,
+    js: jetstream::Context,
+    interest: Option<interest::Interest>,
     world: WorldHandle,
     mut held: tokio::sync::watch::Receiver<bool>,
+    stats: Arc<crate::stats::Stats>,
 ) {
     let mut failing = false;
-    while let Some(msg) = lines.next().await {
+    let mut generation = 0;
+    let mut resyncs = interest.as_ref().map(interest::Interest::subscribe);
+    loop {
+        let msg = match (&interest, resyncs.as_mut()) {
+            (Some(interest), Some(resyncs)) => tokio::select! {
+                biased;
+                changed = resyncs.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let Some((opened, g)) = resync_lines(&js, interest, resyncs).await else {
+                        break;
+                    };
+                    lines = opened;
+                    generation = g;
+                    crate::stats::Stats::bump(&stats.line_resyncs);
+                    continue;
+                }
+                msg = lines.next() => msg,
+            },
+            _ => lines.next().await,
+        };
+        let Some(msg) = msg else { break };
         // A test holding the feed: the line waits, as on a node behind.
         if held.wait_for(|held| !held).await.is_err() {
             break;
@@ -795,7 +889,7 @@ async fn read_lines(
                 continue;
             }
         };
-        if world.bus_line(line, seq).await.is_err() {
+        if world.bus_line(line, seq, generation).await.is_err() {
             break;
         }
     }

@@ -42,6 +42,11 @@ pub(super) struct World {
     /// The last msg_id handed out. Seeded from the wall clock so ids keep
     /// increasing across restarts.
     last_msg_id: u64,
+    /// The last stream line handled (cluster), and the generation of the
+    /// line reader's consumer whose lines are taken: lines of an older
+    /// one come again from the newer (see `cluster::interest`).
+    bus_seq: u64,
+    bus_generation: u64,
     /// `(when, last_msg_id then)` once a tick, as far back as
     /// [`Config::replay_max_age`]: which ids are too old to replay.
     id_marks: VecDeque<(Instant, u64)>,
@@ -150,11 +155,18 @@ impl World {
             Some(cluster) => cluster.msg_id(cluster.joined_at()).max(first_msg_id),
             None => first_msg_id.max(now_ms() << 10),
         };
+        let mut registry = Registry::new(config.session.replay_buffer_shed());
+        if let Some(interest) = cluster.as_ref().and_then(|c| c.interest()) {
+            registry.read_per_need(interest);
+        }
+        let bus_seq = cluster.as_ref().map_or(0, |c| c.joined_at());
         World {
             cluster,
             remote: Box::default(),
             services,
-            registry: Registry::new(config.session.replay_buffer_shed()),
+            registry,
+            bus_seq,
+            bus_generation: 0,
             config,
             stats,
             fanout,
@@ -174,13 +186,28 @@ impl World {
         loop {
             tokio::select! {
                 msg = self.inbox.recv() => match msg {
-                    Some(msg) => self.handle(msg),
+                    Some(msg) => {
+                        self.handle(msg);
+                        self.resync_if_due();
+                    }
                     None => break,
                 },
                 _ = tick.tick() => self.housekeeping(),
             }
         }
         debug!("world actor stopped");
+    }
+
+    /// A group that gained its first session here is not read yet: the
+    /// line reader reads again after the last line handled, and lines of
+    /// its current consumer are dropped until the new one's arrive.
+    fn resync_if_due(&mut self) {
+        if !self.registry.take_resync_due() {
+            return;
+        }
+        if let Some(interest) = self.cluster.as_ref().and_then(|c| c.interest()) {
+            self.bus_generation = interest.resync(self.bus_seq);
+        }
     }
 
     fn handle(&mut self, msg: WorldMsg) {
@@ -324,7 +351,11 @@ impl World {
                 to,
                 respond_to,
             } => self.announce(text, to, respond_to),
-            WorldMsg::Bus { line, seq } => self.bus_line(*line, seq),
+            WorldMsg::Bus {
+                line,
+                seq,
+                generation,
+            } => self.bus_line(*line, seq, generation),
             WorldMsg::SessionsByNode { respond_to } => {
                 let mut by: HashMap<NodeId, u64> = HashMap::new();
                 if let Some(cluster) = &self.cluster {
@@ -1339,10 +1370,17 @@ impl World {
     /// the node the target was on tracks it, or keeps it if the target has
     /// gone. Every node stores every line in its own history, unless the
     /// nodes share one database (`history.url`).
-    fn bus_line(&mut self, line: BusLine, seq: u64) {
+    fn bus_line(&mut self, line: BusLine, seq: u64, generation: u64) {
         let Some(cluster) = &self.cluster else {
             return;
         };
+        // A line from a consumer a resync has replaced (it comes again), or
+        // one already handled.
+        if generation != self.bus_generation || seq <= self.bus_seq {
+            return;
+        }
+        self.bus_seq = seq;
+        Stats::bump(&self.stats.bus_lines);
         let id = MsgId(cluster.msg_id(seq));
         let me = cluster.node().0.clone();
         self.last_msg_id = self.last_msg_id.max(id.0);

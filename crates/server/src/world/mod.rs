@@ -266,6 +266,7 @@ enum WorldMsg {
     Bus {
         line: Box<crate::cluster::BusLine>,
         seq: u64,
+        generation: u64,
     },
     /// The session directory changed: `holder` has `user`'s session as of
     /// `revision`.
@@ -565,10 +566,12 @@ impl WorldHandle {
         &self,
         line: crate::cluster::BusLine,
         seq: u64,
+        generation: u64,
     ) -> Result<(), WorldGone> {
         self.tell(WorldMsg::Bus {
             line: Box::new(line),
             seq,
+            generation,
         })
         .await
     }
@@ -631,9 +634,11 @@ mod tests {
         );
         let run = actor.run();
         let size = std::mem::size_of_val(&run);
-        // 1128 bytes today (see Memory layout in ARCHITECTURE.md).
+        // 1256 bytes today (see Memory layout in ARCHITECTURE.md): one per
+        // process, so the bound guards against a large field creeping in,
+        // not against a few words.
         assert!(
-            size <= 1216,
+            size <= 1344,
             "world actor future is {size} bytes (see Memory layout in ARCHITECTURE.md)"
         );
     }

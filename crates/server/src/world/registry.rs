@@ -2,7 +2,8 @@
 //! belongs to which guild, team and scene.
 //!
 //! Plain data owned by the world actor; it has no lock because only that
-//! actor ever touches it. It never sends anything itself.
+//! actor ever touches it. It never sends anything itself (it only notes,
+//! in `cluster::interest`, the groups whose lines the node must read).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -12,6 +13,7 @@ use tokio::time::Instant;
 use super::fanout::Audience;
 use super::replay::{MaskLog, Replay, Ring};
 use super::Identity;
+use crate::cluster::interest::{GroupKind, Interest};
 use crate::history::StoredMsg;
 use crate::ids::{GuildId, SceneId, TeamId, UserId};
 use crate::net::ConnTx;
@@ -107,19 +109,65 @@ impl<K: std::hash::Hash + Eq> Default for Groups<K> {
     }
 }
 
-impl<K: std::hash::Hash + Eq + Copy> Groups<K> {
-    fn join(&mut self, key: K, user: UserId) {
+/// A group id as the line stream's subjects spell it.
+trait GroupKey: Copy {
+    const KIND: GroupKind;
+    fn raw(self) -> u64;
+}
+
+impl GroupKey for GuildId {
+    const KIND: GroupKind = GroupKind::Guild;
+    fn raw(self) -> u64 {
+        self.0
+    }
+}
+
+impl GroupKey for TeamId {
+    const KIND: GroupKind = GroupKind::Team;
+    fn raw(self) -> u64 {
+        self.0
+    }
+}
+
+impl GroupKey for SceneId {
+    const KIND: GroupKind = GroupKind::Scene;
+    fn raw(self) -> u64 {
+        self.0
+    }
+}
+
+/// Reading per need: where the group indexes report, and whether a group
+/// the line reader misses has gained a session since the world last
+/// looked. Boxed: most servers never read per need, and the registry
+/// lives inside the world actor's future.
+#[derive(Debug)]
+struct Needs {
+    interest: Interest,
+    resync_due: bool,
+}
+
+impl<K: std::hash::Hash + Eq + GroupKey> Groups<K> {
+    /// Adds `user`; `interest` (reading per need) hears of the group's
+    /// first session here, and `resync_due` is set if the line reader
+    /// does not read the group yet.
+    fn join(&mut self, key: K, user: UserId, interest: &mut Option<Box<Needs>>) {
         let set = self.members.entry(key).or_default();
         if set.insert(user) && set.len() == 1 {
             self.changes += 1;
+            if let Some(needs) = interest {
+                needs.resync_due |= needs.interest.gained(K::KIND, key.raw());
+            }
         }
     }
 
-    fn leave(&mut self, key: K, user: UserId) {
+    fn leave(&mut self, key: K, user: UserId, interest: &Option<Box<Needs>>) {
         if let Some(set) = self.members.get_mut(&key) {
             if set.remove(&user) && set.is_empty() {
                 self.members.remove(&key);
                 self.changes += 1;
+                if let Some(needs) = interest {
+                    needs.interest.lost(K::KIND, key.raw());
+                }
             }
         }
     }
@@ -140,6 +188,7 @@ pub struct Registry {
     guilds: Groups<GuildId>,
     teams: Groups<TeamId>,
     scenes: Groups<SceneId>,
+    needs: Option<Box<Needs>>,
 }
 
 impl Registry {
@@ -152,6 +201,7 @@ impl Registry {
             guilds: Groups::default(),
             teams: Groups::default(),
             scenes: Groups::default(),
+            needs: None,
         }
     }
 
@@ -216,12 +266,12 @@ impl Registry {
         // newest login owns it until it leaves.
         self.names.insert(entry.name.clone(), user);
         if !entry.guild.is_none() {
-            self.guilds.join(entry.guild, user);
+            self.guilds.join(entry.guild, user, &mut self.needs);
         }
         if !entry.team.is_none() {
-            self.teams.join(entry.team, user);
+            self.teams.join(entry.team, user, &mut self.needs);
         }
-        self.scenes.join(entry.scene, user);
+        self.scenes.join(entry.scene, user, &mut self.needs);
         self.users.insert(user, entry);
     }
 
@@ -230,9 +280,9 @@ impl Registry {
         if self.names.get(&entry.name) == Some(&user) {
             self.names.remove(&entry.name);
         }
-        self.guilds.leave(entry.guild, user);
-        self.teams.leave(entry.team, user);
-        self.scenes.leave(entry.scene, user);
+        self.guilds.leave(entry.guild, user, &self.needs);
+        self.teams.leave(entry.team, user, &self.needs);
+        self.scenes.leave(entry.scene, user, &self.needs);
         Some(entry)
     }
 
@@ -249,22 +299,22 @@ impl Registry {
             return false;
         };
         if let Some(g) = guild.filter(|g| *g != entry.guild) {
-            self.guilds.leave(entry.guild, user);
+            self.guilds.leave(entry.guild, user, &self.needs);
             if !g.is_none() {
-                self.guilds.join(g, user);
+                self.guilds.join(g, user, &mut self.needs);
             }
             entry.guild = g;
         }
         if let Some(t) = team.filter(|t| *t != entry.team) {
-            self.teams.leave(entry.team, user);
+            self.teams.leave(entry.team, user, &self.needs);
             if !t.is_none() {
-                self.teams.join(t, user);
+                self.teams.join(t, user, &mut self.needs);
             }
             entry.team = t;
         }
         if let Some(s) = scene.filter(|s| *s != entry.scene) {
-            self.scenes.leave(entry.scene, user);
-            self.scenes.join(s, user);
+            self.scenes.leave(entry.scene, user, &self.needs);
+            self.scenes.join(s, user, &mut self.needs);
             entry.scene = s;
         }
         true
@@ -275,6 +325,23 @@ impl Registry {
     /// churn a node subscribing only to its players' groups would have.
     pub fn group_changes(&self) -> u64 {
         self.guilds.changes + self.teams.changes + self.scenes.changes
+    }
+
+    /// Reads per need from now on: every first and last session of a
+    /// group is told to `interest`. Set before any player is registered.
+    pub fn read_per_need(&mut self, interest: &Interest) {
+        self.needs = Some(Box::new(Needs {
+            interest: interest.clone(),
+            resync_due: false,
+        }));
+    }
+
+    /// Whether a group gained since the last call needs the line reader
+    /// to resync (and forgets it).
+    pub fn take_resync_due(&mut self) -> bool {
+        self.needs
+            .as_mut()
+            .is_some_and(|n| std::mem::take(&mut n.resync_due))
     }
 
     pub fn entries(&self) -> impl Iterator<Item = (&UserId, &Entry)> {

@@ -343,3 +343,57 @@ async fn nodes_sharing_a_database_write_each_line_once_and_recall_it_everywhere(
         node.stop().await;
     }
 }
+
+/// A node's counter `name` from `/v1/stats`.
+async fn counter(node: &TestServer, name: &str) -> u64 {
+    let stats = node.gm("GET", "/v1/stats", None).await.json();
+    stats["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{name}: {stats}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_database_a_node_reads_only_its_players_groups() {
+    let nats = Nats::start().await;
+    let pg = Postgres::start().await;
+    let url = pg.url.clone();
+    let with_db = |c: &mut guildchat_server::Config| c.history.url = Some(url.clone());
+    let n1 = TestServer::node_with(&nats, "n1", None, with_db).await;
+    let n2 = TestServer::node_with(&nats, "n2", Some(&n1), with_db).await;
+    let mut a = n1.login(1, "ann", 7, 0, 3).await;
+    let mut b = n2.login(2, "bob", 8, 0, 4).await;
+    for node in [&n1, &n2] {
+        for (user, at) in [(1, "n1"), (2, "n2")] {
+            node.until_located(user, at).await;
+        }
+    }
+    let before = counter(&n2, "bus_lines").await;
+    // Guild 7 has nobody on n2: n2 does not read its line.
+    let g7 = said(&mut a, ChatType::ChatGuild, "guild seven").await;
+    let w = said(&mut a, ChatType::ChatWorld, "world").await;
+    until_heard(&mut b, w).await;
+    assert!(g7 < w);
+    assert_eq!(counter(&n2, "bus_lines").await, before + 1);
+    assert!(counter(&n2, "line_resyncs").await >= 1);
+
+    // bob joins guild 7 on n2 while n2's reader is held with lines in
+    // flight: whatever the reader had read under the old filters is read
+    // again, so bob gets every line after the join, in order, each once.
+    n2.cluster.as_ref().unwrap().hold_feed(true);
+    let w0 = said(&mut a, ChatType::ChatWorld, "before the join").await;
+    let http = n2
+        .logic("PUT", "/v1/players/2/groups", Some(r#"{"guild": 7}"#))
+        .await;
+    assert!(http.status < 300, "{}", http.text);
+    let g7b = said(&mut a, ChatType::ChatGuild, "welcome").await;
+    let w2 = said(&mut a, ChatType::ChatWorld, "after the join").await;
+    n2.cluster.as_ref().unwrap().hold_feed(false);
+    let mut heard = Vec::new();
+    while heard.last() != Some(&w2) {
+        heard.push(next_chat(&mut b).await.msg_id);
+    }
+    assert_eq!(heard, [w0, g7b, w2]);
+    drop((a, b));
+    n2.stop().await;
+    n1.stop().await;
+}
