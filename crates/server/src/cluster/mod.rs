@@ -777,13 +777,14 @@ async fn watch_beats(mut beats: kv::Watch, world: WorldHandle) {
     debug!("heartbeat feed ended");
 }
 
-/// An ordered consumer of the line stream from `start` on `filters`.
-async fn read_from(
+/// An ordered consumer of the line stream on `filters`, from stream
+/// sequence `start`.
+async fn ordered_from(
     stream: &stream::Stream,
     filters: Vec<String>,
     start: u64,
-) -> Result<consumer::pull::Ordered, String> {
-    let consumer = stream
+) -> Result<consumer::Consumer<consumer::pull::OrderedConfig>, String> {
+    stream
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subjects: filters,
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
@@ -792,7 +793,16 @@ async fn read_from(
             ..Default::default()
         })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// The lines of [`ordered_from`]'s consumer.
+async fn read_from(
+    stream: &stream::Stream,
+    filters: Vec<String>,
+    start: u64,
+) -> Result<consumer::pull::Ordered, String> {
+    let consumer = ordered_from(stream, filters, start).await?;
     consumer.messages().await.map_err(|e| e.to_string())
 }
 
@@ -1067,16 +1077,9 @@ impl Cluster {
         let mut lines: std::collections::VecDeque<(u64, BusLine)> = Default::default();
         let mut dropped = false;
         for filters in [subjects, vec![format!("{p}.w.*.{u}")]] {
-            let consumer = stream
-                .create_consumer(consumer::pull::OrderedConfig {
-                    filter_subjects: filters,
-                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: start,
-                    },
-                    ..Default::default()
-                })
+            let consumer = ordered_from(&stream, filters, start)
                 .await
-                .map_err(|e| failed("resume read")(e.to_string()))?;
+                .map_err(failed("resume read"))?;
             readers.push((stream.clone(), consumer.cached_info().name.clone()));
             let mut pending = consumer.cached_info().num_pending;
             if pending == 0 {

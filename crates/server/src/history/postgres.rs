@@ -25,7 +25,7 @@ use tokio_postgres::{Client, NoTls, Row, Statement};
 use tracing::{debug, info, warn};
 
 use super::config::DAY_MS;
-use super::sqlite::{conv_key, conversation, sql, sql_bound, unsql, Kind};
+use super::sqlite::{conv_key, conversation, page_bound, sql, sql_bound, unsql, Kind};
 use super::{now_ms, Conversation, HistoryError, OpenError, Shared, StoredMsg};
 
 /// Lines waiting for the insert task. When it is full the database is not
@@ -278,11 +278,7 @@ impl Lines {
         limit: u32,
     ) -> Result<(Vec<StoredMsg>, bool), HistoryError> {
         let (kind, id, id2) = conv_key(conv);
-        let before = if before == 0 {
-            i64::MAX
-        } else {
-            sql_bound(before)
-        };
+        let before = page_bound(before);
         // One row more than asked tells whether another page exists.
         let fetch = i64::from(limit) + 1;
         let kind = kind as i16;
@@ -359,42 +355,41 @@ impl Lines {
 
     /// The line `msg_id`, or `None` if no such line is stored.
     pub(super) async fn find(&self, msg_id: u64) -> Result<Option<StoredMsg>, HistoryError> {
-        let id = sql(msg_id);
-        let rows = self
-            .inner
-            .read(|link| async move {
-                link.client
-                    .query(
-                        concat!(
-                            "SELECT ",
-                            line_columns!(),
-                            " FROM gc_lines WHERE msg_id = $1"
-                        ),
-                        &[&id],
-                    )
-                    .await
-            })
-            .await?;
-        rows.first().map(read_line).transpose()
+        self.one_line(
+            concat!(
+                "SELECT ",
+                line_columns!(),
+                " FROM gc_lines WHERE msg_id = $1"
+            ),
+            msg_id,
+        )
+        .await
     }
 
     /// Deletes the line `msg_id` and returns it, or `None` if no such line
     /// is stored (already recalled, or never kept).
     pub(super) async fn remove(&self, msg_id: u64) -> Result<Option<StoredMsg>, HistoryError> {
+        self.one_line(
+            concat!(
+                "DELETE FROM gc_lines WHERE msg_id = $1 RETURNING ",
+                line_columns!()
+            ),
+            msg_id,
+        )
+        .await
+    }
+
+    /// Runs `statement`, which takes `msg_id` as `$1` and returns at most
+    /// one line in [`line_columns`] order.
+    async fn one_line(
+        &self,
+        statement: &'static str,
+        msg_id: u64,
+    ) -> Result<Option<StoredMsg>, HistoryError> {
         let id = sql(msg_id);
         let rows = self
             .inner
-            .read(|link| async move {
-                link.client
-                    .query(
-                        concat!(
-                            "DELETE FROM gc_lines WHERE msg_id = $1 RETURNING ",
-                            line_columns!()
-                        ),
-                        &[&id],
-                    )
-                    .await
-            })
+            .read(|link| async move { link.client.query(statement, &[&id]).await })
             .await?;
         rows.first().map(read_line).transpose()
     }

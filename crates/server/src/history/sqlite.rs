@@ -226,6 +226,15 @@ pub(super) fn unsql(v: i64) -> u64 {
 
 /// A client-supplied upper bound as an SQL one: anything past `i64::MAX`
 /// means "no bound" rather than wrapping negative.
+/// A page's `before_msg_id` as the SQL bound: 0 asks for the newest.
+pub(super) fn page_bound(before: u64) -> i64 {
+    if before == 0 {
+        i64::MAX
+    } else {
+        sql_bound(before)
+    }
+}
+
 pub(super) fn sql_bound(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -722,11 +731,7 @@ impl Db {
         limit: u32,
     ) -> rusqlite::Result<(Vec<StoredMsg>, bool)> {
         let (kind, id, id2) = conv_key(conv);
-        let before = if before == 0 {
-            i64::MAX
-        } else {
-            sql_bound(before)
-        };
+        let before = page_bound(before);
         // One row more than asked tells whether another page exists without
         // a COUNT.
         let fetch = i64::from(limit) + 1;
