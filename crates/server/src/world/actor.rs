@@ -549,6 +549,7 @@ impl World {
                 blocks: None,
                 blocks_loaded: false,
                 claim,
+                floor: 0,
             };
             self.registry.insert(user, entry);
             self.publish_gauges();
@@ -767,6 +768,7 @@ impl World {
             resumed,
             since,
         } = *pending;
+        entry.floor = last_msg_id;
         // Without a cursor, what was recorded while the login was pending is
         // still this client's to see.
         let after = if last_msg_id > 0 { last_msg_id } else { since };
@@ -1555,7 +1557,11 @@ impl World {
     /// offline whisper at once instead: bounded memory, nothing dropped.
     fn track(&mut self, to: UserId, whisper: StoredMsg) {
         let cap = self.config.session.replay_buffer.max(1);
-        let Some(entry) = self.registry.get_mut(to) else {
+        let Some(entry) = self
+            .registry
+            .get_mut(to)
+            .filter(|e| whisper.msg_id > e.floor)
+        else {
             return;
         };
         entry.unconfirmed.push_back(whisper);

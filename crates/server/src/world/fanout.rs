@@ -91,7 +91,9 @@ impl Fanout for LocalFanout {
         let encoded = Encoded::new(frame.clone());
         let mut queued = 0;
         registry.visit(audience, |entry| {
-            if entry.mask & bit != 0 {
+            // The mask, and a line the client read before this login (see
+            // `Entry::floor`).
+            if entry.mask & bit != 0 || msg_id.0 <= entry.floor {
                 return;
             }
             // Blocks, like the mask, are checked before anything is queued

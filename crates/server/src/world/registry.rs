@@ -66,6 +66,11 @@ pub struct Entry {
     /// latest claim (0 alone). A later revision naming another node ends
     /// the session.
     pub claim: u64,
+    /// The cursor of the connection's login: the client has every line up
+    /// to it. A resume from another node can be ahead of this node's own
+    /// feed, and the lines in between then come here live after the login;
+    /// fan-out skips them for this player instead of sending them again.
+    pub floor: u64,
 }
 
 impl Entry {

@@ -673,6 +673,47 @@ async fn a_login_on_a_node_behind_gets_a_waiting_whisper_once() {
     cl.stop().await;
 }
 
+/// A resume on a node whose own feed is behind the client's cursor: the
+/// lines the client read on the old node reach the new one later, live,
+/// and are not sent to it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_on_a_node_behind_the_cursor_does_not_send_old_lines_again() {
+    let cl = cluster().await;
+    let [n1, n2] = [&cl.nodes[0], &cl.nodes[1]];
+    let mut p = n1.login(1, "one", 5, 0, 0).await;
+    let mut s = n1.login(2, "two", 5, 0, 0).await;
+    cl.settled(&[(1, 0), (2, 0)]).await;
+    // n2 falls behind: it reads nothing more from the stream for now.
+    n2.cluster.as_ref().unwrap().hold_feed(true);
+    let mut read = Vec::new();
+    for text in ["first", "second"] {
+        let rep = say_seen(&mut s, ChatType::ChatGuild, text, 0).await;
+        assert_eq!(next_chat(&mut p).await.msg_id, rep.msg_id);
+        read.push(rep.msg_id);
+    }
+    drop(p);
+    until_lingering(n1, 1).await;
+    let mut p = n2.connect().await;
+    let rep = p
+        .login_from(&n2.token(1, "one", 5, 0, 0), read[1])
+        .await
+        .unwrap();
+    assert_eq!(rep.res, ResCode::ResOk as i32);
+    assert_eq!(rep.replayed, 0, "the client has read everything");
+    // n2 catches up: both lines reach it now, after the login.
+    n2.cluster.as_ref().unwrap().hold_feed(false);
+    let live = say_seen(&mut s, ChatType::ChatGuild, "third", 0).await;
+    let got = next_chat(&mut p).await;
+    assert_eq!(
+        (got.msg_id, got.strcontext.as_str()),
+        (live.msg_id, "third"),
+        "the next line is the new one, not one the client read on n1"
+    );
+    assert_silent(&mut p).await;
+    drop((p, s));
+    cl.stop().await;
+}
+
 /// Whispers a connection was sent but never confirmed go to the shared
 /// inbox when the session ends; a login elsewhere whose cursor has passed
 /// one does not get it again (the client read it: a connection gets its
