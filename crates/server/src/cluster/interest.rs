@@ -18,6 +18,12 @@
 //! group's last session changes nothing at once: its subjects stay
 //! subscribed until the next resync, so a group that comes back soon costs
 //! none.
+//!
+//! Filters are worth it only for a few groups. A JetStream consumer with
+//! many filter subjects costs the server more per line than it saves (and
+//! its creation must count what is pending on each), so past
+//! [`MAX_GROUPS`] groups the reader reads the whole line stream, and it
+//! goes back to filters, through a resync, once half of that is left.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -25,6 +31,12 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use super::wire::LINE_PREFIX;
+
+/// Above this many groups with a session here, the reader reads every
+/// line instead of two filters a group. Measured in docs/BENCHMARKS.md
+/// (Run 13): with some 1,700 groups a node, per-group filters tripled
+/// nats-server's CPU and put seconds on the tail latency.
+pub const MAX_GROUPS: usize = 64;
 
 /// A request to the line reader: read from stream sequence `after + 1`
 /// with the current filters, tagging lines with `generation`.
@@ -70,6 +82,9 @@ struct State {
     /// The groups the reader's consumer filters on (a superset of
     /// `wanted` until the next resync drops the groups gone since).
     applied: HashSet<String>,
+    /// Whether the reader's consumer reads every line (too many groups
+    /// for filters).
+    everything: bool,
     generation: u64,
 }
 
@@ -92,14 +107,18 @@ impl Interest {
     pub fn gained(&self, kind: GroupKind, id: u64) -> bool {
         let key = format!("{}.{id}", kind.name());
         let mut state = self.state();
-        let needed = !state.applied.contains(&key);
+        let needed = !state.everything && !state.applied.contains(&key);
         state.wanted.insert(key);
         needed
     }
 
-    /// A group lost its last session here.
-    pub fn lost(&self, kind: GroupKind, id: u64) {
-        self.state().wanted.remove(&format!("{}.{id}", kind.name()));
+    /// A group lost its last session here. Whether the reader, reading
+    /// everything, can go back to filters now (said once, as the count
+    /// falls to half of [`MAX_GROUPS`]).
+    pub fn lost(&self, kind: GroupKind, id: u64) -> bool {
+        let mut state = self.state();
+        let removed = state.wanted.remove(&format!("{}.{id}", kind.name()));
+        removed && state.everything && state.wanted.len() == MAX_GROUPS / 2
     }
 
     /// Asks the reader to read again after stream sequence `after` with
@@ -120,12 +139,17 @@ impl Interest {
 
     /// The filters for a new consumer: what every node reads (the world,
     /// everyone's announcements, announcements to one player, whispers)
-    /// and each wanted group's lines and announcements. From now on the
-    /// wanted groups are the applied ones.
+    /// and each wanted group's lines and announcements, or every line past
+    /// [`MAX_GROUPS`] groups. From now on the wanted groups are the
+    /// applied ones.
     pub(super) fn filters(&self) -> Vec<String> {
         let p = LINE_PREFIX;
         let mut state = self.state();
         state.applied = state.wanted.clone();
+        state.everything = state.applied.len() > MAX_GROUPS;
+        if state.everything {
+            return vec![format!("{p}.>")];
+        }
         let mut filters = vec![
             format!("{p}.world"),
             format!("{p}.sys"),
@@ -139,9 +163,14 @@ impl Interest {
         filters
     }
 
-    /// How many group subjects the reader reads now.
+    /// How many groups the reader reads now.
     pub fn applied(&self) -> usize {
         self.state().applied.len()
+    }
+
+    /// Whether the reader reads every line now.
+    pub fn reads_everything(&self) -> bool {
+        self.state().everything
     }
 }
 
@@ -183,6 +212,7 @@ mod tests {
         assert!(!filters.iter().any(|f| f.contains("guild.7")));
         assert!(filters.contains(&"gc.line.team.3".to_owned()));
         assert_eq!(i.applied(), 1);
+        assert!(!i.reads_everything());
         let mut rx = i.subscribe();
         assert_eq!(
             *rx.borrow_and_update(),
@@ -191,5 +221,32 @@ mod tests {
                 after: 12
             }
         );
+    }
+
+    #[test]
+    fn past_max_groups_the_reader_reads_every_line_until_half_are_left() {
+        let i = Interest::new();
+        for id in 0..=MAX_GROUPS as u64 {
+            assert!(i.gained(GroupKind::Scene, id));
+        }
+        i.resync(1);
+        assert_eq!(i.filters(), vec!["gc.line.>".to_owned()]);
+        assert!(i.reads_everything());
+        // Read already, whatever the group.
+        assert!(!i.gained(GroupKind::Guild, 1));
+        assert!(!i.lost(GroupKind::Guild, 1));
+        // Back to filters once, as the count falls to half.
+        let mut asked = 0;
+        for id in 0..=MAX_GROUPS as u64 {
+            asked += usize::from(i.lost(GroupKind::Scene, id));
+            if asked == 1 && i.reads_everything() {
+                i.resync(2);
+                let filters = i.filters();
+                assert_eq!(filters.len(), 4 + 2 * (MAX_GROUPS / 2));
+                assert!(!i.reads_everything());
+            }
+        }
+        assert_eq!(asked, 1);
+        assert_eq!(i.applied(), MAX_GROUPS / 2);
     }
 }

@@ -165,13 +165,16 @@ impl<K: std::hash::Hash + Eq + GroupKey> Groups<K> {
         }
     }
 
-    fn leave(&mut self, key: K, user: UserId, interest: &Option<Box<Needs>>) {
+    /// Removes `user`; `interest` hears of the group's last session here,
+    /// and `resync_due` is set if the reader can go back to per-group
+    /// filters.
+    fn leave(&mut self, key: K, user: UserId, interest: &mut Option<Box<Needs>>) {
         if let Some(set) = self.members.get_mut(&key) {
             if set.remove(&user) && set.is_empty() {
                 self.members.remove(&key);
                 self.changes += 1;
                 if let Some(needs) = interest {
-                    needs.interest.lost(K::KIND, key.raw());
+                    needs.resync_due |= needs.interest.lost(K::KIND, key.raw());
                 }
             }
         }
@@ -285,9 +288,9 @@ impl Registry {
         if self.names.get(&entry.name) == Some(&user) {
             self.names.remove(&entry.name);
         }
-        self.guilds.leave(entry.guild, user, &self.needs);
-        self.teams.leave(entry.team, user, &self.needs);
-        self.scenes.leave(entry.scene, user, &self.needs);
+        self.guilds.leave(entry.guild, user, &mut self.needs);
+        self.teams.leave(entry.team, user, &mut self.needs);
+        self.scenes.leave(entry.scene, user, &mut self.needs);
         Some(entry)
     }
 
@@ -304,21 +307,21 @@ impl Registry {
             return false;
         };
         if let Some(g) = guild.filter(|g| *g != entry.guild) {
-            self.guilds.leave(entry.guild, user, &self.needs);
+            self.guilds.leave(entry.guild, user, &mut self.needs);
             if !g.is_none() {
                 self.guilds.join(g, user, &mut self.needs);
             }
             entry.guild = g;
         }
         if let Some(t) = team.filter(|t| *t != entry.team) {
-            self.teams.leave(entry.team, user, &self.needs);
+            self.teams.leave(entry.team, user, &mut self.needs);
             if !t.is_none() {
                 self.teams.join(t, user, &mut self.needs);
             }
             entry.team = t;
         }
         if let Some(s) = scene.filter(|s| *s != entry.scene) {
-            self.scenes.leave(entry.scene, user, &self.needs);
+            self.scenes.leave(entry.scene, user, &mut self.needs);
             self.scenes.join(s, user, &mut self.needs);
             entry.scene = s;
         }
