@@ -148,7 +148,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (sink, stream) = ws.split();
-    let (tx, rx) = mpsc::channel(ctx.config.limits.outbound_queue);
+    let (tx, rx) = super::queue::channel(ctx.config.limits.outbound_queue);
     let shared = Shared::new();
     if let Some(codec) = subprotocol {
         shared.settle_codec(codec);

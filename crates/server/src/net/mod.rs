@@ -11,6 +11,8 @@
 //!   flushes once.
 //! - [`outbound`]: [`ConnTx`], the handle through which logic code queues
 //!   frames for a connection or closes it.
+//! - [`queue`]: the bounded frame queue under [`ConnTx`], allocated as it
+//!   fills.
 //!
 //! Nothing here owns chat state: the network tasks only move frames, so a
 //! connection can be swapped under a user actor (takeover) without the
@@ -20,6 +22,7 @@ pub mod admission;
 pub mod conn;
 pub mod listener;
 pub mod outbound;
+pub mod queue;
 pub mod writer;
 
 pub use outbound::{Close, ConnTx, Control, Outbound, Priority, SendError};

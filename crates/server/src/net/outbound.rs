@@ -30,10 +30,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use guildchat_protocol::{close_code, codec, json, pb, Codec, KickReason, MsgType};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::queue;
 use crate::ids::ConnId;
 use crate::stats::Stats;
 
@@ -363,7 +363,7 @@ impl Close {
 #[derive(Debug, Clone)]
 pub struct ConnTx {
     id: ConnId,
-    frames: mpsc::Sender<Outbound>,
+    frames: queue::Sender<Outbound>,
     shared: Arc<Shared>,
     max_frames: usize,
     max_bytes: usize,
@@ -381,7 +381,7 @@ pub fn kick_notice(reason: KickReason, detail: &str) -> Bytes {
 impl ConnTx {
     pub(crate) fn new(
         id: ConnId,
-        frames: mpsc::Sender<Outbound>,
+        frames: queue::Sender<Outbound>,
         shared: Arc<Shared>,
         max_bytes: usize,
     ) -> Self {
@@ -453,8 +453,8 @@ impl ConnTx {
             Err(e) => {
                 self.shared.unqueue(len);
                 match e {
-                    mpsc::error::TrySendError::Full(_) => Err(SendError::Full),
-                    mpsc::error::TrySendError::Closed(_) => Err(SendError::Closed),
+                    queue::TrySendError::Full(_) => Err(SendError::Full),
+                    queue::TrySendError::Closed(_) => Err(SendError::Closed),
                 }
             }
         }
@@ -464,7 +464,7 @@ impl ConnTx {
     /// from which sheddable traffic is dropped, keeping the rest of the room
     /// for traffic that must not be lost.
     fn congested(&self) -> bool {
-        self.frames.capacity() < self.max_frames / 2
+        self.max_frames.saturating_sub(self.frames.len()) < self.max_frames / 2
             || self.shared.queued_bytes.load(Ordering::Acquire) > self.max_bytes / 2
     }
 
@@ -570,7 +570,7 @@ impl ConnTx {
     /// (frames, bytes) waiting for the socket.
     pub fn backlog(&self) -> (usize, usize) {
         (
-            self.max_frames.saturating_sub(self.frames.capacity()),
+            self.frames.len(),
             self.shared.queued_bytes.load(Ordering::Acquire),
         )
     }
@@ -601,16 +601,16 @@ mod tests {
         assert_eq!(std::mem::size_of::<Outbound>(), 32);
     }
 
-    fn conn(frames: usize, bytes: usize) -> (ConnTx, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(frames);
+    fn conn(frames: usize, bytes: usize) -> (ConnTx, queue::Receiver<Outbound>) {
+        let (tx, rx) = queue::channel(frames);
         (ConnTx::new(ConnId(1), tx, Shared::new(), bytes), rx)
     }
 
     /// What the writer does with a batch: take everything queued and
     /// report the counted bytes of its frames.
-    fn drain(conn: &ConnTx, rx: &mut mpsc::Receiver<Outbound>) {
+    fn drain(conn: &ConnTx, rx: &mut queue::Receiver<Outbound>) {
         let mut bytes = 0;
-        while let Ok(item) = rx.try_recv() {
+        while let Some(item) = rx.try_recv() {
             if let Outbound::Frame(frame) = item {
                 bytes += frame.len();
             }
@@ -772,7 +772,7 @@ mod tests {
         assert_eq!(Stats::get(&stats.json_encodes), 1);
         for ((c, mut rx), want) in conns.into_iter().zip([&json, &frame, &json]) {
             assert_eq!(queued(&c), want.len(), "counted in the codec written");
-            let Ok(Outbound::Frame(got)) = rx.try_recv() else {
+            let Some(Outbound::Frame(got)) = rx.try_recv() else {
                 panic!("nothing queued")
             };
             assert_eq!(&got.into_bytes(), want);

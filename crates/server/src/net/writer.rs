@@ -25,7 +25,6 @@ use futures_util::stream::SplitSink;
 use futures_util::SinkExt;
 use guildchat_protocol::{codec, json, pb, Codec, KickReason, MsgType};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio::time::Sleep;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -33,6 +32,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 use super::outbound::{kick_notice, Control, Outbound, Shared};
+use super::queue;
 
 /// Most frames written between two flushes.
 const MAX_BATCH: usize = 64;
@@ -78,7 +78,7 @@ pub(crate) fn close_message(code: u16) -> Message {
 #[allow(clippy::manual_async_fn)]
 pub(crate) fn run<S>(
     mut sink: Sink<S>,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut rx: queue::Receiver<Outbound>,
     shared: Arc<Shared>,
     ping_every: Duration,
     coalesce: Duration,
@@ -193,7 +193,7 @@ where
 async fn write_batch<S>(
     sink: &mut Sink<S>,
     first: Outbound,
-    rx: &mut mpsc::Receiver<Outbound>,
+    rx: &mut queue::Receiver<Outbound>,
     shared: &Shared,
 ) -> Result<bool, ()>
 where
@@ -205,7 +205,7 @@ where
     let codec = shared.codec();
     let mut next = Some(first);
     for _ in 0..MAX_BATCH {
-        let Some(item) = next.take().or_else(|| rx.try_recv().ok()) else {
+        let Some(item) = next.take().or_else(|| rx.try_recv()) else {
             break;
         };
         let msg = match item {
@@ -292,7 +292,7 @@ mod tests {
         let (io, _peer) = tokio::io::duplex(64);
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
         let (sink, _stream) = ws.split();
-        let (_tx, rx) = mpsc::channel(8);
+        let (_tx, rx) = queue::channel(8);
         let shared = Shared::new();
         let writer = run(
             sink,
