@@ -28,7 +28,12 @@ const KEEP_SLOTS: usize = 8;
 
 struct Inner<T> {
     items: Mutex<VecDeque<T>>,
-    /// The receiver's waker: woken by each push and by the last sender.
+    /// `items.len()`, written under the lock and read without it: the
+    /// fan-out asks every recipient's queue how full it is before queuing,
+    /// and taking the lock twice per delivery cost as much as the push.
+    len: AtomicUsize,
+    /// The receiver's waker: woken by a push into an empty queue and by
+    /// the last sender.
     waker: AtomicWaker,
     senders: AtomicUsize,
     receiver_gone: AtomicBool,
@@ -55,6 +60,7 @@ pub enum TrySendError<T> {
 pub fn channel<T>(cap: usize) -> (Sender<T>, Receiver<T>) {
     let inner = Arc::new(Inner {
         items: Mutex::new(VecDeque::new()),
+        len: AtomicUsize::new(0),
         waker: AtomicWaker::new(),
         senders: AtomicUsize::new(1),
         receiver_gone: AtomicBool::new(false),
@@ -79,20 +85,30 @@ impl<T> Sender<T> {
         if self.inner.receiver_gone.load(Ordering::Acquire) {
             return Err(TrySendError::Closed(item));
         }
-        {
+        let was_empty = {
             let mut items = self.inner.items();
             if items.len() >= self.inner.cap {
                 return Err(TrySendError::Full(item));
             }
+            let was_empty = items.is_empty();
             items.push_back(item);
+            self.inner.len.store(items.len(), Ordering::Release);
+            was_empty
+        };
+        // Only the push into an empty queue wakes: the receiver never waits
+        // while anything is queued (`recv` looks before it registers and
+        // again after), so it will reach this item without a wake-up. One
+        // wake per batch instead of one per frame.
+        if was_empty {
+            self.inner.waker.wake();
         }
-        self.inner.waker.wake();
         Ok(())
     }
 
-    /// How many items are queued.
+    /// How many items are queued, without taking the lock: exact as of
+    /// the last push or pop.
     pub fn len(&self) -> usize {
-        self.inner.items().len()
+        self.inner.len.load(Ordering::Acquire)
     }
 
     /// Whether nothing is queued.
@@ -147,6 +163,7 @@ impl<T> Receiver<T> {
     pub fn try_recv(&mut self) -> Option<T> {
         let mut items = self.inner.items();
         let item = items.pop_front();
+        self.inner.len.store(items.len(), Ordering::Release);
         if items.is_empty() && items.capacity() > KEEP_SLOTS {
             items.shrink_to(KEEP_SLOTS);
         }
@@ -184,7 +201,9 @@ impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
         self.inner.receiver_gone.store(true, Ordering::Release);
         // What was queued goes now, not with the last sender.
-        std::mem::take(&mut *self.inner.items());
+        let mut items = self.inner.items();
+        std::mem::take(&mut *items);
+        self.inner.len.store(0, Ordering::Release);
     }
 }
 
@@ -199,6 +218,7 @@ impl<T> std::fmt::Debug for Receiver<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
 
     #[test]
     fn it_holds_at_most_cap_items_in_order() {
@@ -258,5 +278,44 @@ mod tests {
         tx2.try_send(3).unwrap();
         drop(tx2);
         assert_eq!(waiting.await.unwrap(), vec![1, 2, 3]);
+    }
+
+    /// A waker that counts its wake-ups.
+    struct Count(AtomicUsize);
+
+    impl futures_util::task::ArcWake for Count {
+        fn wake_by_ref(me: &Arc<Self>) {
+            me.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_waiting_receiver_is_woken_once_per_batch_and_reaches_every_item() {
+        let (tx, mut rx) = channel(8);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = futures_util::task::waker(count.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let woken = || count.0.load(Ordering::SeqCst);
+        {
+            let recv = std::pin::pin!(rx.recv());
+            assert!(recv.poll(&mut cx).is_pending());
+        }
+        for i in 0..3 {
+            tx.try_send(i).unwrap();
+        }
+        assert_eq!(woken(), 1, "one wake for three pushes");
+        let mut got = Vec::new();
+        loop {
+            let recv = std::pin::pin!(rx.recv());
+            match recv.poll(&mut cx) {
+                Poll::Ready(Some(i)) => got.push(i),
+                Poll::Ready(None) => unreachable!("a sender is alive"),
+                Poll::Pending => break,
+            }
+        }
+        assert_eq!(got, vec![0, 1, 2]);
+        tx.try_send(3).unwrap();
+        assert_eq!(woken(), 2, "a push into the emptied queue wakes again");
+        assert_eq!(rx.try_recv(), Some(3));
     }
 }
