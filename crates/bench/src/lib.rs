@@ -141,7 +141,8 @@ pub struct RunArgs {
     /// Skip the reference server.
     #[arg(long)]
     pub no_reference: bool,
-    /// Also measure these servers in `idle` and `fanout` (comma-separated).
+    /// Also measure these servers in `idle` and `fanout`, and their bare
+    /// websocket upgrade beside `login-storm` (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub peer: Vec<Peer>,
     /// Hard cap on the whole run, in seconds.

@@ -686,9 +686,17 @@ impl Runner {
 
     // ---- login storm -------------------------------------------------
 
-    async fn login_storm(&mut self, token: TokenKind) -> anyhow::Result<TargetResult> {
-        let kind = TargetKind::Guildchat;
-        let dir = self.run_dir(&format!("login-storm-{token:?}"))?;
+    /// A login storm against guildchat with `token`, or, for the uWS
+    /// relay, a storm of websocket upgrades (it has no login).
+    async fn login_storm(
+        &mut self,
+        kind: TargetKind,
+        token: TokenKind,
+    ) -> anyhow::Result<TargetResult> {
+        let dir = match kind {
+            TargetKind::Guildchat => self.run_dir(&format!("login-storm-{token:?}"))?,
+            _ => self.run_dir(&format!("login-storm-{}", kind.name()))?,
+        };
         let opts = ServerOpts::default();
         let (server, base) = self.start_server(kind, &opts, &dir).await?;
         let layout = self.layout();
@@ -1144,6 +1152,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 results.push(res);
             }
             Scenario::LoginStorm => {
+                // With `--peer uws`, the same storm against uWS, which only
+                // upgrades (its relay has no login): the cost of the
+                // handshake alone, beside every token's login.
+                let upgrade = if runner.uws.is_some() {
+                    match runner.login_storm(TargetKind::Uws, s.a.token).await {
+                        Ok(u) => Some(u),
+                        Err(e) => {
+                            problems.push(format!("login-storm uws: {e:#}"));
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
                 for token in s.storm_tokens.clone() {
                     let mut params = params.clone();
                     params["token"] = json!(format!("{token:?}"));
@@ -1157,9 +1179,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         uws: None,
                         uws_ratios: Default::default(),
                     };
-                    match runner.login_storm(token).await {
+                    match runner.login_storm(TargetKind::Guildchat, token).await {
                         Ok(g) => res.guildchat = Some(g),
                         Err(e) => problems.push(format!("login-storm {token:?}: {e:#}")),
+                    }
+                    res.uws = upgrade.clone();
+                    if let (Some(g), Some(u)) = (&res.guildchat, &res.uws) {
+                        res.uws_ratios = report::ratios(g, u);
                     }
                     results.push(res);
                 }
