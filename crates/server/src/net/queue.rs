@@ -22,8 +22,9 @@ use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
 
-/// Past this many slots, an emptied queue gives its buffer back down to
-/// it: a burst does not keep its memory for the rest of the connection.
+/// Past this many slots, an empty queue gives its buffer back down to it
+/// at the next [`Sender::trim`]: a burst does not keep its memory for the
+/// rest of the connection.
 const KEEP_SLOTS: usize = 8;
 
 struct Inner<T> {
@@ -121,6 +122,17 @@ impl<T> Sender<T> {
         self.inner.cap
     }
 
+    /// Gives an empty queue's buffer back down to [`KEEP_SLOTS`]. Called
+    /// from the world's once-a-second tick, not on every drain: under
+    /// steady fan-out a queue empties after every batch, and shrinking it
+    /// each time made it grow again (two reallocations) for the next one.
+    pub fn trim(&self) {
+        let mut items = self.inner.items();
+        if items.is_empty() && items.capacity() > KEEP_SLOTS {
+            items.shrink_to(KEEP_SLOTS);
+        }
+    }
+
     /// Whether the receiver is gone.
     pub fn is_closed(&self) -> bool {
         self.inner.receiver_gone.load(Ordering::Acquire)
@@ -164,9 +176,6 @@ impl<T> Receiver<T> {
         let mut items = self.inner.items();
         let item = items.pop_front();
         self.inner.len.store(items.len(), Ordering::Release);
-        if items.is_empty() && items.capacity() > KEEP_SLOTS {
-            items.shrink_to(KEEP_SLOTS);
-        }
         item
     }
 
@@ -244,6 +253,15 @@ mod tests {
             tx.try_send(i).unwrap();
         }
         while rx.try_recv().is_some() {}
+        assert!(rx.inner.items().capacity() >= 100, "kept until trimmed");
+        tx.try_send(0).unwrap();
+        tx.trim();
+        assert!(
+            rx.inner.items().capacity() >= 100,
+            "a non-empty queue is not trimmed"
+        );
+        rx.try_recv();
+        tx.trim();
         assert!(rx.inner.items().capacity() <= KEEP_SLOTS);
     }
 
