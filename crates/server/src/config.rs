@@ -316,7 +316,8 @@ impl Default for AuthConfig {
 pub struct LimitsConfig {
     /// A connection that has not logged in by then is closed.
     pub login_timeout_ms: u64,
-    /// The server pings every this often.
+    /// The server pings a client every this often, unless the client sent
+    /// a frame since the last ping (that already proves it alive).
     pub ping_interval_ms: u64,
     /// A connection silent (no frame, no pong) for this long is closed.
     pub idle_timeout_ms: u64,

@@ -215,8 +215,14 @@ where
             self.last_seen = Instant::now();
             return match read {
                 None => Event::Closed,
-                Some(Ok(Message::Binary(b))) => Event::Frame(b, Codec::Protobuf),
-                Some(Ok(Message::Text(t))) => Event::Frame(t.into(), Codec::Json),
+                Some(Ok(Message::Binary(b))) => {
+                    self.conn.heard();
+                    Event::Frame(b, Codec::Protobuf)
+                }
+                Some(Ok(Message::Text(t))) => {
+                    self.conn.heard();
+                    Event::Frame(t.into(), Codec::Json)
+                }
                 // Pings are answered by tungstenite; pongs and pings are
                 // life, nothing more.
                 Some(Ok(Message::Pong(p))) if !p.is_empty() => Event::Pong(p),

@@ -135,6 +135,9 @@ pub(crate) struct Shared {
     killed: AtomicBool,
     /// The reader has finished: the writer stops too.
     reader_gone: AtomicBool,
+    /// The client sent a frame since the writer's last ping tick: it is
+    /// alive, and the writer skips that ping.
+    heard: AtomicBool,
     /// The connection's codec: [`UNDECIDED`] until the subprotocol or the
     /// first frame decides, read as protobuf meanwhile.
     codec: AtomicU8,
@@ -157,6 +160,7 @@ impl Shared {
             code: AtomicU16::new(1000),
             killed: AtomicBool::new(false),
             reader_gone: AtomicBool::new(false),
+            heard: AtomicBool::new(false),
             codec: AtomicU8::new(UNDECIDED),
             kill: CancellationToken::new(),
         })
@@ -238,6 +242,16 @@ impl Shared {
 
     pub(crate) fn is_killed(&self) -> bool {
         self.killed.load(Ordering::Acquire)
+    }
+
+    /// The reader got a frame from the client.
+    pub(crate) fn heard(&self) {
+        self.heard.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the client sent a frame since the last call.
+    pub(crate) fn take_heard(&self) -> bool {
+        self.heard.swap(false, Ordering::Relaxed)
     }
 
     pub(crate) fn is_reader_gone(&self) -> bool {
@@ -397,6 +411,12 @@ impl ConnTx {
 
     pub fn id(&self) -> ConnId {
         self.id
+    }
+
+    /// The reader got a data frame from the client: the writer's next ping
+    /// is not needed (see `writer::run`).
+    pub(crate) fn heard(&self) {
+        self.shared.heard();
     }
 
     /// The codec this connection's frames are written in.

@@ -11,7 +11,8 @@
 //! `coalesce`, and never more than `coalesce`. It also sends the periodic ping, and obeys
 //! the kill switch even while a write is stuck on a client that stopped
 //! reading. When sheddable notifications were dropped for this client, it
-//! tells the client how many once its queue has drained. On a JSON
+//! tells the client how many once its queue has drained. The periodic ping
+//! goes only to a client that sent no frame since the previous one. On a JSON
 //! connection it writes text frames; the frames were transcoded before they
 //! were queued, and only its own notices (shed, kill switch) are transcoded
 //! here.
@@ -165,6 +166,15 @@ where
                     }
                 }
                 _ = ping.tick() => {
+                    // A client that sent a frame since the last tick is
+                    // alive, and its next frame resets the reader's idle
+                    // timer anyway: the ping would be a wake-up and a
+                    // syscall on both sides for nothing. Only data frames
+                    // count, not pongs, so a silent client is still pinged
+                    // every interval.
+                    if shared.take_heard() {
+                        continue;
+                    }
                     let ping = tokio::select! {
                         biased;
                         r = sink.send(Message::Ping(Bytes::new())) => r,
@@ -306,6 +316,34 @@ mod tests {
         assert!(
             size <= 680,
             "writer future is {size} bytes (see Memory layout in ARCHITECTURE.md)"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_periodic_ping_goes_only_to_a_client_that_sent_nothing_since_the_last() {
+        let (io, peer) = tokio::io::duplex(4096);
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+        let (sink, _stream) = ws.split();
+        let mut client = WebSocketStream::from_raw_socket(peer, Role::Client, None).await;
+        let (_tx, rx) = queue::channel(8);
+        let shared = Shared::new();
+        let every = Duration::from_secs(15);
+        tokio::spawn(run(
+            sink,
+            rx,
+            shared.clone(),
+            every,
+            Duration::from_millis(5),
+        ));
+        // The client spoke during the first interval: no ping at its end.
+        shared.heard();
+        let first = tokio::time::timeout(every + Duration::from_secs(1), client.next()).await;
+        assert!(first.is_err(), "pinged a client that spoke: {first:?}");
+        // Silent through the second: pinged at its end.
+        let second = tokio::time::timeout(every, client.next()).await;
+        assert!(
+            matches!(second, Ok(Some(Ok(Message::Ping(_))))),
+            "a silent client was not pinged: {second:?}"
         );
     }
 }
