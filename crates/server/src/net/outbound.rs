@@ -595,14 +595,16 @@ impl ConnTx {
         )
     }
 
+    /// Gives back what a burst left in an emptied queue. Meant for the
+    /// world's once-a-second tick (see `queue::Sender::trim`).
+    pub fn trim(&self) {
+        self.frames.trim();
+    }
+
     /// Applies the stall rule: a queue that has not drained for `limit` is
-    /// a slow consumer, and trims an empty queue's buffer. Returns whether
-    /// the rule fired. Meant to be called once
+    /// a slow consumer. Returns whether it fired. Meant to be called once
     /// per world tick (the rule is exact to within a tick).
     pub fn check_stall(&self, limit: Duration, stats: &Stats) -> bool {
-        // The same once-a-second visit gives back what a burst left in an
-        // emptied queue.
-        self.frames.trim();
         if !self.shared.kill.is_cancelled() && self.shared.stalled_for() >= limit {
             self.close(Close::SlowConsumer, stats);
             return true;

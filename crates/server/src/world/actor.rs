@@ -1635,6 +1635,7 @@ impl World {
                 // noticing yet is detached here at the latest.
                 (Some(conn), _) if conn.is_gone() => stale.push((*user, conn.id())),
                 (Some(conn), _) => {
+                    conn.trim();
                     let stalled = conn.check_stall(stall, &self.stats);
                     if !stalled {
                         ask_receipt(entry);
